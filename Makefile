@@ -1,0 +1,45 @@
+# The README's commands. Every target that needs Python sets up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# This machine's pinned build; the package itself accepts torch >= 2.4.
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+RECIPES ?= recipes/mini
+RUN_ARGS ?=
+
+.PHONY: setup mini test figures data pretrain clean-mini help
+
+help:
+	@echo "make mini     generate data, pre-train, train and evaluate every mini run, write figures"
+	@echo "make test     run the test suite (CPU only)"
+	@echo "make figures  regenerate results/mini from the run dirs"
+	@echo "make setup    create .venv and install the suite (done by the targets above)"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PKGS)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+data: setup
+	$(BIN)/bench data
+
+pretrain: data
+	$(BIN)/bench pretrain $(RECIPES)
+
+mini: pretrain
+	$(BIN)/bench run $(RECIPES) $(RUN_ARGS)
+	$(BIN)/bench figures --study mini
+
+figures: setup
+	$(BIN)/bench figures --study mini
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean-mini:
+	rm -rf runs/mini

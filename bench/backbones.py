@@ -1,0 +1,94 @@
+"""Backbone registry: adding a backbone is one registered builder plus one recipe file.
+
+A builder takes the run's ModelSpec and returns a `Backbone`: the feature body (whose
+named children produce the C2..C5 maps) and their channel counts. The detection engines
+put the FPN on top; `bench pretrain` puts a classifier on top. Weight names follow
+torchvision's ResNet (conv1, bn1, layer1..layer4), so its ImageNet checkpoints load as is.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from bench.norms import msra_init_, norm_layer
+
+BACKBONES: Dict[str, Callable] = {}
+
+
+@dataclass
+class Backbone:
+    body: nn.Module
+    stage_names: List[str]     # children of `body` that output C2..C5, in order
+    stage_channels: List[int]  # their channel counts
+
+
+def register_backbone(name: str):
+    """Decorator: `@register_backbone("my_net")` makes `backbone: my_net` valid in recipes."""
+    def wrap(fn):
+        BACKBONES[name] = fn
+        return fn
+    return wrap
+
+
+def build_backbone(model_spec) -> Backbone:
+    try:
+        builder = BACKBONES[model_spec.backbone]
+    except KeyError:
+        raise ValueError(f"unknown backbone {model_spec.backbone!r}; registered: "
+                         f"{', '.join(sorted(BACKBONES))}") from None
+    return builder(model_spec)
+
+
+# depth -> (block, blocks per stage); 10 is the mini study's one-block-per-stage ResNet.
+RESNET_DEPTHS = {10: (BasicBlock, [1, 1, 1, 1]), 18: (BasicBlock, [2, 2, 2, 2]),
+                 34: (BasicBlock, [3, 4, 6, 3]), 50: (Bottleneck, [3, 4, 6, 3]),
+                 101: (Bottleneck, [3, 4, 23, 3]), 152: (Bottleneck, [3, 8, 36, 3])}
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet layout with a configurable stem width (torchvision fixes 64).
+
+    Written here only because torchvision's class hard-codes the widths; its blocks are reused.
+    Bottleneck strides in the 3x3 conv (detectron2's STRIDE_IN_1X1=False, as in the GN configs).
+    """
+
+    def __init__(self, depth=50, width=64, norm=None):
+        super().__init__()
+        block, layers = RESNET_DEPTHS[depth]
+        norm = norm or nn.BatchNorm2d
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        for i, blocks in enumerate(layers):
+            setattr(self, f"layer{i + 1}",
+                    self._make_layer(block, width * 2 ** i, blocks, 1 if i == 0 else 2, norm))
+        self.out_channels = [width * 2 ** i * block.expansion for i in range(4)]
+
+    def _make_layer(self, block, planes, blocks, stride, norm):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+                norm(planes * block.expansion))
+        out = [block(self.inplanes, planes, stride, downsample, norm_layer=norm)]
+        self.inplanes = planes * block.expansion
+        out += [block(self.inplanes, planes, norm_layer=norm) for _ in range(1, blocks)]
+        return nn.Sequential(*out)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+@register_backbone("resnet")
+def resnet(model_spec) -> Backbone:
+    if model_spec.depth not in RESNET_DEPTHS:
+        raise ValueError(f"model.depth={model_spec.depth} is not a ResNet depth; allowed: "
+                         f"{', '.join(map(str, RESNET_DEPTHS))}")
+    net = ResNet(model_spec.depth, model_spec.width, norm_layer(model_spec.norm, model_spec.norm_groups))
+    msra_init_(net)
+    return Backbone(net, ["layer1", "layer2", "layer3", "layer4"], net.out_channels)

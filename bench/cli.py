@@ -1,0 +1,226 @@
+"""`bench`: the command line of the suite.
+
+    bench data                      generate the embedded datasets (cached)
+    bench pretrain RECIPE...        pre-train the backbone a recipe names as its imagenet init
+    bench plan RECIPE... [--json]   list every run a study expands to
+    bench run RECIPE...             train and evaluate every run (skips finished ones)
+    bench status RECIPE...          state of every run
+    bench figures                   figures and tables from run dirs into results/
+
+Errors in recipes, data or checkpoints end with one line naming the file, the key and the fix.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench.paths import runs_root
+
+
+def _common(ap):
+    ap.add_argument("recipes", nargs="+", help="recipe files or directories of recipes")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe value, e.g. --set solver.batch=4 (repeatable)")
+    ap.add_argument("--runs-root", default=None, help="where run dirs go (default: $BENCH_RUNS "
+                                                      "or ./runs)")
+
+
+def _studies(args):
+    from bench import recipe
+    return recipe.load_all(args.recipes, recipe.parse_overrides(args.set))
+
+
+def cmd_data(args):
+    from bench.data import registry, synthetic
+    from bench.pretrain import SOURCES
+    names = args.names or ["shapes", "shapes-cls"]
+    for name in names:
+        t0 = time.time()
+        if name in registry.EMBEDDED:
+            root = synthetic.ensure(registry.EMBEDDED[name])
+        elif name in SOURCES:
+            root = synthetic.ensure(SOURCES[name])
+        else:
+            raise SystemExit(f"bench data: unknown dataset {name!r}; allowed: "
+                             f"{', '.join(list(registry.EMBEDDED) + list(SOURCES))}")
+        print(f"{name}: {root} ({time.time() - t0:.1f}s)")
+
+
+def cmd_pretrain(args):
+    from bench import pretrain
+    done = set()
+    for study in _studies(args):
+        if study.pretrain is None:
+            print(f"{study.path}: no `pretrain:` section; its imagenet init comes from elsewhere")
+            continue
+        for spec in study.runs:
+            if spec.init != "imagenet" or spec.pretrained in done:
+                continue
+            done.add(spec.pretrained)
+            if not args.force and pretrain.is_done(spec.pretrained, spec.model, study.pretrain):
+                print(f"{spec.pretrained}: already pre-trained, skipped (--force to redo)")
+                continue
+            pretrain.pretrain(spec.model, study.pretrain, spec.pretrained)
+
+
+def cmd_plan(args):
+    from bench.runner import is_done, run_dir_for
+    rows = []
+    root = Path(args.runs_root) if args.runs_root else runs_root()
+    for study in _studies(args):
+        for s in study.runs:
+            rows.append({
+                "study": study.name, "run_id": s.run_id, "arch": s.model.arch,
+                "backbone": f"{s.model.backbone}{s.model.depth}", "norm": s.model.norm,
+                "init": s.init, "schedule": s.solver.schedule, "iterations": s.solver.max_iter,
+                "lr_drops": list(s.solver.steps), "lr": s.solver.lr, "batch": s.solver.batch,
+                "train_images": s.data.train_images or "all", "dataset": s.data.dataset,
+                "gpus": s.gpus, "done": is_done(run_dir_for(s, root))})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    cols = ["run_id", "init", "schedule", "iterations", "lr_drops", "lr", "batch", "train_images",
+            "gpus", "done"]
+    _print_table(rows, cols)
+    print(f"{len(rows)} runs, {sum(r['iterations'] for r in rows)} iterations in total")
+
+
+def _print_table(rows, cols):
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols} if rows else {}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+def cmd_run(args):
+    from bench import runner
+    from bench.data import registry
+    studies = _studies(args)
+    specs = [s for study in studies for s in study.runs]
+    if args.only:
+        specs = [s for s in specs if args.only in s.run_id]
+    _preflight(specs)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if runner._cuda_count() else "cpu"
+    root = Path(args.runs_root) if args.runs_root else runs_root()
+    slots = args.slots
+    slot_names = (None if not slots else
+                  [f"{device}{k}" if device == "cpu" else f"cuda:{k}" for k in range(slots)])
+    print(f"{len(specs)} runs of {', '.join(s.name for s in studies)} -> {root}/ on {device}",
+          flush=True)
+    outcome = runner.run(specs, root, device=device, slots=slot_names, threads=args.threads,
+                         workers=args.workers)
+    print(f"done {len(outcome.done)}, skipped (already done) {len(outcome.skipped)}, "
+          f"failed {len(outcome.failed)}")
+    for run_id, reason in outcome.failed:
+        print(f"  failed {run_id}: {reason}")
+    _ = registry
+    return 1 if outcome.failed else 0
+
+
+def _preflight(specs):
+    """Fail in seconds, before any training, on what would fail hours later."""
+    from bench.data import registry
+    from bench.paths import resolve_cache_path
+    seen = set()
+    for s in specs:
+        if s.data.dataset not in seen:
+            seen.add(s.data.dataset)
+            registry.resolve(s.data.dataset)  # raises DatasetMissing with the path and the fix
+        if s.init == "imagenet" and s.pretrained and not s.pretrained.startswith("torchvision:"):
+            f = resolve_cache_path(s.pretrained)
+            if not f.is_file():
+                raise FileNotFoundError(
+                    f"{s.run_id}: pretrained checkpoint {s.pretrained} not found at {f}; run "
+                    f"`bench pretrain {s.study and 'RECIPE'}` (for the mini study: "
+                    f"`bench pretrain recipes/mini`) first")
+
+
+def cmd_status(args):
+    from bench.rundir import RunDir
+    from bench.runner import run_dir_for
+    root = Path(args.runs_root) if args.runs_root else runs_root()
+    rows = []
+    for study in _studies(args):
+        for s in study.runs:
+            rd = RunDir(run_dir_for(s, root))
+            st = rd.read_status()
+            evals = [r for r in rd.read_metrics() if r.get("type") == "eval"]
+            last = evals[-1] if evals else {}
+            rows.append({"run_id": s.run_id, "state": st.get("state", "queued"),
+                         "iteration": f"{st.get('iteration', 0)}/{s.solver.max_iter}",
+                         "box AP": _fmt(last.get("bbox/AP")), "mask AP": _fmt(last.get("segm/AP")),
+                         "error": (st.get("error") or "")[:60]})
+    _print_table(rows, ["run_id", "state", "iteration", "box AP", "mask AP", "error"])
+
+
+def _fmt(v):
+    return "-" if v is None else f"{v:.1f}"
+
+
+def cmd_figures(args):
+    from bench.analysis import report
+    root = Path(args.runs_root) if args.runs_root else runs_root()
+    written = report.write_study_results(root / args.study, Path(args.out or f"results/{args.study}"))
+    for p in written:
+        print(p)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("data", help="generate the embedded datasets")
+    p.add_argument("names", nargs="*", help="shapes, shapes-tiny, shapes-cls (default: the mini "
+                                            "study's target and source)")
+    p.set_defaults(fn=cmd_data)
+
+    p = sub.add_parser("pretrain", help="pre-train the backbone a recipe uses as imagenet init")
+    _common(p)
+    p.add_argument("--force", action="store_true", help="redo even if the checkpoint exists")
+    p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("plan", help="list the runs of a study")
+    _common(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("run", help="train and evaluate every run of a study")
+    _common(p)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--slots", type=int, default=0,
+                   help="runs at a time (default: one per GPU, or cores/threads on a CPU)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes per run")
+    p.add_argument("--only", default=None, help="only runs whose id contains this text")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("status", help="state of every run of a study")
+    _common(p)
+    p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("figures", help="figures and tables of a study from its run dirs")
+    p.add_argument("--study", default="mini")
+    p.add_argument("--runs-root", default=None)
+    p.add_argument("--out", default=None, help="default: results/<study>")
+    p.set_defaults(fn=cmd_figures)
+
+    args = ap.parse_args(argv)
+    from bench.data.registry import DatasetMissing
+    from bench.engines import EngineUnavailable
+    from bench.spec import SpecError
+    try:
+        return args.fn(args) or 0
+    except (SpecError, DatasetMissing, EngineUnavailable, FileNotFoundError) as e:
+        print(f"bench {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bench {args.cmd}: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""COCO-format detection data for training and evaluation (real COCO and the embedded set).
+
+The same loader reads `instances_*.json` with pycocotools for both, so the mini study goes
+through exactly the code the COCO study uses.
+"""
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+
+def load_coco(ann_file):
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+        return COCO(str(ann_file))
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Images and targets in torchvision's detection format (boxes xyxy, labels, masks).
+
+    Training drops crowd annotations, degenerate boxes and images left without any
+    annotation, as detectron2 does (FILTER_EMPTY_ANNOTATIONS).
+    """
+
+    def __init__(self, image_dir, ann_file, image_ids=None, train=True, masks=True, coco=None):
+        self.image_dir = str(image_dir)
+        self.coco = coco or load_coco(ann_file)
+        self.train = train
+        self.masks = masks
+        self.cat_ids = sorted(self.coco.getCatIds())
+        self.label_of = {c: i + 1 for i, c in enumerate(self.cat_ids)}  # 0 is background
+        ids = sorted(self.coco.imgs) if image_ids is None else list(image_ids)
+        if train:
+            ids = [i for i in ids if any(self._usable(a) for a in self.coco.imgToAnns.get(i, []))]
+        self.ids = ids
+
+    @staticmethod
+    def _usable(ann):
+        return not ann.get("iscrowd", 0) and ann["bbox"][2] >= 1 and ann["bbox"][3] >= 1
+
+    def __len__(self):
+        return len(self.ids)
+
+    def load_image(self, image_id):
+        info = self.coco.imgs[image_id]
+        img = Image.open(f"{self.image_dir}/{info['file_name']}").convert("RGB")
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # uint8 CHW
+
+    def get(self, index, hflip=False):
+        image_id = self.ids[index]
+        img = self.load_image(image_id)
+        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if self._usable(a)]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        target = dict(image_id=image_id, boxes=boxes,
+                      labels=torch.tensor([self.label_of[a["category_id"]] for a in anns],
+                                          dtype=torch.int64))
+        if self.masks:
+            h, w = img.shape[1:]
+            masks = [self._mask(a, h, w) for a in anns]
+            target["masks"] = (torch.from_numpy(np.stack(masks)) if masks
+                               else torch.zeros((0, h, w), dtype=torch.uint8))
+        if hflip:
+            w = img.shape[2]
+            img = img.flip(-1)
+            target["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0],
+                                           boxes[:, 3]], dim=1)
+            if self.masks:
+                target["masks"] = target["masks"].flip(-1)
+        return img, target
+
+    def __getitem__(self, index):
+        return self.get(index)
+
+    def _mask(self, ann, h, w):
+        seg = ann["segmentation"]
+        if isinstance(seg, list):  # polygons
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+        elif isinstance(seg["counts"], list):  # uncompressed RLE
+            rle = mask_utils.frPyObjects(seg, h, w)
+        else:
+            rle = seg
+        return mask_utils.decode(rle)

@@ -1,0 +1,76 @@
+"""Dataset names used in recipes -> files on disk.
+
+* `coco`: real COCO 2017 where detectron2 expects it, `$DETECTRON2_DATASETS/coco`
+  (default `./datasets/coco`), or wherever `--coco PATH` / `$BENCH_COCO` says.
+* `shapes`: the embedded COCO stand-in of the mini study (generated on first use).
+* `shapes-tiny`: the same generator, tiny, for tests.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.data import synthetic
+
+EMBEDDED = {
+    "shapes": synthetic.TargetConfig(),
+    "shapes-tiny": synthetic.TargetConfig(train_images=64, val_images=16),
+}
+DATASETS = ("coco",) + tuple(EMBEDDED)
+
+
+class DatasetMissing(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    name: str
+    train_images: Path
+    train_annotations: Path
+    val_images: Path
+    val_annotations: Path
+    subsets_dir: Path
+
+
+def coco_root() -> Path:
+    if os.environ.get("BENCH_COCO"):
+        return Path(os.environ["BENCH_COCO"]).expanduser()
+    return Path(os.environ.get("DETECTRON2_DATASETS", "datasets")).expanduser() / "coco"
+
+
+def resolve(name: str, generate: bool = True) -> DatasetFiles:
+    if name == "coco":
+        root = coco_root()
+        ann = root / "annotations" / "instances_train2017.json"
+        if not ann.is_file():
+            raise DatasetMissing(
+                f"COCO not found: {ann} does not exist; put COCO 2017 under "
+                f"$DETECTRON2_DATASETS/coco or pass --coco PATH (or run `make mini` for the "
+                f"embedded dataset)")
+        return DatasetFiles(name, root / "train2017", ann, root / "val2017",
+                            root / "annotations" / "instances_val2017.json", root / "bench_subsets")
+    if name in EMBEDDED:
+        cfg = EMBEDDED[name]
+        root = synthetic.cache_root() / cfg.name
+        if generate:
+            root = synthetic.ensure(cfg)
+        elif synthetic.check_complete(root, cfg):
+            raise DatasetMissing(f"embedded dataset {name!r} is not generated at {root}; "
+                                 f"run `bench data`")
+        return DatasetFiles(name, root / "train", root / "annotations" / "instances_train.json",
+                            root / "val", root / "annotations" / "instances_val.json",
+                            root / "subsets")
+    raise DatasetMissing(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+
+
+def subset_file(files: DatasetFiles, size: int, seed: int = 0) -> Path:
+    """The nested-subset id list of `size` images; embedded datasets draw it on first use."""
+    from bench.data import subsets
+    path = subsets.subset_path(files.subsets_dir, size, seed)
+    if not path.is_file():
+        if files.name == "coco":
+            raise DatasetMissing(f"subset file {path} is missing; run `bench subsets --annotations "
+                                 f"{files.train_annotations}`")
+        subsets.write_subsets(files.train_annotations, [size], files.subsets_dir, seed)
+    return path

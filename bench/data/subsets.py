@@ -1,0 +1,79 @@
+"""Nested, seeded training subsets stored as image-id lists (1k ⊂ 3.5k ⊂ 10k ⊂ 35k ⊂ all).
+
+One seeded permutation of the sorted image ids is drawn once; a subset of size n is its
+first n ids, so every smaller subset lies inside every larger one, and no subset is ever
+re-drawn per run. Each file records the hash of the annotation file it was drawn from and
+of its own id list; a run refuses to start when either does not match.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bench.data.coco import load_coco
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def ids_sha256(ids) -> str:
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+
+
+def eligible_ids(ann_file):
+    """Images a detector can train on: with at least one non-crowd annotation."""
+    coco = load_coco(ann_file)
+    return sorted(i for i in coco.imgs
+                  if any(not a.get("iscrowd", 0) for a in coco.imgToAnns.get(i, [])))
+
+
+def nested_subsets(ids, sizes, seed=0):
+    """{size: ids}: prefixes of one seeded permutation, so smaller ⊂ larger."""
+    ids = sorted(ids)
+    for n in sizes:
+        if n > len(ids):
+            raise ValueError(f"subset of {n} images asked, but only {len(ids)} are eligible")
+    order = np.random.default_rng(np.random.SeedSequence([seed, len(ids)])).permutation(len(ids))
+    return {n: sorted(int(ids[k]) for k in order[:n]) for n in sizes}
+
+
+def subset_path(directory, size, seed=0) -> Path:
+    return Path(directory) / f"train_{size}_seed{seed}.json"
+
+
+def write_subsets(ann_file, sizes, directory, seed=0):
+    """Write one JSON file per size; returns their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ann_hash = file_sha256(ann_file)
+    paths = []
+    for n, ids in nested_subsets(eligible_ids(ann_file), sizes, seed).items():
+        doc = {"annotations": Path(ann_file).name, "annotations_sha256": ann_hash, "seed": seed,
+               "size": n, "image_ids_sha256": ids_sha256(ids), "image_ids": ids}
+        path = subset_path(directory, n, seed)
+        path.write_text(json.dumps(doc, indent=0))
+        paths.append(path)
+    return paths
+
+
+def read_subset(path, ann_file):
+    """The image ids of a subset file, after checking it belongs to `ann_file` and is intact."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable subset file ({e}); rerun `bench subsets`") from None
+    if ids_sha256(doc["image_ids"]) != doc["image_ids_sha256"]:
+        raise ValueError(f"{path}: image ids do not match their recorded hash (edited or corrupt); "
+                         f"rerun `bench subsets`")
+    if file_sha256(ann_file) != doc["annotations_sha256"]:
+        raise ValueError(f"{path} was drawn from another {Path(ann_file).name} than {ann_file}; "
+                         f"rerun `bench subsets` for this annotation file")
+    return doc["image_ids"]

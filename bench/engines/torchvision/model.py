@@ -1,0 +1,121 @@
+"""Mask R-CNN / Faster R-CNN from torchvision's detection parts, configured by a ModelSpec.
+
+The paper's detector: ResNet-FPN backbone, norm (GN/SyncBN/...) in backbone, FPN and heads,
+box head 4conv+1fc, mask head 4conv, scratch init MSRA. torchvision provides every part;
+this file only wires them to the spec.
+"""
+
+from collections import OrderedDict
+
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from bench.backbones import build_backbone
+from bench.norms import msra_init_, norm_layer
+
+# torchvision's normalization on [0, 1] images: ImageNet mean and std. Scratch runs use the
+# same (the paper's scratch pixel std [57.375, 57.12, 58.395] is this std times 255).
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+
+
+def freeze_stages(body: nn.Module, stage_names, freeze_at: int):
+    """Freeze the stem (freeze_at >= 1) and the first freeze_at - 1 stages, as detectron2."""
+    if freeze_at <= 0:
+        return
+    stem = [m for name, m in body.named_children() if name not in stage_names]
+    frozen = stem + [getattr(body, n) for n in stage_names[:freeze_at - 1]]
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+def build_detector(m, num_classes: int, data) -> nn.Module:
+    """`m` is a ModelSpec, `data` a DataSpec (input sizes); num_classes excludes background."""
+    backbone = build_backbone(m)
+    norm = norm_layer(m.norm, m.norm_groups)
+    freeze_stages(backbone.body, backbone.stage_names, m.freeze_at)
+    fpn = BackboneWithFPN(
+        backbone.body,
+        return_layers=OrderedDict((n, str(i)) for i, n in enumerate(backbone.stage_names)),
+        in_channels_list=backbone.stage_channels,
+        out_channels=m.fpn_channels,
+        extra_blocks=LastLevelMaxPool(),  # P6 for the RPN, as detectron2's FPN
+        norm_layer=norm)
+    msra_init_(fpn.fpn)
+
+    anchors = AnchorGenerator(tuple((s,) for s in m.anchor_sizes),
+                              ((0.5, 1.0, 2.0),) * len(m.anchor_sizes))
+    box_head = FastRCNNConvFCHead((m.fpn_channels, 7, 7), [m.box_head_conv_dim] * m.box_head_convs,
+                                  [m.box_head_fc_dim], norm_layer=norm)
+    msra_init_(box_head)
+    common = dict(
+        min_size=data.train_min_size, max_size=data.train_max_size,
+        image_mean=PIXEL_MEAN, image_std=PIXEL_STD,
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=m.rpn_pre_nms_train, rpn_post_nms_top_n_train=m.rpn_post_nms_train,
+        rpn_pre_nms_top_n_test=m.rpn_pre_nms_test, rpn_post_nms_top_n_test=m.rpn_post_nms_test,
+        rpn_batch_size_per_image=m.rpn_batch_per_image,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(m.box_head_fc_dim, num_classes + 1),
+        box_batch_size_per_image=m.roi_batch_per_image,
+        box_detections_per_img=m.detections_per_image,
+        box_score_thresh=m.score_thresh,
+    )
+    if m.arch == "faster_rcnn":
+        model = FasterRCNN(fpn, **common)
+    else:
+        mask_head = MaskRCNNHeads(m.fpn_channels, [m.mask_head_dim] * m.mask_head_convs, 1,
+                                  norm_layer=norm)
+        msra_init_(mask_head)
+        mask_predictor = MaskRCNNPredictor(m.mask_head_dim, m.mask_head_dim, num_classes + 1)
+        model = MaskRCNN(fpn, mask_head=mask_head, mask_predictor=mask_predictor, **common)
+    model.input_sizes = {True: (data.train_min_size, data.train_max_size),
+                         False: (data.test_min_size, data.test_max_size)}
+    return model
+
+
+def use_input_sizes(model, train: bool):
+    """torchvision's transform holds one size; set the train or the test size on it."""
+    min_size, max_size = model.input_sizes[train]
+    model.transform.min_size = (min_size,)
+    model.transform.max_size = max_size
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_backbone_weights(model: nn.Module, state: dict, log=print) -> dict:
+    """Load a classification checkpoint into the detector's backbone body.
+
+    Returns the key report; raises if any backbone parameter is left at its init.
+    """
+    body = model.backbone.body
+    own = body.state_dict()
+    matched, shape_mismatch = {}, []
+    for k, v in state.items():
+        if k in own:
+            if own[k].shape == v.shape:
+                matched[k] = v
+            else:
+                shape_mismatch.append(k)
+    missing = [k for k in own if k not in matched]
+    unused = [k for k in state if k not in own]
+    body.load_state_dict({**own, **matched})
+    log(f"pretrained backbone: {len(matched)} keys matched, {len(unused)} unused in checkpoint "
+        f"(e.g. classifier), {len(shape_mismatch)} shape-mismatched, {len(missing)} missing")
+    if missing or shape_mismatch:
+        raise ValueError("pretrained checkpoint does not cover the backbone: missing "
+                         f"{missing[:5]}, shape-mismatched {shape_mismatch[:5]}; it was built for "
+                         "another backbone depth/width/norm")
+    return dict(matched=len(matched), unused=unused, missing=missing, shape_mismatch=shape_mismatch)

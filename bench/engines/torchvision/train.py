@@ -1,0 +1,172 @@
+"""The torchvision engine's trainer: RunSpec in, trained and evaluated run dir out.
+
+Read top to bottom: build data, model and optimizer; resume from the newest checkpoint;
+loop over iterations (SGD, linear warm-up, step LR); log train rows every 20 iterations;
+evaluate every `eval.period` iterations and at the end; checkpoint every
+`checkpoint.period` iterations and at the end.
+"""
+
+import math
+import time
+
+import torch
+
+from bench import schedule
+from bench.data import registry, subsets
+from bench.data.coco import CocoDetection, load_coco
+from bench.data.sampler import PositionSampler, TrainStream, collate
+from bench.engines.torchvision import checkpoint
+from bench.engines.torchvision.evaluate import evaluate
+from bench.engines.torchvision.model import build_detector, load_backbone_weights, use_input_sizes
+from bench.engines.torchvision.weights import load_imagenet_backbone
+from bench.norms import is_norm
+from bench.rundir import RunDir
+
+LOG_PERIOD = 20
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def build_optimizer(model, solver):
+    """SGD with momentum; norm parameters get `weight_decay_norm` (detectron2's default 0)."""
+    norm_params, other = [], []
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                (norm_params if is_norm(module) else other).append(p)
+    groups = [{"params": other, "weight_decay": solver.weight_decay},
+              {"params": norm_params, "weight_decay": solver.weight_decay_norm}]
+    return torch.optim.SGD(groups, lr=solver.lr, momentum=solver.momentum)
+
+
+def datasets_for(spec):
+    files = registry.resolve(spec.data.dataset)
+    ids = None
+    if spec.data.train_images is not None:
+        path = registry.subset_file(files, spec.data.train_images, spec.data.subset_seed)
+        ids = subsets.read_subset(path, files.train_annotations)
+    masks = spec.model.arch == "mask_rcnn"
+    train = CocoDetection(files.train_images, files.train_annotations, ids, train=True, masks=masks)
+    val = CocoDetection(files.val_images, files.val_annotations, train=False, masks=masks,
+                        coco=load_coco(files.val_annotations))
+    return train, val
+
+
+def _clean(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def train(spec, run_dir, device="cpu", workers=0, log=print):
+    """Train `spec` into `run_dir`, resuming from its newest checkpoint if any."""
+    rd = RunDir(run_dir)
+    rd.write_spec(spec)
+    solver = spec.solver
+    torch.manual_seed(spec.seed)
+    device = torch.device(device)
+
+    train_set, val_set = datasets_for(spec)
+    model = build_detector(spec.model, num_classes=len(train_set.cat_ids), data=spec.data)
+    if spec.init == "imagenet":
+        load_backbone_weights(model, load_imagenet_backbone(spec.pretrained, spec.model), log=log)
+    model.to(device).train()
+    use_input_sizes(model, train=True)
+    optimizer = build_optimizer(model, solver)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: schedule.lr_factor(solver, it))
+
+    start, state = checkpoint.load_latest(rd.checkpoints, log=log)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        log(f"resumed {rd.path.name} at iteration {start}")
+    rd.truncate_metrics(start)
+    if start >= solver.max_iter:
+        rd.write_status("done", iteration=start, max_iter=solver.max_iter)
+        return rd
+
+    rd.write_status("running", iteration=start, max_iter=solver.max_iter, started=time.time())
+    stream = TrainStream(train_set, seed=spec.seed, hflip=spec.data.hflip)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=solver.batch, num_workers=workers, collate_fn=collate,
+        sampler=PositionSampler(start, solver.max_iter, solver.batch))
+
+    def save(iteration):
+        checkpoint.save(rd.checkpoints, iteration, {
+            "iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": {"torch": torch.get_rng_state()},
+            "run_id": spec.run_id}, keep=spec.checkpoint.keep)
+
+    window = {"time": 0.0, "data_time": 0.0, "n": 0}
+    losses_sum = {}
+    t_data = time.perf_counter()
+    for iteration, (images, targets) in enumerate(loader, start=start):
+        t_step = time.perf_counter()
+        images = [img.to(device, torch.float32, non_blocking=True) / 255 for img in images]
+        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
+                   for t in targets]
+        loss_dict = model(images, targets)
+        loss = sum(loss_dict.values())
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())
+            last = checkpoint.list_checkpoints(rd.checkpoints)
+            raise NonFiniteLoss(
+                f"loss is {loss.item()} at iteration {iteration + 1} ({terms}); last good "
+                f"checkpoint: {last[-1][1] if last else 'none'}; lower solver.base_lr or check "
+                f"the data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+        done = iteration + 1
+        window["time"] += time.perf_counter() - t_data
+        window["data_time"] += t_step - t_data
+        window["n"] += 1
+        for k, v in loss_dict.items():
+            losses_sum[k] = losses_sum.get(k, 0.0) + v.item()
+        losses_sum["loss"] = losses_sum.get("loss", 0.0) + loss.item()
+
+        if done % LOG_PERIOD == 0 or done == solver.max_iter:
+            n = window["n"]
+            row = {"type": "train", "iteration": done, "images_seen": done * solver.batch,
+                   "lr": optimizer.param_groups[0]["lr"], "time": window["time"] / n,
+                   "data_time": window["data_time"] / n, "wall": time.time(),
+                   **{k: v / n for k, v in losses_sum.items()}}
+            if device.type == "cuda":
+                row["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+            rd.append_metrics(row)
+            rd.write_status("running", iteration=done, max_iter=solver.max_iter,
+                            sec_per_iter=row["time"])
+            window = {"time": 0.0, "data_time": 0.0, "n": 0}
+            losses_sum = {}
+
+        is_eval = (spec.eval.period and done % spec.eval.period == 0) or done == solver.max_iter
+        if is_eval:
+            stats = evaluate(model, val_set, device, masks=spec.model.arch == "mask_rcnn")
+            rd.append_metrics({"type": "eval", "iteration": done, "images_seen": done * solver.batch,
+                               "wall": time.time(), **{k: _clean(v) for k, v in stats.items()}})
+        if done % spec.checkpoint.period == 0 or done == solver.max_iter:
+            save(done)
+        t_data = time.perf_counter()
+
+    rd.write_status("done", iteration=solver.max_iter, max_iter=solver.max_iter, finished=time.time())
+    return rd
+
+
+def run(spec, run_dir, device="cpu", workers=0, log=print):
+    """train() that records a failure in status.json before re-raising it."""
+    rd = RunDir(run_dir)
+    try:
+        return train(spec, run_dir, device=device, workers=workers, log=log)
+    except BaseException as e:
+        status = rd.read_status()
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        if isinstance(e, KeyboardInterrupt):
+            rd.write_status("queued", error=None)
+        else:
+            rd.write_status("failed", error=reason, iteration=status.get("iteration", 0),
+                            max_iter=spec.solver.max_iter)
+        raise

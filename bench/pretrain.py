@@ -1,0 +1,117 @@
+"""`bench pretrain`: train a run's backbone as a classifier on the embedded source set.
+
+This is our ImageNet pre-training: the same backbone builder, depth, width and norm as the
+detection runs that load it (GN backbone for GN runs, as the paper requires), a global
+average pool and a linear classifier on top. The classifier is dropped when the detector
+loads the checkpoint.
+"""
+
+import json
+import math
+import time
+
+import torch
+from torch import nn
+from torchvision import datasets, transforms
+
+from bench.backbones import build_backbone
+from bench.data import synthetic
+from bench.engines.torchvision.model import PIXEL_MEAN, PIXEL_STD
+from bench.paths import resolve_cache_path
+from bench.rundir import atomic_write_text, code_version
+
+SOURCES = {
+    "shapes-cls": synthetic.SourceConfig(),
+    "shapes-cls-tiny": synthetic.SourceConfig(train_per_class=8, val_per_class=2),
+}
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone, num_classes):
+        super().__init__()
+        self.body = backbone.body
+        self.head = nn.Linear(backbone.stage_channels[-1], num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
+def _loader(root, train, batch, seed):
+    tf = [transforms.RandomHorizontalFlip()] if train else []
+    tf += [transforms.ToTensor(), transforms.Normalize(PIXEL_MEAN, PIXEL_STD)]
+    ds = datasets.ImageFolder(str(root / ("train" if train else "val")), transforms.Compose(tf))
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=train, generator=g,
+                                       num_workers=0, drop_last=train), len(ds.classes)
+
+
+@torch.no_grad()
+def accuracy(model, loader):
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += (model(x).argmax(1) == y).sum().item()
+        total += len(y)
+    model.train()
+    return 100.0 * correct / max(total, 1)
+
+
+def output_meta(model_spec, p):
+    return {"backbone": model_spec.backbone, "depth": model_spec.depth, "width": model_spec.width,
+            "norm": model_spec.norm, "norm_groups": model_spec.norm_groups, "source": p.source,
+            "epochs": p.epochs, "seed": p.seed}
+
+
+def is_done(path: str, model_spec, p) -> bool:
+    file = resolve_cache_path(path)
+    if not file.is_file():
+        return False
+    try:
+        meta = torch.load(file, map_location="cpu", weights_only=True).get("meta", {})
+    except Exception:  # noqa: BLE001 - unreadable means redo
+        return False
+    want = output_meta(model_spec, p)
+    return all(meta.get(k) == v for k, v in want.items())
+
+
+def pretrain(model_spec, p, out_path: str, log=print) -> dict:
+    torch.manual_seed(p.seed)
+    root = synthetic.ensure(SOURCES[p.source], log=log)
+    train_loader, num_classes = _loader(root, True, p.batch, p.seed)
+    val_loader, _ = _loader(root, False, 256, p.seed)
+    model = Classifier(build_backbone(model_spec), num_classes)
+    decay, no_decay = [], []
+    for m in model.modules():
+        for prm in m.parameters(recurse=False):
+            (no_decay if isinstance(m, (nn.GroupNorm, nn.modules.batchnorm._BatchNorm)) else decay).append(prm)
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": p.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=p.lr, momentum=p.momentum,
+                          nesterov=True)
+    total = p.epochs * len(train_loader)
+    warm = max(1, int(p.warmup_epochs * len(train_loader)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: (i + 1) / warm if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, total - warm))))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+    t0 = time.time()
+    for epoch in range(p.epochs):
+        running = 0.0
+        for x, y in train_loader:
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += loss.item()
+        log(f"pretrain epoch {epoch + 1}/{p.epochs}: loss {running / len(train_loader):.3f} "
+            f"({time.time() - t0:.0f}s)")
+    top1 = accuracy(model, val_loader)
+    meta = {**output_meta(model_spec, p), "val_top1": top1, "num_classes": num_classes,
+            "seconds": time.time() - t0, "code_version": code_version()}
+    file = resolve_cache_path(out_path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(file.name + ".tmp")
+    torch.save({"backbone": model.body.state_dict(), "meta": meta}, tmp)
+    tmp.replace(file)
+    atomic_write_text(file.with_suffix(".json"), json.dumps(meta, indent=1))
+    log(f"pretrained backbone saved to {file}: source val top-1 {top1:.1f}%")
+    return meta

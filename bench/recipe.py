@@ -1,0 +1,246 @@
+"""Recipes: a study as a small YAML file, validated and expanded into RunSpecs.
+
+    study: mini                       # name; run dirs go under <runs root>/<study>/
+    description: ...
+    base: _common.yaml                # optional, one level only, relative to this file
+    run: {model: {...}, data: {...}, solver: {...}, ...}   # the shared base run (RunSpec fields)
+    vary:                             # axes, crossed: schedule, train_images, norm, ...
+      schedule: [1x, 2x, 3x]
+      train_images: [500, null]       # null: the whole training set
+    compare:
+      init: [scratch, imagenet]       # every point of the axes becomes a matched pair
+    pretrain: {...}                   # optional: how `bench pretrain` makes run.pretrained
+
+Pairs share everything except the init by construction: each axis point is expanded once,
+then copied per init. Everything is checked before any training starts; errors name the
+file, the key and the allowed values. A directory means every `*.yaml` in it except files
+starting with `_` (shared bases).
+"""
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+
+from bench import schedule
+from bench.spec import PretrainSpec, RunSpec, SpecError, from_dict, replace
+
+TOP_KEYS = ("study", "description", "base", "run", "vary", "compare", "pretrain")
+# The paper's words for the axes a study varies -> RunSpec fields.
+AXIS_ALIASES = {
+    "schedule": "solver.schedule", "train_images": "data.train_images", "norm": "model.norm",
+    "backbone": "model.backbone", "depth": "model.depth", "arch": "model.arch", "seed": "seed",
+    "batch": "solver.batch", "dataset": "data.dataset",
+}
+INITS = ("scratch", "imagenet")
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path
+    description: str
+    runs: List[RunSpec]
+    pairs: List[tuple]                 # (scratch RunSpec, imagenet RunSpec)
+    pretrain: Optional[PretrainSpec] = None
+    axes: dict = field(default_factory=dict)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such recipe file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(doc, dict):
+        raise SpecError(f"{path}: a recipe is a mapping with keys {', '.join(TOP_KEYS)}")
+    unknown = [k for k in doc if k not in TOP_KEYS]
+    if unknown:
+        raise SpecError(f"{path}: unknown key {unknown[0]!r}; allowed: {', '.join(TOP_KEYS)}")
+    return doc
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(d: dict, key: str, value):
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise SpecError(f"--set {key}: {p} is not a section")
+    d[parts[-1]] = value
+
+
+def parse_overrides(items) -> dict:
+    """['solver.batch=4', 'vary.schedule=[1x]'] -> {'solver.batch': 4, ...} (YAML values)."""
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set solver.batch=4")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def load_doc(path, overrides=None) -> dict:
+    path = Path(path)
+    doc = _read_yaml(path)
+    if "base" in doc:
+        base_path = (path.parent / doc["base"]).resolve()
+        base = _read_yaml(base_path)
+        if "base" in base:
+            raise SpecError(f"{base_path}: a base recipe may not have its own `base:` (one level "
+                            f"only, to keep recipes readable); merge it into {path.name}")
+        doc = _merge(base, {k: v for k, v in doc.items() if k != "base"})
+    for key, value in (overrides or {}).items():
+        head = key.split(".")[0]
+        target = key if head in ("vary", "compare", "pretrain", "study") else f"run.{key}"
+        _set_dotted(doc, target, value)
+    return doc
+
+
+def _check_pair_rules(spec: RunSpec, where: str):
+    """Impossible combinations, caught before any GPU time is spent."""
+    if spec.init == "scratch":
+        if spec.model.freeze_at != 0:
+            raise SpecError(f"{where}: model.freeze_at={spec.model.freeze_at} with init=scratch; "
+                            f"a scratch run trains every stage, set model.freeze_at: 0")
+        if spec.model.norm == "FrozenBN":
+            raise SpecError(f"{where}: model.norm=FrozenBN with init=scratch; frozen statistics "
+                            f"need a pre-trained model, use GN or SyncBN")
+    elif not spec.pretrained:
+        raise SpecError(f"{where}: init=imagenet needs run.pretrained: PATH (a checkpoint)")
+    if spec.solver.batch % spec.gpus:
+        raise SpecError(f"{where}: solver.batch={spec.solver.batch} does not divide over "
+                        f"gpus={spec.gpus}")
+    from bench.backbones import BACKBONES
+    if spec.model.backbone not in BACKBONES:
+        raise SpecError(f"{where}: model.backbone {spec.model.backbone!r} is not registered; "
+                        f"allowed: {', '.join(sorted(BACKBONES))}")
+    from bench.data.registry import DATASETS
+    if spec.data.dataset not in DATASETS:
+        raise SpecError(f"{where}: data.dataset {spec.data.dataset!r} is unknown; allowed: "
+                        f"{', '.join(DATASETS)}")
+
+
+def run_name(spec: RunSpec) -> str:
+    m = spec.model
+    images = "all" if spec.data.train_images is None else str(spec.data.train_images)
+    return (f"{m.arch}-{m.backbone}{m.depth}-{m.norm}-{spec.init}-{spec.solver.schedule}"
+            f"-{images}img-seed{spec.seed}")
+
+
+def load(path, overrides=None) -> Study:
+    path = Path(path)
+    doc = load_doc(path, overrides)
+    where = str(path)
+    name = doc.get("study")
+    if not isinstance(name, str) or not name:
+        raise SpecError(f"{where}: study: must be a non-empty name")
+    run = doc.get("run") or {}
+    if "init" in run:
+        raise SpecError(f"{where}: run.init is set by compare.init (every run has a scratch and an "
+                        f"imagenet twin); remove it from run")
+    for k in ("max_iter", "steps", "lr"):
+        if k in (run.get("solver") or {}):
+            raise SpecError(f"{where}: run.solver.{k} is computed from solver.schedule, batch and "
+                            f"base_lr; set those instead")
+    base = from_dict(RunSpec, {**run, "study": name}, f"{where}: run")
+
+    vary = doc.get("vary") or {}
+    if not isinstance(vary, dict):
+        raise SpecError(f"{where}: vary: must map axis names to lists of values")
+    axes = {}
+    for key, values in vary.items():
+        field_key = AXIS_ALIASES.get(key, key)
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"{where}: vary.{key}: must be a non-empty list of values")
+        for v in values:  # type-check each value against the field it varies
+            try:
+                replace(base, **{field_key: v})
+                from_dict(RunSpec, _merge(run, _nested(field_key, v)), f"{where}: vary.{key}")
+            except (TypeError, AttributeError):
+                raise SpecError(f"{where}: vary.{key}: unknown axis; allowed: "
+                                f"{', '.join(AXIS_ALIASES)} or a dotted RunSpec field") from None
+        axes[field_key] = values
+
+    compare = doc.get("compare") or {"init": list(INITS)}
+    if list(compare) != ["init"] or sorted(compare["init"]) != sorted(INITS):
+        raise SpecError(f"{where}: compare: must be `init: [scratch, imagenet]` (pairs differ "
+                        f"only in their init)")
+
+    runs, pairs = [], []
+    for point in itertools.product(*axes.values()) if axes else [()]:
+        changes = dict(zip(axes, point))
+        shared = from_dict(RunSpec, _merge(run, _merge_all(changes)), f"{where}: run")
+        shared = replace(shared, study=name, solver=_resolve(shared.solver, where))
+        pair = []
+        for init in INITS:
+            spec = replace(shared, init=init,
+                           pretrained=shared.pretrained if init == "imagenet" else None)
+            spec = replace(spec, name=run_name(spec))
+            _check_pair_rules(spec, f"{where} ({spec.name})")
+            pair.append(spec)
+            runs.append(spec)
+        pairs.append(tuple(pair))
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):
+        raise SpecError(f"{where}: two runs of the study are identical; remove the repeated axis "
+                        f"value")
+    pretrain = None
+    if doc.get("pretrain") is not None:
+        pretrain = from_dict(PretrainSpec, doc["pretrain"], f"{where}: pretrain")
+    return Study(name=name, path=path, description=doc.get("description", ""), runs=runs,
+                 pairs=pairs, pretrain=pretrain, axes=axes)
+
+
+def _nested(dotted: str, value) -> dict:
+    out = {}
+    _set_dotted(out, dotted, value)
+    return out
+
+
+def _merge_all(changes: dict) -> dict:
+    out = {}
+    for k, v in changes.items():
+        out = _merge(out, _nested(k, v))
+    return out
+
+
+def _resolve(solver, where):
+    try:
+        return schedule.resolve(solver)
+    except SpecError as e:
+        raise SpecError(f"{where}: {e}") from None
+
+
+def recipe_files(paths) -> List[Path]:
+    """Expand directories into their recipe files (sorted, `_*.yaml` bases skipped)."""
+    out = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(f for f in p.glob("*.yaml") if not f.name.startswith("_"))
+            if not found:
+                raise SpecError(f"{p}: no recipe (*.yaml) in this directory")
+            out += found
+        elif p.exists():
+            out.append(p)
+        else:
+            raise SpecError(f"{p}: no such recipe file or directory")
+    return out
+
+
+def load_all(paths, overrides=None) -> List[Study]:
+    return [load(f, overrides) for f in recipe_files(paths)]

@@ -1,0 +1,139 @@
+"""The run dir: the only contract between engines, the runner and analysis.
+
+    spec.yaml       the resolved RunSpec (plus code and package versions)
+    metrics.jsonl   append-only rows keyed by iteration: {"type": "train"|"eval", ...}
+    status.json     {"state": queued|running|done|failed, "iteration", "max_iter", ...}
+    checkpoints/    engine-specific, ignored by git
+
+Writes of status and checkpoints are atomic (temp file + rename), so a killed process
+leaves either the old or the new file, never half of one. Analysis reads these files
+only; it never imports an engine.
+"""
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+STATES = ("queued", "running", "done", "failed")
+
+
+def atomic_write_text(path: Path, text: str):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def code_version() -> str:
+    """git commit of the suite (with -dirty), or 'unknown' outside a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict:
+    import numpy
+    import torch
+    import torchvision
+    from bench import __version__
+    return {"bench": __version__, "python": platform.python_version(),
+            "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "numpy": str(numpy.__version__)}
+
+
+class RunDir:
+    def __init__(self, path):
+        self.path = Path(path)
+        self.spec_file = self.path / "spec.yaml"
+        self.metrics_file = self.path / "metrics.jsonl"
+        self.status_file = self.path / "status.json"
+        self.checkpoints = self.path / "checkpoints"
+
+    # -- spec -------------------------------------------------------------------------
+    def write_spec(self, spec):
+        """Record the resolved spec; a run dir never changes what it trains."""
+        from bench.spec import RunSpec
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.spec_file.exists():
+            old = self.read_spec()
+            if old.identity() != spec.identity():
+                raise RuntimeError(f"{self.spec_file} holds another run (identity {old.identity()}, "
+                                   f"not {spec.identity()}); use a fresh run dir")
+            return
+        assert isinstance(spec, RunSpec)
+        doc = {"run_id": spec.run_id, "identity": spec.identity(), "spec": spec.to_dict(),
+               "code_version": code_version(), "packages": package_versions()}
+        atomic_write_text(self.spec_file, yaml.safe_dump(_plain(doc), sort_keys=False))
+
+    def read_spec_doc(self) -> dict:
+        return yaml.safe_load(self.spec_file.read_text())
+
+    def read_spec(self):
+        from bench.spec import RunSpec
+        return RunSpec.from_dict(self.read_spec_doc()["spec"], where=str(self.spec_file))
+
+    # -- status -----------------------------------------------------------------------
+    def read_status(self) -> dict:
+        try:
+            return json.loads(self.status_file.read_text())
+        except (OSError, ValueError):
+            return {"state": "queued"}
+
+    def write_status(self, state, **fields):
+        assert state in STATES, state
+        doc = {**self.read_status(), **fields, "state": state, "updated": time.time(),
+               "host": socket.gethostname(), "pid": os.getpid()}
+        if state != "failed":
+            doc.pop("error", None)
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.status_file, json.dumps(doc, sort_keys=True, indent=1))
+
+    # -- metrics ----------------------------------------------------------------------
+    def read_metrics(self) -> list:
+        """All complete rows; a torn last line (killed mid-write) is ignored."""
+        rows = []
+        if not self.metrics_file.exists():
+            return rows
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return rows
+
+    def append_metrics(self, row: dict):
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate_metrics(self, iteration: int):
+        """Keep rows up to `iteration` (the checkpoint resumed from): resumed runs then
+        append the rest once, with no duplicated or missing iterations."""
+        rows = [r for r in self.read_metrics() if r["iteration"] <= iteration]
+        atomic_write_text(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                                     for r in rows))
+
+
+def _plain(obj):
+    """Tuples to lists so the YAML is plain and readable by any tool."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,142 @@
+"""The runner only schedules: which run goes on which slot, when, and what after a crash.
+
+Each run is its own process (`python -m bench.worker RUN_DIR`) in its own slot: a GPU, or
+on a machine without one a CPU slot of `threads` threads (how the mini study runs). Runs
+already done are skipped; interrupted ones resume from their checkpoint; a failed run is
+reported and the rest of the study goes on. Progress (iterations of all runs together)
+and the ETA come from each run dir's status.json.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from tqdm import tqdm
+
+from bench.rundir import RunDir
+
+
+@dataclass
+class Job:
+    spec: object
+    run_dir: Path
+    proc: Optional[subprocess.Popen] = None
+    slot: Optional[str] = None
+    log_file: Optional[object] = None
+
+
+@dataclass
+class Outcome:
+    done: List[str] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
+    failed: List[tuple] = field(default_factory=list)   # (run id, reason)
+
+
+def run_dir_for(spec, runs_root) -> Path:
+    return Path(runs_root) / spec.study / spec.run_id
+
+
+def is_done(run_dir: Path) -> bool:
+    return RunDir(run_dir).read_status().get("state") == "done"
+
+
+def _cuda_count():
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def default_slots(device: str, threads: int) -> List[str]:
+    if device == "cuda":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(_cuda_count())]
+        return [f"cuda:{i}" for i in ids if i != ""]
+    cores = os.cpu_count() or 1
+    return [f"cpu{k}" for k in range(max(1, cores // max(threads, 1)))]
+
+
+def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=print,
+        progress=True) -> Outcome:
+    """Train every spec, `len(slots)` at a time; returns what was done, skipped, failed."""
+    slots = list(slots or default_slots(device, threads))
+    outcome = Outcome()
+    queue = []
+    for spec in specs:
+        rd = RunDir(run_dir_for(spec, runs_root))
+        rd.write_spec(spec)  # refuses a run dir that holds another spec
+        if is_done(rd.path):
+            outcome.skipped.append(spec.run_id)
+        else:
+            queue.append(Job(spec, rd.path))
+    # Longest first: the slots finish together instead of one long run trailing alone.
+    queue.sort(key=lambda j: -j.spec.solver.max_iter)
+    total = sum(j.spec.solver.max_iter for j in queue)
+    # Off a terminal (CI, nohup, Slurm logs) redraw rarely instead of flooding the log.
+    bar = tqdm(total=total, unit="it", desc="study", disable=not progress, dynamic_ncols=True,
+               smoothing=0.05, mininterval=0.5 if sys.stderr.isatty() else 30)
+    if outcome.skipped:
+        log(f"{len(outcome.skipped)} run(s) already done, skipped")
+    base = {j.run_dir: RunDir(j.run_dir).read_status().get("iteration", 0) for j in queue}
+    bar.update(0)
+    free, running = list(slots), []
+    try:
+        while queue or running:
+            while queue and free:
+                job = queue.pop(0)
+                job.slot = free.pop(0)
+                _launch(job, device, threads, workers)
+                running.append(job)
+            time.sleep(0.5)
+            still = []
+            for job in running:
+                rc = job.proc.poll()
+                if rc is None:
+                    still.append(job)
+                    continue
+                job.log_file.close()
+                free.append(job.slot)
+                status = RunDir(job.run_dir).read_status()
+                if rc == 0 and status.get("state") == "done":
+                    outcome.done.append(job.spec.run_id)
+                else:
+                    reason = status.get("error") or f"exit code {rc}, see {job.run_dir / 'log.txt'}"
+                    outcome.failed.append((job.spec.run_id, reason))
+                    tqdm.write(f"FAILED {job.spec.run_id}: {reason}")
+            running = still
+            progress_now = sum(RunDir(d).read_status().get("iteration", 0) - b
+                               for d, b in base.items())
+            if progress_now > bar.n:
+                bar.set_postfix_str(", ".join(j.spec.name for j in running)[:80], refresh=False)
+                bar.update(progress_now - bar.n)
+    except KeyboardInterrupt:
+        for job in running:
+            job.proc.terminate()  # the worker marks its run queued; the next call resumes it
+        for job in running:
+            job.proc.wait()
+        bar.close()
+        raise
+    bar.close()
+    return outcome
+
+
+def _launch(job, device, threads, workers):
+    env = dict(os.environ)
+    dev = device
+    if job.slot.startswith("cuda:"):
+        env["CUDA_VISIBLE_DEVICES"] = job.slot.split(":", 1)[1]
+        dev = "cuda"
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, "-m", "bench.worker", str(job.run_dir), "--device", dev,
+           "--threads", str(threads), "--workers", str(workers)]
+    job.log_file = open(job.run_dir / "log.txt", "a")
+    job.log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} slot {job.slot}: "
+                       f"{' '.join(cmd)}\n")
+    job.log_file.flush()
+    job.proc = subprocess.Popen(cmd, stdout=job.log_file, stderr=subprocess.STDOUT, env=env)

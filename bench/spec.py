@@ -1,0 +1,233 @@
+"""RunSpec: one fully resolved run, the contract between recipes, runner and engines.
+
+Every field exists because a recipe or the paper needs it. Defaults are the paper's COCO
+baseline (detectron2's Base-RCNN-FPN with the GN/SyncBN settings of its Misc configs);
+the mini recipes override the sizes that make a CPU run affordable. A RunSpec is frozen;
+its hash (over everything but its labels) is its identity: same spec, same run dir.
+"""
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Tuple
+
+Norm = Literal["GN", "SyncBN", "FrozenBN", "BN", "none"]
+
+
+class SpecError(ValueError):
+    """A recipe or spec value is wrong; the message names the file, the key and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: Literal["mask_rcnn", "faster_rcnn"] = "mask_rcnn"
+    backbone: str = "resnet"            # a name registered in bench.backbones
+    depth: int = 50
+    width: int = 64                     # stem width; stage widths double from it
+    norm: Norm = "GN"                   # in backbone, FPN and heads (the paper's switch)
+    norm_groups: int = 32               # GN groups (paper: 32)
+    freeze_at: int = 0                  # 0: nothing frozen (required for scratch)
+    fpn_channels: int = 256
+    anchor_sizes: Tuple[int, ...] = (32, 64, 128, 256, 512)   # one per FPN level P2..P6
+    rpn_pre_nms_train: int = 2000       # per FPN level (detectron2 PRE_NMS_TOPK_TRAIN)
+    rpn_post_nms_train: int = 1000      # per image (detectron2 POST_NMS_TOPK_TRAIN)
+    rpn_pre_nms_test: int = 1000
+    rpn_post_nms_test: int = 1000
+    rpn_batch_per_image: int = 256
+    box_head_convs: int = 4             # the paper's 4conv+1fc box head
+    box_head_conv_dim: int = 256
+    box_head_fc_dim: int = 1024
+    roi_batch_per_image: int = 512
+    mask_head_convs: int = 4
+    mask_head_dim: int = 256
+    detections_per_image: int = 100
+    score_thresh: float = 0.05
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset: str = "coco"               # "coco" or an embedded dataset (bench.data.registry)
+    train_images: Optional[int] = None  # None: the whole training set; else a nested subset
+    subset_seed: int = 0
+    train_min_size: int = 800
+    train_max_size: int = 1333
+    test_min_size: int = 800
+    test_max_size: int = 1333
+    hflip: bool = True
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    # Inputs (set in recipes)
+    schedule: str = "1x"                # "1x".."9x", "0.5x", or "<N>iter" for an explicit length
+    batch: int = 16                     # images per iteration, all GPUs together
+    base_lr: float = 0.02               # at ref_batch; scaled linearly with batch
+    ref_batch: int = 16
+    unit_iters: int = 90_000            # length of 1x at ref_batch
+    drops_from_end: Tuple[int, ...] = (60_000, 20_000)   # at ref_batch, see bench.schedule
+    warmup_iters: int = 1000            # detectron2 default, kept when the batch changes
+    warmup_factor: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_norm: float = 0.0      # detectron2 default: no decay on norm parameters
+    gamma: float = 0.1
+    # Resolved by bench.schedule at expansion; a recipe may not set them.
+    max_iter: int = 0
+    steps: Tuple[int, ...] = ()
+    lr: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    period: int = 0                     # iterations between evals; 0: only at the end
+    # detectron2's EVAL_PERIOD is in iterations too; evals at 0 are skipped.
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    period: int = 5000
+    keep: int = 3                       # last K periodic checkpoints kept
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    study: str = ""                     # label: which study listed this run
+    name: str = ""                      # label: human-readable, unique within the study
+    engine: Literal["torchvision", "detectron2"] = "torchvision"
+    init: Literal["scratch", "imagenet"] = "scratch"
+    pretrained: Optional[str] = None    # checkpoint used when init == "imagenet"
+    seed: int = 0
+    gpus: int = 1                       # GPUs (or CPU slots) one run occupies
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    solver: SolverSpec = field(default_factory=SolverSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+
+    LABELS = ("study", "name")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def identity(self) -> str:
+        """Hash of everything that changes what is trained (not the labels)."""
+        d = self.to_dict()
+        for k in self.LABELS:
+            d.pop(k)
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.name}-{self.identity()}"
+
+    @classmethod
+    def from_dict(cls, d, where="spec"):
+        return from_dict(cls, d, where)
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """Classification pre-training of a run's backbone on the embedded source set, our
+    stand-in for ImageNet (`bench pretrain`). The backbone is the run's own model spec, so
+    the checkpoint has the same depth, width and normalization as the runs that load it."""
+    source: Literal["shapes-cls", "shapes-cls-tiny"] = "shapes-cls"
+    epochs: int = 8
+    batch: int = 128
+    lr: float = 0.1                     # peak LR, cosine decay to 0 after a linear warm-up
+    warmup_epochs: float = 0.5
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    label_smoothing: float = 0.1
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- validation
+
+def _describe(tp):
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin is typing.Union:
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin in (tuple, Tuple):
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(tp, value, where):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is typing.Union:
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+        for arg in typing.get_args(tp):
+            if arg is not type(None):
+                try:
+                    return _coerce(arg, value, where)
+                except SpecError:
+                    pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise SpecError(f"{where}: {value!r} is not allowed; allowed: {_describe(tp)}")
+    elif origin in (tuple, Tuple):
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(typing.get_args(tp)[0], v, f"{where}[{i}]")
+                         for i, v in enumerate(value))
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise SpecError(f"{where}: {value!r} has the wrong type; expected {_describe(tp)}")
+
+
+def from_dict(cls, d, where):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, dict):
+        raise SpecError(f"{where}: expected a mapping of {cls.__name__} fields, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        raise SpecError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(names)}")
+    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in d.items()})
+
+
+def replace(obj, **changes):
+    """dataclasses.replace that also takes dotted keys: replace(spec, **{"model.norm": "BN"})."""
+    nested = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            nested[head] = value
+    out = {}
+    for head, value in nested.items():
+        current = getattr(obj, head)
+        out[head] = replace(current, **value) if isinstance(value, dict) and \
+            dataclasses.is_dataclass(current) else value
+    return dataclasses.replace(obj, **out)

@@ -1,0 +1,50 @@
+"""One run in its own process: `python -m bench.worker RUN_DIR`.
+
+The runner writes the resolved spec into the run dir and starts this; the worker reads it,
+picks the engine and trains. Exit code 0 means the run is done; anything else, status.json
+says why.
+"""
+
+import argparse
+import os
+import signal
+import sys
+
+import torch
+
+from bench import engines
+from bench.rundir import RunDir
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.worker")
+    ap.add_argument("run_dir")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # SIGTERM (runner stopping, Slurm preemption) becomes KeyboardInterrupt: the run is marked
+    # queued again and resumes from its last checkpoint next time.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    rd = RunDir(args.run_dir)
+    spec = rd.read_spec()
+    try:
+        engine = engines.get(spec.engine)
+        engine.run(spec, rd.path, device=args.device, workers=args.workers,
+                   log=lambda msg: print(msg, flush=True))
+    except KeyboardInterrupt:
+        print(f"{rd.path.name}: interrupted; rerun to resume from its last checkpoint", flush=True)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the runner reads the reason from status.json
+        print(f"{rd.path.name}: failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        if not rd.read_status().get("state") == "failed":
+            rd.write_status("failed", error=f"{type(e).__name__}: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

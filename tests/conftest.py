@@ -1,0 +1,52 @@
+"""Shared fixtures: a throwaway data cache and runs root, and a tiny study that uses the real
+mini model base (tests go through the same code paths as `make mini`)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_RECIPE = f"""
+study: tiny
+base: {REPO}/recipes/mini/_model.yaml
+run:
+  pretrained: cache:pretrained/tiny-resnet10-w32-GN.pth
+  data: {{dataset: shapes-tiny}}
+  solver: {{batch: 2, ref_batch: 2, unit_iters: 9, drops_from_end: [6, 2], warmup_iters: 3}}
+  eval: {{period: 9}}
+  checkpoint: {{period: 9, keep: 2}}
+vary:
+  schedule: [1x, 2x]
+  train_images: [24, null]
+compare:
+  init: [scratch, imagenet]
+pretrain: {{source: shapes-cls-tiny, epochs: 1, batch: 16}}
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bench_data(tmp_path_factory):
+    """Every test writes its datasets and checkpoints into one temporary cache."""
+    path = tmp_path_factory.mktemp("bench-data")
+    old = os.environ.get("BENCH_DATA")
+    os.environ["BENCH_DATA"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("BENCH_DATA", None)
+    else:
+        os.environ["BENCH_DATA"] = old
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_RECIPE)
+    return path
+
+
+def write_recipe(tmp_path, text, name="study.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path

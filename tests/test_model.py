@@ -1,0 +1,94 @@
+"""The detector as the paper trains it: nothing frozen from scratch; the whole backbone loaded
+from the checkpoint when pre-trained; norms in backbone, FPN and heads."""
+
+import pytest
+import torch
+from torch import nn
+
+from bench import recipe
+from bench.backbones import build_backbone
+from bench.engines.torchvision.model import build_detector, load_backbone_weights
+from bench.engines.torchvision.weights import load_imagenet_backbone
+from bench.norms import frozen_norms
+from bench.pretrain import Classifier
+from bench.spec import replace
+from conftest import REPO
+
+STUDY = recipe.load(REPO / "recipes/mini/study.yaml")
+SCRATCH = next(r for r in STUDY.runs if r.init == "scratch")
+IMAGENET = next(r for r in STUDY.runs if r.init == "imagenet")
+
+
+def detector(spec):
+    return build_detector(spec.model, num_classes=8, data=spec.data)
+
+
+def test_scratch_model_has_no_frozen_parameters_and_no_frozen_norm():
+    model = detector(SCRATCH)
+    assert all(p.requires_grad for p in model.parameters())
+    assert frozen_norms(model) == []
+
+
+def test_gn_is_in_backbone_fpn_box_head_and_mask_head():
+    model = detector(SCRATCH)
+    for part in (model.backbone.body, model.backbone.fpn, model.roi_heads.box_head,
+                 model.roi_heads.mask_head):
+        assert any(isinstance(m, nn.GroupNorm) for m in part.modules()), part.__class__.__name__
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_box_head_is_4conv_1fc():
+    head = detector(SCRATCH).roi_heads.box_head
+    assert sum(isinstance(m, nn.Conv2d) for m in head.modules()) == 4
+    assert sum(isinstance(m, nn.Linear) for m in head.modules()) == 1
+
+
+def test_frozen_bn_switch_exists_for_pretrained_runs():
+    spec = replace(IMAGENET, **{"model.norm": "FrozenBN", "model.freeze_at": 2})
+    model = detector(spec)
+    assert frozen_norms(model)
+    assert not model.backbone.body.conv1.weight.requires_grad
+    assert not model.backbone.body.layer1[0].conv1.weight.requires_grad
+    assert model.backbone.body.layer2[0].conv1.weight.requires_grad
+
+
+@pytest.fixture
+def checkpoint(bench_data):
+    """A classifier checkpoint in `bench pretrain`'s format, with non-init weights."""
+    torch.manual_seed(1)
+    clf = Classifier(build_backbone(IMAGENET.model), num_classes=24)
+    with torch.no_grad():
+        for p in clf.parameters():
+            p.add_(torch.randn_like(p))
+    path = bench_data / "pretrained" / "test-backbone.pth"
+    path.parent.mkdir(exist_ok=True)
+    torch.save({"backbone": clf.body.state_dict(), "meta": {"backbone": "resnet", "depth": 10,
+                                                            "width": 32, "norm": "GN"}}, path)
+    return "cache:pretrained/test-backbone.pth", clf.body.state_dict()
+
+
+def test_pretrained_model_loads_every_backbone_weight(checkpoint):
+    path, state = checkpoint
+    model = detector(IMAGENET)
+    report = load_backbone_weights(model, load_imagenet_backbone(path, IMAGENET.model), log=lambda m: None)
+    body = model.backbone.body.state_dict()
+    assert report["missing"] == [] and report["shape_mismatch"] == []
+    assert set(body) == set(state)
+    for k, v in body.items():
+        assert torch.equal(v, state[k]), f"{k} left at its init"
+
+
+def test_checkpoint_with_another_norm_is_refused(checkpoint):
+    path, _ = checkpoint
+    with pytest.raises(ValueError, match="norm='GN'.*model.norm='BN'"):
+        load_imagenet_backbone(path, replace(IMAGENET.model, norm="BN"))
+
+
+def test_missing_checkpoint_says_how_to_make_it():
+    with pytest.raises(FileNotFoundError, match="bench pretrain"):
+        load_imagenet_backbone("cache:pretrained/nope.pth", IMAGENET.model)
+
+
+def test_faster_rcnn_has_no_mask_head():
+    model = detector(replace(SCRATCH, **{"model.arch": "faster_rcnn"}))
+    assert not hasattr(model.roi_heads, "mask_head") or model.roi_heads.mask_head is None

@@ -1,0 +1,108 @@
+"""Recipes: pairs differ only in init; bad recipes fail before training with one clear line."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from bench import recipe
+from bench.spec import SpecError
+from conftest import REPO, write_recipe
+
+BASE = f"base: {REPO}/recipes/mini/_model.yaml\n"
+
+
+def test_every_shipped_recipe_loads_and_expands():
+    files = [f for d in sorted((REPO / "recipes").iterdir()) if d.is_dir()
+             for f in recipe.recipe_files([d])]
+    assert files
+    for f in files:
+        study = recipe.load(f)
+        assert study.runs and len(study.runs) == 2 * len(study.pairs)
+
+
+def test_mini_study_has_three_schedules_two_sizes_and_matched_pairs():
+    study = recipe.load(REPO / "recipes/mini/study.yaml")
+    assert len({r.solver.schedule for r in study.runs}) >= 3
+    assert len({r.data.train_images for r in study.runs}) >= 2
+    assert {r.model.norm for r in study.runs} == {"GN"}
+
+
+def test_pairs_share_everything_except_the_init():
+    study = recipe.load(REPO / "recipes/mini/study.yaml")
+    for scratch, imagenet in study.pairs:
+        assert (scratch.init, imagenet.init) == ("scratch", "imagenet")
+        a, b = scratch.to_dict(), imagenet.to_dict()
+        differing = {k for k in a if a[k] != b[k]}
+        assert differing <= {"init", "pretrained", "name"}
+        assert scratch.pretrained is None and imagenet.pretrained
+
+
+def test_run_ids_are_stable_and_unique():
+    a = recipe.load(REPO / "recipes/mini/study.yaml")
+    b = recipe.load(REPO / "recipes/mini/study.yaml")
+    assert [r.run_id for r in a.runs] == [r.run_id for r in b.runs]
+    assert len({r.run_id for r in a.runs}) == len(a.runs)
+
+
+def test_set_overrides_reach_every_run():
+    study = recipe.load(REPO / "recipes/mini/study.yaml", recipe.parse_overrides(["solver.batch=4"]))
+    assert {r.solver.batch for r in study.runs} == {4}
+    assert all(r.solver.lr == pytest.approx(0.005) for r in study.runs)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("run: {model: {nrom: GN}}", "run.model: unknown key 'nrom'; allowed: arch, backbone"),
+    ("run: {model: {norm: gn}}", "run.model.norm: 'gn' is not allowed; allowed: one of GN, SyncBN"),
+    ("run: {solver: {batch: eight}}", "run.solver.batch: 'eight' has the wrong type; expected an integer"),
+    ("run: {model: {backbone: vgg99}}", "model.backbone 'vgg99' is not registered; allowed: resnet"),
+    ("run: {data: {dataset: imagenet21k}}", "data.dataset 'imagenet21k' is unknown; allowed: coco"),
+    ("vary: {schedule: [3y]}", "'3y' is not a schedule; allowed"),
+    ("vary: {colour: [red]}", "vary.colour: unknown axis"),
+    ("run: {model: {norm: FrozenBN}}", "FrozenBN with init=scratch"),
+    ("run: {model: {freeze_at: 2}}", "freeze_at=2 with init=scratch"),
+    ("run: {solver: {steps: [1, 2]}}", "run.solver.steps is computed"),
+    ("run: {init: scratch}", "run.init is set by compare.init"),
+    ("compare: {init: [scratch]}", "compare: must be `init: [scratch, imagenet]`"),
+    ("colour: red", "unknown key 'colour'; allowed: study, description, base"),
+])
+def test_bad_recipes_name_the_file_the_key_and_the_allowed_values(tmp_path, body, needle):
+    path = write_recipe(tmp_path, f"study: bad\n{BASE}{body}\n")
+    with pytest.raises(SpecError) as e:
+        recipe.load(path)
+    msg = str(e.value)
+    assert needle in msg
+    assert str(path) in msg
+    assert "\n" not in msg
+
+
+def test_base_inheritance_is_one_level_only(tmp_path):
+    write_recipe(tmp_path, "base: b.yaml\nrun: {}\n", "a.yaml")
+    write_recipe(tmp_path, "base: a.yaml\nstudy: c\n", "c.yaml")
+    with pytest.raises(SpecError, match="one level only"):
+        recipe.load(tmp_path / "c.yaml")
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = write_recipe(tmp_path, "study: x\nrun: {model: [\n")
+    with pytest.raises(SpecError, match=r"line \d+ is not valid YAML"):
+        recipe.load(path)
+
+
+def test_cli_rejects_a_bad_recipe_in_one_line_before_training(tmp_path):
+    path = write_recipe(tmp_path, f"study: bad\n{BASE}run: {{model: {{norm: gn}}}}\n")
+    out = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(path),
+                          "--runs-root", str(tmp_path / "runs")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "run.model.norm" in lines[0] and "allowed" in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_spec_round_trips_through_its_dict():
+    from bench.spec import RunSpec
+    spec = recipe.load(REPO / "recipes/mini/study.yaml").runs[0]
+    again = RunSpec.from_dict(dataclasses.asdict(spec))
+    assert again == spec and again.identity() == spec.identity()
