@@ -96,12 +96,11 @@ def _print_table(rows, cols):
 
 def cmd_run(args):
     from bench import runner
-    from bench.data import registry
     studies = _studies(args)
     specs = [s for study in studies for s in study.runs]
     if args.only:
         specs = [s for s in specs if args.only in s.run_id]
-    _preflight(specs)
+    _preflight(studies, specs)
     device = args.device
     if device == "auto":
         device = "cuda" if runner._cuda_count() else "cpu"
@@ -117,26 +116,23 @@ def cmd_run(args):
           f"failed {len(outcome.failed)}")
     for run_id, reason in outcome.failed:
         print(f"  failed {run_id}: {reason}")
-    _ = registry
     return 1 if outcome.failed else 0
 
 
-def _preflight(specs):
+def _preflight(studies, specs):
     """Fail in seconds, before any training, on what would fail hours later."""
     from bench.data import registry
     from bench.paths import resolve_cache_path
-    seen = set()
+    recipe_of = {s.run_id: study.path for study in studies for s in study.runs}
+    for dataset in sorted({s.data.dataset for s in specs}):
+        registry.resolve(dataset)  # raises DatasetMissing naming the path and the fix
     for s in specs:
-        if s.data.dataset not in seen:
-            seen.add(s.data.dataset)
-            registry.resolve(s.data.dataset)  # raises DatasetMissing with the path and the fix
-        if s.init == "imagenet" and s.pretrained and not s.pretrained.startswith("torchvision:"):
+        if s.init == "imagenet":
             f = resolve_cache_path(s.pretrained)
             if not f.is_file():
                 raise FileNotFoundError(
-                    f"{s.run_id}: pretrained checkpoint {s.pretrained} not found at {f}; run "
-                    f"`bench pretrain {s.study and 'RECIPE'}` (for the mini study: "
-                    f"`bench pretrain recipes/mini`) first")
+                    f"{recipe_of[s.run_id]}: pretrained checkpoint {s.pretrained} not found at "
+                    f"{f}; run `bench pretrain {recipe_of[s.run_id]}` first")
 
 
 def cmd_status(args):

@@ -6,6 +6,7 @@ average pool and a linear classifier on top. The classifier is dropped when the 
 loads the checkpoint.
 """
 
+import dataclasses
 import json
 import math
 import time
@@ -57,9 +58,10 @@ def accuracy(model, loader):
 
 
 def output_meta(model_spec, p):
+    """What identifies a pre-trained checkpoint: the backbone and every pre-training setting."""
     return {"backbone": model_spec.backbone, "depth": model_spec.depth, "width": model_spec.width,
-            "norm": model_spec.norm, "norm_groups": model_spec.norm_groups, "source": p.source,
-            "epochs": p.epochs, "seed": p.seed}
+            "norm": model_spec.norm, "norm_groups": model_spec.norm_groups,
+            "pretrain": dataclasses.asdict(p)}
 
 
 def is_done(path: str, model_spec, p) -> bool:

@@ -16,6 +16,10 @@ from bench import engines
 from bench.rundir import RunDir
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.worker")
     ap.add_argument("run_dir")
@@ -27,7 +31,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     # SIGTERM (runner stopping, Slurm preemption) becomes KeyboardInterrupt: the run is marked
     # queued again and resumes from its last checkpoint next time.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     rd = RunDir(args.run_dir)
     spec = rd.read_spec()
     try:
@@ -39,7 +43,7 @@ def main(argv=None):
         return 130
     except Exception as e:  # noqa: BLE001 - the runner reads the reason from status.json
         print(f"{rd.path.name}: failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        if not rd.read_status().get("state") == "failed":
+        if rd.read_status().get("state") != "failed":
             rd.write_status("failed", error=f"{type(e).__name__}: {e}")
         return 1
     return 0

@@ -49,7 +49,8 @@ def test_run_ids_are_stable_and_unique():
 def test_set_overrides_reach_every_run():
     study = recipe.load(REPO / "recipes/mini/study.yaml", recipe.parse_overrides(["solver.batch=4"]))
     assert {r.solver.batch for r in study.runs} == {4}
-    assert all(r.solver.lr == pytest.approx(0.005) for r in study.runs)
+    # linear scaling: LR = base_lr * batch / ref_batch
+    assert all(r.solver.lr == pytest.approx(r.solver.base_lr * 4 / 16) for r in study.runs)
 
 
 @pytest.mark.parametrize("body,needle", [

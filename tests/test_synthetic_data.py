@@ -9,6 +9,7 @@ from pycocotools import mask as mask_utils
 
 from bench.data import synthetic
 from bench.data.coco import load_coco
+from bench.hashing import file_sha256
 
 TINY = synthetic.TargetConfig(train_images=24, val_images=8)
 
@@ -21,16 +22,16 @@ def tiny_target(tmp_path_factory):
 def test_same_seed_gives_the_same_annotation_file_whatever_the_worker_count(tmp_path, tiny_target):
     again = synthetic.ensure(TINY, root=tmp_path / "again", workers=1)
     for split in ("train", "val"):
-        a = synthetic._sha256(tiny_target / "annotations" / f"instances_{split}.json")
-        b = synthetic._sha256(again / "annotations" / f"instances_{split}.json")
+        a = file_sha256(tiny_target / "annotations" / f"instances_{split}.json")
+        b = file_sha256(again / "annotations" / f"instances_{split}.json")
         assert a == b
 
 
 def test_another_seed_gives_another_dataset(tmp_path, tiny_target):
     other = synthetic.ensure(synthetic.TargetConfig(seed=1, train_images=24, val_images=8),
                              root=tmp_path / "other", workers=1)
-    assert (synthetic._sha256(other / "annotations/instances_train.json")
-            != synthetic._sha256(tiny_target / "annotations/instances_train.json"))
+    assert (file_sha256(other / "annotations/instances_train.json")
+            != file_sha256(tiny_target / "annotations/instances_train.json"))
 
 
 def test_annotations_load_in_pycocotools_like_coco(tiny_target):

@@ -5,6 +5,7 @@ per schedule, LR drops marked on each curve.
 """
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -45,13 +46,16 @@ def ap_vs_iterations(df: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt.Fi
                         ax.plot(run["iteration"], run["value"], linestyle=style["linestyle"],
                                 color=style["color"], marker=MARKERS[k % len(MARKERS)],
                                 markersize=3.5, markerfacecolor="white", linewidth=1.2)
-                        drops = [int(x) for x in str(run["lr_drops"].iloc[0]).split(",") if x]
-                        at = run[run["iteration"].isin(drops)]
-                        ax.plot(at["iteration"], at["value"], linestyle="none",
-                                marker=MARKERS[k % len(MARKERS)], color=style["color"], markersize=5)
                         if run["state"].iloc[0] != "done":
                             ax.annotate(run["state"].iloc[0], (run["iteration"].iloc[-1],
                                                                run["value"].iloc[-1]), fontsize=7)
+                # LR drops: filled markers on the x axis (evals rarely fall exactly on them)
+                runs = sub[sub["schedule"] == sched]
+                if not runs.empty:
+                    drops = [int(x) for x in str(runs["lr_drops"].iloc[0]).split(",") if x]
+                    ax.plot(drops, [0.0] * len(drops), linestyle="none", color="black",
+                            marker=MARKERS[k % len(MARKERS)], markersize=5, clip_on=False,
+                            transform=ax.get_xaxis_transform(), zorder=5)
             ax.set_title(f"{_size_label(size)}: {METRIC_LABEL.get(metric, metric)}", fontsize=10)
             ax.grid(alpha=0.3)
             if row == len(metrics) - 1:
@@ -62,8 +66,8 @@ def ap_vs_iterations(df: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt.Fi
     handles += [plt.Line2D([], [], color="grey", marker=MARKERS[k % len(MARKERS)], linestyle="none",
                            markerfacecolor="white", label=f"schedule {s}")
                 for k, s in enumerate(schedules)]
-    handles.append(plt.Line2D([], [], color="grey", marker="o", linestyle="none",
-                              label="LR drop (filled)"))
+    handles.append(plt.Line2D([], [], color="black", marker="o", linestyle="none",
+                              label="LR drops (filled, on the x axis)"))
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8,
                frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
@@ -75,7 +79,6 @@ def ap_vs_train_size(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt
     several seeds show as mean with min-max bars."""
     metrics = [m for m in metrics if m in final.columns]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 3.6), squeeze=False)
-    n_all = final["train_images"].replace(-1, pd.NA).max()
     schedules = _schedule_order(final)
     for col, metric in enumerate(metrics):
         ax = axes[0][col]
@@ -84,14 +87,16 @@ def ap_vs_train_size(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt
                 sub = final[(final["schedule"] == sched) & (final["init"] == init)].copy()
                 if sub.empty:
                     continue
-                sub["x"] = sub["train_images"].where(sub["train_images"] != -1,
-                                                     other=_all_size(final, n_all))
-                g = sub.groupby("x")[metric].agg(["mean", "min", "max"]).reset_index()
-                ax.errorbar(g["x"], g["mean"], yerr=[g["mean"] - g["min"], g["max"] - g["mean"]],
+                # the number of images a run really trained on ("all" included)
+                g = sub.groupby("images_used")[metric].agg(["mean", "min", "max"]).reset_index()
+                ax.errorbar(g["images_used"], g["mean"], yerr=[g["mean"] - g["min"], g["max"] - g["mean"]],
                             linestyle=style["linestyle"], color=style["color"],
                             marker=MARKERS[k % len(MARKERS)], markersize=4, capsize=2,
                             markerfacecolor="white", linewidth=1.2)
         ax.set_xscale("log")
+        sizes = sorted(final["images_used"].unique())
+        ax.set_xticks(sizes, [f"{int(n):,}" for n in sizes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("training images")
         ax.set_ylabel(METRIC_LABEL.get(metric, metric))
         ax.grid(alpha=0.3, which="both")
@@ -104,9 +109,3 @@ def ap_vs_train_size(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt
     fig.tight_layout(rect=(0, 0.14, 1, 1))
     return fig
 
-
-def _all_size(final, largest_subset):
-    """x position of 'all images': the dataset size if recorded, else 2x the largest subset."""
-    if "dataset_images" in final.columns:
-        return final["dataset_images"].max()
-    return (largest_subset or 1) * 2

@@ -4,34 +4,20 @@ Resumed runs cannot duplicate rows (the last row per run, type and iteration win
 unfinished and failed runs are kept and labelled by `state`.
 """
 
-import json
 from pathlib import Path
 
 import pandas as pd
-import yaml
+
+from bench.rundir import RunDir  # the run-dir format; analysis never imports an engine
 
 ID_COLUMNS = ["run_id", "study", "engine", "arch", "backbone", "norm", "init", "schedule",
-              "train_images", "seed", "batch", "max_iter", "lr_drops", "state"]
+              "train_images", "images_used", "seed", "batch", "max_iter", "lr_drops", "state"]
 
 
-def _read_jsonl(path: Path):
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a torn last line from a killed writer
-                continue
-    return rows
-
-
-def run_info(run_dir: Path) -> dict:
-    doc = yaml.safe_load((run_dir / "spec.yaml").read_text())
+def run_info(rd: RunDir) -> dict:
+    doc = rd.read_spec_doc()
     spec = doc["spec"]
-    try:
-        status = json.loads((run_dir / "status.json").read_text())
-    except (OSError, ValueError):
-        status = {"state": "queued"}
+    status = rd.read_status()
     m, s, d = spec["model"], spec["solver"], spec["data"]
     return {"run_id": doc["run_id"], "study": spec["study"], "engine": spec["engine"],
             "arch": m["arch"], "backbone": f"{m['backbone']}{m['depth']}", "norm": m["norm"],
@@ -39,6 +25,7 @@ def run_info(run_dir: Path) -> dict:
             "train_images": d["train_images"] if d["train_images"] is not None else -1,
             "seed": spec["seed"], "batch": s["batch"], "max_iter": s["max_iter"],
             "lr_drops": ",".join(map(str, s["steps"])), "state": status.get("state", "queued"),
+            "images_used": status.get("train_images_used", d["train_images"] or -1),
             "code_version": doc.get("code_version", "unknown")}
 
 
@@ -46,9 +33,9 @@ def load_runs(root, kind="eval") -> pd.DataFrame:
     """Tidy table of `kind` rows ("eval" or "train") of every run dir under `root`."""
     records = []
     for spec_file in sorted(Path(root).rglob("spec.yaml")):
-        run_dir = spec_file.parent
-        info = run_info(run_dir)
-        rows = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if r.get("type") == kind]
+        rd = RunDir(spec_file.parent)
+        info = run_info(rd)
+        rows = [r for r in rd.read_metrics() if r.get("type") == kind]
         latest = {r["iteration"]: r for r in rows}  # resume safety: one row per iteration
         for it in sorted(latest):
             r = latest[it]
@@ -75,16 +62,20 @@ def final_metrics(df: pd.DataFrame) -> pd.DataFrame:
     wide = df.pivot_table(index=ID_COLUMNS + ["iteration"], columns="metric", values="value",
                           aggfunc="last").reset_index()
     wide.columns.name = None
-    return wide.sort_values(["train_images", "max_iter", "init", "seed"]).reset_index(drop=True)
+    order = wide["train_images"].where(wide["train_images"] != -1, float("inf"))  # "all" last
+    return wide.assign(_n=order).sort_values(["_n", "max_iter", "init", "seed"]) \
+        .drop(columns="_n").reset_index(drop=True)
 
 
 def paired(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> pd.DataFrame:
     """Scratch vs imagenet side by side for every matched pair, with the difference."""
     keys = ["arch", "backbone", "norm", "schedule", "train_images", "seed", "max_iter"]
     cols = [m for m in metrics if m in final.columns]
-    s = final[final["init"] == "scratch"].set_index(keys)[cols + ["state"]]
-    p = final[final["init"] == "imagenet"].set_index(keys)[cols + ["state"]]
-    out = s.join(p, lsuffix=" scratch", rsuffix=" imagenet", how="outer")
+    s = final[final["init"] == "scratch"][keys + cols + ["state"]]
+    p = final[final["init"] == "imagenet"][keys + cols + ["state"]]
+    out = s.merge(p, on=keys, how="outer", suffixes=(" scratch", " imagenet"))
     for m in cols:
         out[f"{m} scratch-imagenet"] = out[f"{m} scratch"] - out[f"{m} imagenet"]
-    return out.reset_index().sort_values(["train_images", "max_iter", "seed"]).reset_index(drop=True)
+    order = out["train_images"].where(out["train_images"] != -1, float("inf"))  # "all" last
+    return out.assign(_n=order).sort_values(["_n", "max_iter", "seed"]).drop(columns="_n") \
+        .reset_index(drop=True)

@@ -13,14 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.data.coco import load_coco
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from bench.hashing import file_sha256
 
 
 def ids_sha256(ids) -> str:

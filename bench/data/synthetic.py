@@ -12,7 +12,6 @@ dir and renames it into place, so a killed generation never looks complete. An
 incomplete or corrupt directory is regenerated.
 """
 
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -24,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from bench.data import shapes
+from bench.hashing import file_sha256
 from bench.paths import cache_root
 
 GENERATOR_VERSION = 3
@@ -64,14 +64,6 @@ class SourceConfig:
 def _rng(seed, split, index):
     # One independent stream per image: the output does not depend on worker count or order.
     return np.random.default_rng(np.random.SeedSequence([seed, split, index, GENERATOR_VERSION]))
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- target
@@ -180,7 +172,7 @@ def _write_target(cfg: TargetConfig, root: Path, workers: int):
         ann_file = root / "annotations" / f"instances_{split}.json"
         ann_file.parent.mkdir(exist_ok=True)
         ann_file.write_text(json.dumps(coco, sort_keys=True, separators=(",", ":")))
-        files[f"annotations/instances_{split}.json"] = _sha256(ann_file)
+        files[f"annotations/instances_{split}.json"] = file_sha256(ann_file)
         for img in images:
             files[f"{split}/{img['file_name']}"] = (image_dir / img["file_name"]).stat().st_size
     return files
@@ -259,7 +251,7 @@ def check_complete(root: Path, cfg) -> str:
         if not path.is_file():
             return f"{path} is missing"
         if isinstance(expected, str):  # annotation files: content hash
-            if _sha256(path) != expected:
+            if file_sha256(path) != expected:
                 return f"{path} does not match its recorded hash"
         elif path.stat().st_size != expected:
             return f"{path} has {path.stat().st_size} bytes, expected {expected}"

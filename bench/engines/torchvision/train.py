@@ -87,7 +87,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         rd.write_status("done", iteration=start, max_iter=solver.max_iter)
         return rd
 
-    rd.write_status("running", iteration=start, max_iter=solver.max_iter, started=time.time())
+    rd.write_status("running", iteration=start, max_iter=solver.max_iter, started=time.time(),
+                    train_images_used=len(train_set))
     stream = TrainStream(train_set, seed=spec.seed, hflip=spec.data.hflip)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=solver.batch, num_workers=workers, collate_fn=collate,
