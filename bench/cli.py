@@ -105,9 +105,13 @@ def cmd_run(args):
     if device == "auto":
         device = "cuda" if runner._cuda_count() else "cpu"
     root = Path(args.runs_root) if args.runs_root else runs_root()
-    slots = args.slots
-    slot_names = (None if not slots else
-                  [f"{device}{k}" if device == "cpu" else f"cuda:{k}" for k in range(slots)])
+    slot_names = runner.default_slots(device, args.threads, args.per_gpu)
+    if args.slots:
+        if device == "cuda" and args.slots > len(slot_names):
+            raise SystemExit(f"bench run: --slots {args.slots} but {len(slot_names)} GPU slot(s) "
+                             f"are visible; share GPUs between small runs with --per-gpu N")
+        slot_names = (slot_names[:args.slots] if device == "cuda"
+                      else [f"cpu{k}" for k in range(args.slots)])
     print(f"{len(specs)} runs of {', '.join(s.name for s in studies)} -> {root}/ on {device}",
           flush=True)
     outcome = runner.run(specs, root, device=device, slots=slot_names, threads=args.threads,
@@ -190,6 +194,8 @@ def main(argv=None):
     p.add_argument("--slots", type=int, default=0,
                    help="runs at a time (default: one per GPU, or cores/threads on a CPU)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
+    p.add_argument("--per-gpu", type=int, default=1,
+                   help="runs sharing one GPU (small models such as the mini study's)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes per run")
     p.add_argument("--only", default=None, help="only runs whose id contains this text")
     p.set_defaults(fn=cmd_run)

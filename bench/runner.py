@@ -52,11 +52,15 @@ def _cuda_count():
         return 0
 
 
-def default_slots(device: str, threads: int) -> List[str]:
+def default_slots(device: str, threads: int, per_gpu: int = 1) -> List[str]:
+    """One slot per GPU (or `per_gpu` small runs sharing each GPU), or cores/threads CPU slots.
+
+    Slot names are `cuda:<id>#<k>`: the id goes to CUDA_VISIBLE_DEVICES of the run.
+    """
     if device == "cuda":
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = visible.split(",") if visible else [str(i) for i in range(_cuda_count())]
-        return [f"cuda:{i}" for i in ids if i != ""]
+        return [f"cuda:{i}#{k}" for k in range(per_gpu) for i in ids if i != ""]
     cores = os.cpu_count() or 1
     return [f"cpu{k}" for k in range(max(1, cores // max(threads, 1)))]
 
@@ -129,7 +133,7 @@ def _launch(job, device, threads, workers):
     env = dict(os.environ)
     dev = device
     if job.slot.startswith("cuda:"):
-        env["CUDA_VISIBLE_DEVICES"] = job.slot.split(":", 1)[1]
+        env["CUDA_VISIBLE_DEVICES"] = job.slot.split(":", 1)[1].split("#")[0]
         dev = "cuda"
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

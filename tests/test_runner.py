@@ -1,0 +1,35 @@
+"""The runner only schedules: slots per GPU or per CPU cores, and each run sees its own GPU."""
+
+from bench import runner
+
+
+def test_gpu_slots_follow_cuda_visible_devices_and_can_be_shared(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert runner.default_slots("cuda", threads=1) == ["cuda:2#0", "cuda:5#0"]
+    shared = runner.default_slots("cuda", threads=1, per_gpu=2)
+    assert sorted(shared) == ["cuda:2#0", "cuda:2#1", "cuda:5#0", "cuda:5#1"]
+    # the first slots spread over the GPUs before doubling up on one
+    assert shared[:2] == ["cuda:2#0", "cuda:5#0"]
+
+
+def test_cpu_slots_divide_the_cores_by_threads(monkeypatch):
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 8)
+    assert len(runner.default_slots("cpu", threads=1)) == 8
+    assert len(runner.default_slots("cpu", threads=4)) == 2
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 1)
+    assert len(runner.default_slots("cpu", threads=4)) == 1
+
+
+def test_each_run_gets_only_its_gpu(monkeypatch, tmp_path):
+    launched = {}
+
+    class FakePopen:
+        def __init__(self, cmd, stdout, stderr, env):
+            launched.update(cmd=cmd, env=env)
+
+    monkeypatch.setattr(runner.subprocess, "Popen", FakePopen)
+    job = runner.Job(spec=None, run_dir=tmp_path, slot="cuda:5#1")
+    runner._launch(job, "cuda", threads=2, workers=4)
+    job.log_file.close()
+    assert launched["env"]["CUDA_VISIBLE_DEVICES"] == "5"
+    assert launched["cmd"][-6:] == ["--device", "cuda", "--threads", "2", "--workers", "4"]
