@@ -21,14 +21,6 @@ _NAMED = re.compile(r"^(\d+(?:\.\d+)?)x$")
 _EXPLICIT = re.compile(r"^(\d+)iter$")
 
 
-def multiple(schedule: str) -> float:
-    """'6x' -> 6.0. Only for named schedules."""
-    m = _NAMED.match(schedule)
-    if not m:
-        raise SpecError(f"schedule {schedule!r} is not a named schedule like '3x'")
-    return float(m.group(1))
-
-
 def _exact(value: float, what: str) -> int:
     if abs(value - round(value)) > 1e-6:
         raise SpecError(f"{what} comes to {value:g} iterations, not a whole number; "

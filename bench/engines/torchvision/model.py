@@ -87,14 +87,6 @@ def use_input_sizes(model, train: bool):
     model.transform.max_size = max_size
 
 
-def trainable_parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def load_backbone_weights(model: nn.Module, state: dict, log=print) -> dict:
     """Load a classification checkpoint into the detector's backbone body.
 
