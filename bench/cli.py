@@ -213,10 +213,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from bench.data.registry import DatasetMissing
     from bench.engines import EngineUnavailable
+    from bench.runner import NoSlots
     from bench.spec import SpecError
     try:
         return args.fn(args) or 0
-    except (SpecError, DatasetMissing, EngineUnavailable, FileNotFoundError) as e:
+    except (SpecError, DatasetMissing, EngineUnavailable, FileNotFoundError, NoSlots) as e:
         print(f"bench {args.cmd}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

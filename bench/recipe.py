@@ -89,7 +89,11 @@ def parse_overrides(items) -> dict:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set solver.batch=4")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise SpecError(f"--set {item!r}: the value is not valid YAML; quote lists as "
+                            f"--set 'vary.schedule=[1x, 2x]'") from None
     return out
 
 
@@ -106,12 +110,59 @@ def load_doc(path, overrides=None) -> dict:
     for key, value in (overrides or {}).items():
         head = key.split(".")[0]
         target = key if head in ("vary", "compare", "pretrain", "study") else f"run.{key}"
+        if doc.get(target.split(".")[0]) is None:
+            doc[target.split(".")[0]] = {}
         _set_dotted(doc, target, value)
     return doc
 
 
+POSITIVE = ("solver.batch", "solver.ref_batch", "solver.unit_iters", "solver.base_lr", "gpus",
+            "checkpoint.period", "checkpoint.keep", "model.width", "model.norm_groups",
+            "model.fpn_channels", "data.train_min_size", "data.train_max_size",
+            "data.test_min_size", "data.test_max_size")
+NON_NEGATIVE = ("eval.period", "solver.warmup_iters", "model.freeze_at")
+
+
+def _get(spec, dotted):
+    for part in dotted.split("."):
+        spec = getattr(spec, part)
+    return spec
+
+
+def _check_ranges(spec: RunSpec, where: str):
+    for key in POSITIVE:
+        if not _get(spec, key) > 0:
+            raise SpecError(f"{where}: {key}={_get(spec, key)!r} must be greater than 0")
+    for key in NON_NEGATIVE:
+        if _get(spec, key) < 0:
+            raise SpecError(f"{where}: {key}={_get(spec, key)!r} must not be negative")
+    n = spec.data.train_images
+    if n is not None and n <= 0:
+        raise SpecError(f"{where}: data.train_images={n} must be a positive number of images, "
+                        f"or null for the whole training set")
+
+
+_BUILDS = {}
+
+
+def _check_model_builds(spec: RunSpec, where: str):
+    """Build each distinct model once on the CPU: a depth the backbone lacks or GN groups that
+    do not divide a width fail here, in one line, not in every worker."""
+    key = (spec.model, spec.data)
+    if key not in _BUILDS:
+        from bench.engines.torchvision.model import build_detector
+        try:
+            build_detector(spec.model, num_classes=1, data=spec.data)
+            _BUILDS[key] = None
+        except (ValueError, RuntimeError, KeyError) as e:
+            _BUILDS[key] = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if _BUILDS[key] is not None:
+        raise SpecError(f"{where}: the model cannot be built: {_BUILDS[key]}")
+
+
 def _check_pair_rules(spec: RunSpec, where: str):
     """Impossible combinations, caught before any GPU time is spent."""
+    _check_ranges(spec, where)
     if spec.init == "scratch":
         if spec.model.freeze_at != 0:
             raise SpecError(f"{where}: model.freeze_at={spec.model.freeze_at} with init=scratch; "
@@ -132,6 +183,8 @@ def _check_pair_rules(spec: RunSpec, where: str):
     if spec.data.dataset not in DATASETS:
         raise SpecError(f"{where}: data.dataset {spec.data.dataset!r} is unknown; allowed: "
                         f"{', '.join(DATASETS)}")
+    if spec.engine == "torchvision":
+        _check_model_builds(spec, where)
 
 
 def run_name(spec: RunSpec) -> str:
@@ -144,11 +197,16 @@ def run_name(spec: RunSpec) -> str:
 def load(path, overrides=None) -> Study:
     path = Path(path)
     doc = load_doc(path, overrides)
+    overridden = {key if key.split(".")[0] in ("vary", "compare", "pretrain", "study")
+                  else f"run.{key}" for key in (overrides or {})}
     where = str(path)
     name = doc.get("study")
     if not isinstance(name, str) or not name:
         raise SpecError(f"{where}: study: must be a non-empty name")
     run = doc.get("run") or {}
+    if not isinstance(run, dict):
+        raise SpecError(f"{where}: run: must be a mapping of RunSpec fields (model, data, solver, "
+                        f"...), got {run!r}")
     if "init" in run:
         raise SpecError(f"{where}: run.init is set by compare.init (every run has a scratch and an "
                         f"imagenet twin); remove it from run")
@@ -164,6 +222,15 @@ def load(path, overrides=None) -> Study:
     axes = {}
     for key, values in vary.items():
         field_key = AXIS_ALIASES.get(key, key)
+        if field_key in axes:
+            raise SpecError(f"{where}: vary.{key}: varies {field_key} a second time; keep one axis")
+        if field_key in ("init", "pretrained", "study", "name") or field_key.endswith(
+                ("solver.max_iter", "solver.steps", "solver.lr")):
+            raise SpecError(f"{where}: vary.{key}: {field_key} cannot be an axis (init is set by "
+                            f"compare, labels and computed values follow from the others)")
+        if f"run.{field_key}" in overridden:
+            raise SpecError(f"{where}: --set {field_key} would be overridden by vary.{key}; set "
+                            f"vary.{key}=[...] instead")
         if not isinstance(values, list) or not values:
             raise SpecError(f"{where}: vary.{key}: must be a non-empty list of values")
         for v in values:  # type-check each value against the field it varies
@@ -176,7 +243,8 @@ def load(path, overrides=None) -> Study:
         axes[field_key] = values
 
     compare = doc.get("compare") or {"init": list(INITS)}
-    if list(compare) != ["init"] or sorted(compare["init"]) != sorted(INITS):
+    if not isinstance(compare, dict) or list(compare) != ["init"] or \
+            not isinstance(compare["init"], list) or sorted(compare["init"]) != sorted(INITS):
         raise SpecError(f"{where}: compare: must be `init: [scratch, imagenet]` (pairs differ "
                         f"only in their init)")
 
@@ -184,6 +252,7 @@ def load(path, overrides=None) -> Study:
     for point in itertools.product(*axes.values()) if axes else [()]:
         changes = dict(zip(axes, point))
         shared = from_dict(RunSpec, _merge(run, _merge_all(changes)), f"{where}: run")
+        _check_ranges(shared, f"{where} ({', '.join(f'{k}={v}' for k, v in changes.items())})")
         shared = replace(shared, study=name, solver=_resolve(shared.solver, where))
         pair = []
         for init in INITS:

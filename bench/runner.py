@@ -20,6 +20,10 @@ from tqdm import tqdm
 from bench.rundir import RunDir
 
 
+class NoSlots(RuntimeError):
+    pass
+
+
 @dataclass
 class Job:
     spec: object
@@ -69,6 +73,9 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
         progress=True) -> Outcome:
     """Train every spec, `len(slots)` at a time; returns what was done, skipped, failed."""
     slots = list(slots or default_slots(device, threads))
+    if not slots:
+        raise NoSlots(f"no slot to run on: device={device} shows no GPU; use --device cpu, "
+                           f"or check CUDA_VISIBLE_DEVICES")
     outcome = Outcome()
     queue = []
     for spec in specs:
@@ -80,14 +87,14 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
             queue.append(Job(spec, rd.path))
     # Longest first: the slots finish together instead of one long run trailing alone.
     queue.sort(key=lambda j: -j.spec.solver.max_iter)
+    jobs = list(queue)
     total = sum(j.spec.solver.max_iter for j in queue)
+    already = sum(RunDir(j.run_dir).read_status().get("iteration", 0) for j in queue)
     # Off a terminal (CI, nohup, Slurm logs) redraw rarely instead of flooding the log.
-    bar = tqdm(total=total, unit="it", desc="study", disable=not progress, dynamic_ncols=True,
-               smoothing=0.05, mininterval=0.5 if sys.stderr.isatty() else 30)
+    bar = tqdm(total=total, initial=already, unit="it", desc="study", disable=not progress,
+               dynamic_ncols=True, smoothing=0.05, mininterval=0.5 if sys.stderr.isatty() else 30)
     if outcome.skipped:
         log(f"{len(outcome.skipped)} run(s) already done, skipped")
-    base = {j.run_dir: RunDir(j.run_dir).read_status().get("iteration", 0) for j in queue}
-    bar.update(0)
     free, running = list(slots), []
     try:
         while queue or running:
@@ -104,6 +111,7 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
                     still.append(job)
                     continue
                 job.log_file.close()
+                job.proc = None
                 free.append(job.slot)
                 status = RunDir(job.run_dir).read_status()
                 if rc == 0 and status.get("state") == "done":
@@ -113,19 +121,24 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
                     outcome.failed.append((job.spec.run_id, reason))
                     tqdm.write(f"FAILED {job.spec.run_id}: {reason}")
             running = still
-            progress_now = sum(RunDir(d).read_status().get("iteration", 0) - b
-                               for d, b in base.items())
+            progress_now = sum(min(RunDir(j.run_dir).read_status().get("iteration", 0),
+                                   j.spec.solver.max_iter) for j in jobs)
             if progress_now > bar.n:
                 bar.set_postfix_str(", ".join(j.spec.name for j in running)[:80], refresh=False)
                 bar.update(progress_now - bar.n)
-    except KeyboardInterrupt:
+    finally:
+        # Whatever ends the loop (Ctrl-C, SIGTERM, an error here), no worker is orphaned: each
+        # gets SIGTERM, marks its run queued and exits; the next call resumes it.
         for job in running:
-            job.proc.terminate()  # the worker marks its run queued; the next call resumes it
+            job.proc.terminate()
         for job in running:
-            job.proc.wait()
+            try:
+                job.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                job.proc.kill()
+                job.proc.wait()
+            job.log_file.close()
         bar.close()
-        raise
-    bar.close()
     return outcome
 
 

@@ -6,8 +6,10 @@ says why.
 """
 
 import argparse
+import fcntl
 import os
 import signal
+import socket
 import sys
 
 import torch
@@ -34,6 +36,20 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _interrupt)
     rd = RunDir(args.run_dir)
     spec = rd.read_spec()
+    # One process per run dir: a second runner (or an orphan of a killed one) must not
+    # interleave appends and truncations of the same metrics file. The OS drops the lock
+    # when this process dies, however it dies.
+    lock = open(rd.path / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        print(f"{rd.path}: another process ({lock.read().strip() or 'unknown'}) is training this "
+              f"run; not starting a second one", file=sys.stderr, flush=True)
+        return 3
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
     try:
         engine = engines.get(spec.engine)
         engine.run(spec, rd.path, device=args.device, workers=args.workers,

@@ -49,3 +49,23 @@ def test_run_without_any_row_is_still_listed(tmp_path):
     fake_run(tmp_path, scratch, [], state="queued")
     df = table.load_runs(tmp_path)
     assert list(df["state"]) == ["queued"] and df["metric"].isna().all()
+
+
+def test_figures_refuse_runs_without_any_eval_in_one_line(tmp_path):
+    import pytest
+
+    from bench.analysis import report
+    scratch, _ = STUDY.pairs[0]
+    fake_run(tmp_path, scratch, [], state="running")
+    with pytest.raises(FileNotFoundError, match="has an evaluation yet"):
+        report.write_study_results(tmp_path / scratch.study, tmp_path / "out")
+
+
+def test_unfinished_pairs_are_labelled_in_the_table(tmp_path):
+    from bench.analysis import report
+    scratch, imagenet = STUDY.pairs[0]
+    fake_run(tmp_path, scratch, [(54, 1.0)], state="running")
+    fake_run(tmp_path, imagenet, [(54, 2.0)], state="done")
+    report.write_study_results(tmp_path / scratch.study, tmp_path / "out")
+    md = (tmp_path / "out" / "final_ap.md").read_text()
+    assert "scratch: running / imagenet: done" in md

@@ -75,6 +75,7 @@ def test_figures_and_tables_are_written_from_run_dirs(finished_study, tmp_path):
         assert (out_dir / name).stat().st_size > 0
     md = (out_dir / "final_ap.md").read_text()
     assert md.count("\n") == 2 + 4  # header + one row per pair
+    assert md.count("| done |") == 4
     final = table.final_metrics(table.load_runs(runs / "tiny"))
     assert len(final) == 8 and set(final["init"]) == {"scratch", "imagenet"}
 

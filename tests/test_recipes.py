@@ -67,6 +67,16 @@ def test_set_overrides_reach_every_run():
     ("run: {init: scratch}", "run.init is set by compare.init"),
     ("compare: {init: [scratch]}", "compare: must be `init: [scratch, imagenet]`"),
     ("colour: red", "unknown key 'colour'; allowed: study, description, base"),
+    ("run: {solver: {batch: 0}}", "solver.batch=0 must be greater than 0"),
+    ("run: {checkpoint: {period: 0}}", "checkpoint.period=0 must be greater than 0"),
+    ("vary: {train_images: [-5]}", "data.train_images=-5 must be a positive number"),
+    ("run: {model: {depth: 11}}", "the model cannot be built: model.depth=11 is not a ResNet depth"),
+    ("run: {model: {norm_groups: 24}}", "the model cannot be built"),
+    ("vary: {norm: [GN], model.norm: [BN]}", "varies model.norm a second time"),
+    ("vary: {init: [scratch]}", "init cannot be an axis"),
+    ("compare: [init]", "compare: must be `init: [scratch, imagenet]`"),
+    ("compare: {init: null}", "compare: must be `init: [scratch, imagenet]`"),
+    ("run: [1]", "run: must be a mapping of RunSpec fields"),
 ])
 def test_bad_recipes_name_the_file_the_key_and_the_allowed_values(tmp_path, body, needle):
     path = write_recipe(tmp_path, f"study: bad\n{BASE}{body}\n")
@@ -107,3 +117,14 @@ def test_spec_round_trips_through_its_dict():
     spec = recipe.load(REPO / "recipes/mini/study.yaml").runs[0]
     again = RunSpec.from_dict(dataclasses.asdict(spec))
     assert again == spec and again.identity() == spec.identity()
+
+
+def test_set_on_a_varied_field_is_an_error_not_silently_ignored():
+    with pytest.raises(SpecError, match="would be overridden by vary.schedule"):
+        recipe.load(REPO / "recipes/mini/study.yaml", recipe.parse_overrides(["solver.schedule=2x"]))
+
+
+def test_set_with_invalid_yaml_is_one_line():
+    with pytest.raises(SpecError, match="not valid YAML") as e:
+        recipe.parse_overrides(["vary.schedule=[1x"])
+    assert "\n" not in str(e.value)

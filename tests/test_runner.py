@@ -33,3 +33,31 @@ def test_each_run_gets_only_its_gpu(monkeypatch, tmp_path):
     job.log_file.close()
     assert launched["env"]["CUDA_VISIBLE_DEVICES"] == "5"
     assert launched["cmd"][-6:] == ["--device", "cuda", "--threads", "2", "--workers", "4"]
+
+
+def test_no_slot_is_an_error_not_a_hang(tmp_path):
+    import pytest
+    with pytest.raises(runner.NoSlots, match="no slot"):
+        runner.run([], tmp_path, device="cuda", slots=[], progress=False)
+
+
+def test_a_run_dir_is_trained_by_one_process_at_a_time(tmp_path):
+    import fcntl
+    import subprocess
+    import sys
+
+    from bench import recipe
+    from bench.rundir import RunDir
+    from conftest import REPO
+    spec = recipe.load(REPO / "recipes/mini/study.yaml").runs[0]
+    rd = RunDir(tmp_path / "run")
+    rd.write_spec(spec)
+    with open(rd.path / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 1 on elsewhere\n")
+        held.flush()
+        out = subprocess.run([sys.executable, "-m", "bench.worker", str(rd.path)],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3
+    assert "another process (pid 1 on elsewhere) is training this run" in out.stderr
+    assert not rd.metrics_file.exists()

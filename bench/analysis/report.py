@@ -14,8 +14,8 @@ def _fmt(v):
 
 def markdown_pairs(pairs):
     lines = ["| schedule | iterations | train images | box AP scratch | box AP pre-trained | "
-             "Δ box | mask AP scratch | mask AP pre-trained | Δ mask |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Δ box | mask AP scratch | mask AP pre-trained | Δ mask | state |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in pairs.iterrows():
         n = "all" if r["train_images"] == -1 else str(int(r["train_images"]))
         cells = [r["schedule"], str(int(r["max_iter"])), n]
@@ -23,6 +23,10 @@ def markdown_pairs(pairs):
             cells += [_fmt(r.get(f"{m} scratch", float("nan"))),
                       _fmt(r.get(f"{m} imagenet", float("nan"))),
                       _fmt(r.get(f"{m} scratch-imagenet", float("nan")))]
+        # an unfinished or failed run's last eval is not a final AP: say so in the row
+        states = {r.get("state scratch"), r.get("state imagenet")}
+        cells.append("done" if states == {"done"} else
+                     " / ".join(f"{init}: {r.get(f'state {init}')}" for init in ("scratch", "imagenet")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -34,6 +38,9 @@ def write_study_results(study_root: Path, out: Path):
     if evals.empty:
         raise FileNotFoundError(f"no run dir under {study_root}; run `bench run` first")
     final = table.final_metrics(evals)
+    if final.empty:
+        raise FileNotFoundError(f"no run under {study_root} has an evaluation yet; figures need "
+                                f"at least one eval row (see `bench status`)")
     pairs = table.paired(final)
     written = []
 
@@ -45,7 +52,7 @@ def write_study_results(study_root: Path, out: Path):
     written.append(out / "ap_vs_train_size.png")
 
     stats = [c for c in final.columns if "/" in c and c.split("/")[0] in ("bbox", "segm")]
-    keep = table.ID_COLUMNS + ["iteration"] + stats
+    keep = [c for c in table.ID_COLUMNS if c != "pair"] + ["iteration"] + stats
     final[keep].to_csv(out / "final_ap.csv", index=False, float_format="%.3f")
     written.append(out / "final_ap.csv")
     (out / "final_ap.md").write_text(markdown_pairs(pairs))

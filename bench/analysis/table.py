@@ -4,13 +4,14 @@ Resumed runs cannot duplicate rows (the last row per run, type and iteration win
 unfinished and failed runs are kept and labelled by `state`.
 """
 
+import json
 from pathlib import Path
 
 import pandas as pd
 
 from bench.rundir import RunDir  # the run-dir format; analysis never imports an engine
 
-ID_COLUMNS = ["run_id", "study", "engine", "arch", "backbone", "norm", "init", "schedule",
+ID_COLUMNS = ["run_id", "pair", "study", "engine", "arch", "backbone", "norm", "init", "schedule",
               "train_images", "images_used", "seed", "batch", "max_iter", "lr_drops", "state"]
 
 
@@ -19,7 +20,10 @@ def run_info(rd: RunDir) -> dict:
     spec = doc["spec"]
     status = rd.read_status()
     m, s, d = spec["model"], spec["solver"], spec["data"]
+    # what a pair shares: the spec without its init, its checkpoint and its labels
+    shared = {k: v for k, v in spec.items() if k not in ("init", "pretrained", "name", "study")}
     return {"run_id": doc["run_id"], "study": spec["study"], "engine": spec["engine"],
+            "pair": json.dumps(shared, sort_keys=True),
             "arch": m["arch"], "backbone": f"{m['backbone']}{m['depth']}", "norm": m["norm"],
             "init": spec["init"], "schedule": s["schedule"],
             "train_images": d["train_images"] if d["train_images"] is not None else -1,
@@ -69,7 +73,7 @@ def final_metrics(df: pd.DataFrame) -> pd.DataFrame:
 
 def paired(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> pd.DataFrame:
     """Scratch vs imagenet side by side for every matched pair, with the difference."""
-    keys = ["arch", "backbone", "norm", "schedule", "train_images", "seed", "max_iter"]
+    keys = ["pair", "arch", "backbone", "norm", "schedule", "train_images", "seed", "max_iter"]
     cols = [m for m in metrics if m in final.columns]
     s = final[final["init"] == "scratch"][keys + cols + ["state"]]
     p = final[final["init"] == "imagenet"][keys + cols + ["state"]]

@@ -14,6 +14,7 @@ import numpy as np
 
 from bench.data.coco import load_coco
 from bench.hashing import file_sha256
+from bench.rundir import atomic_write_text
 
 
 def ids_sha256(ids) -> str:
@@ -51,7 +52,8 @@ def write_subsets(ann_file, sizes, directory, seed=0):
         doc = {"annotations": Path(ann_file).name, "annotations_sha256": ann_hash, "seed": seed,
                "size": n, "image_ids_sha256": ids_sha256(ids), "image_ids": ids}
         path = subset_path(directory, n, seed)
-        path.write_text(json.dumps(doc, indent=0))
+        # atomic: the scratch and imagenet runs of a pair may draw the same subset at once
+        atomic_write_text(path, json.dumps(doc, indent=0))
         paths.append(path)
     return paths
 
@@ -62,11 +64,12 @@ def read_subset(path, ann_file):
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable subset file ({e}); rerun `bench subsets`") from None
+        raise ValueError(f"{path}: unreadable subset file ({e}); delete it to have it drawn "
+                         f"again (the same seed gives the same ids)") from None
     if ids_sha256(doc["image_ids"]) != doc["image_ids_sha256"]:
         raise ValueError(f"{path}: image ids do not match their recorded hash (edited or corrupt); "
-                         f"rerun `bench subsets`")
+                         f"delete it to have it drawn again")
     if file_sha256(ann_file) != doc["annotations_sha256"]:
         raise ValueError(f"{path} was drawn from another {Path(ann_file).name} than {ann_file}; "
-                         f"rerun `bench subsets` for this annotation file")
+                         f"delete it to draw the subset from this annotation file")
     return doc["image_ids"]

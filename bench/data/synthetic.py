@@ -274,6 +274,9 @@ def ensure(cfg, root: Path = None, workers: int = None, log=print) -> Path:
     files = writer(cfg, tmp, workers)
     meta = dict(generator_version=GENERATOR_VERSION, config=asdict(cfg), files=files)
     (tmp / "MANIFEST.json").write_text(json.dumps(meta, sort_keys=True, indent=1))
+    if not check_complete(root, cfg):  # another process finished the same dataset meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+        return root
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)
     return root

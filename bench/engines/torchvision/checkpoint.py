@@ -34,23 +34,36 @@ def save(directory, iteration, state: dict, keep: int, protect=()):
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, iteration)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave half a checkpoint behind
+        raise
     older = [p for it, p in list_checkpoints(directory) if it not in protect]
     for p in older[:-keep] if keep > 0 else []:
         p.unlink(missing_ok=True)
     return path
 
 
+class NoReadableCheckpoint(RuntimeError):
+    pass
+
+
 def load_latest(directory, log=print):
-    """(iteration, state) of the newest readable checkpoint, or (0, None).
+    """(iteration, state) of the newest readable checkpoint, or (0, None) when there is none.
 
     A corrupt newest checkpoint (killed disk, truncated copy) is skipped with a warning and
-    the previous one used: losing a period of training beats losing the run.
+    the previous one used: losing a period of training beats losing the run. If checkpoints
+    exist but none can be read (a storage outage, say), this raises rather than restarting
+    the run from iteration 0 and discarding its metrics.
     """
-    for iteration, path in reversed(list_checkpoints(directory)):
+    for stale in Path(directory).glob(".model_*.pth.tmp-*") if Path(directory).is_dir() else []:
+        stale.unlink(missing_ok=True)  # left by a process killed while saving
+    found = list_checkpoints(directory)
+    for iteration, path in reversed(found):
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
             if state.get("iteration") != iteration:
@@ -60,4 +73,8 @@ def load_latest(directory, log=print):
             msg = f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); using the previous one"
             warnings.warn(msg)
             log(msg)
+    if found:
+        raise NoReadableCheckpoint(
+            f"none of the {len(found)} checkpoints in {directory} can be read; fix the storage "
+            f"and rerun, or delete {directory} to train this run from the start")
     return 0, None

@@ -68,19 +68,28 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
 
     train_set, val_set = datasets_for(spec)
     model = build_detector(spec.model, num_classes=len(train_set.cat_ids), data=spec.data)
-    if spec.init == "imagenet":
+    start, state = checkpoint.load_latest(rd.checkpoints, log=log)
+    if spec.init == "imagenet" and state is None:  # a resumed run needs only its checkpoint
         load_backbone_weights(model, load_imagenet_backbone(spec.pretrained, spec.model), log=log)
     model.to(device).train()
     use_input_sizes(model, train=True)
     optimizer = build_optimizer(model, solver)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: schedule.lr_factor(solver, it))
 
-    start, state = checkpoint.load_latest(rd.checkpoints, log=log)
+    # Train rows average the loss terms since the previous row; the open window travels in
+    # the checkpoint, so a resumed run logs exactly the rows an uninterrupted one does.
+    window = {"time": 0.0, "data_time": 0.0, "timed": 0, "n": 0}
+    losses_sum = {}
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
+        # RPN and RoI sampling draw from the CUDA generator when the model is on a GPU
+        if state["rng"].get("cuda") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        logged = state.get("log_window", {"n": 0, "losses": {}})
+        window["n"], losses_sum = logged["n"], dict(logged["losses"])
         log(f"resumed {rd.path.name} at iteration {start}")
     rd.truncate_metrics(start)
     if start >= solver.max_iter:
@@ -90,18 +99,23 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     rd.write_status("running", iteration=start, max_iter=solver.max_iter, started=time.time(),
                     train_images_used=len(train_set))
     stream = TrainStream(train_set, seed=spec.seed, hflip=spec.data.hflip)
+    # The loader gets its own generator: creating its iterator would otherwise draw a seed
+    # from the global RNG after a resume restored it, shifting every later RoI sampling
+    # draw and breaking exact resume. (The data order itself needs no RNG: bench.data.sampler.)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=solver.batch, num_workers=workers, collate_fn=collate,
-        sampler=PositionSampler(start, solver.max_iter, solver.batch))
+        sampler=PositionSampler(start, solver.max_iter, solver.batch),
+        generator=torch.Generator().manual_seed(spec.seed))
 
     def save(iteration):
         checkpoint.save(rd.checkpoints, iteration, {
             "iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": {"torch": torch.get_rng_state()},
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "log_window": {"n": window["n"], "losses": dict(losses_sum)},
             "run_id": spec.run_id}, keep=spec.checkpoint.keep)
 
-    window = {"time": 0.0, "data_time": 0.0, "n": 0}
-    losses_sum = {}
     t_data = time.perf_counter()
     for iteration, (images, targets) in enumerate(loader, start=start):
         t_step = time.perf_counter()
@@ -117,6 +131,7 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
                 f"loss is {loss.item()} at iteration {iteration + 1} ({terms}); last good "
                 f"checkpoint: {last[-1][1] if last else 'none'}; lower solver.base_lr or check "
                 f"the data")
+        lr = optimizer.param_groups[0]["lr"]  # the LR this iteration trained with
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -126,22 +141,23 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         window["time"] += time.perf_counter() - t_data
         window["data_time"] += t_step - t_data
         window["n"] += 1
+        window["timed"] += 1
         for k, v in loss_dict.items():
             losses_sum[k] = losses_sum.get(k, 0.0) + v.item()
         losses_sum["loss"] = losses_sum.get("loss", 0.0) + loss.item()
 
         if done % LOG_PERIOD == 0 or done == solver.max_iter:
-            n = window["n"]
+            n, timed = window["n"], window["timed"]
             row = {"type": "train", "iteration": done, "images_seen": done * solver.batch,
-                   "lr": optimizer.param_groups[0]["lr"], "time": window["time"] / n,
-                   "data_time": window["data_time"] / n, "wall": time.time(),
+                   "lr": lr, "time": window["time"] / timed,
+                   "data_time": window["data_time"] / timed, "wall": time.time(),
                    **{k: v / n for k, v in losses_sum.items()}}
             if device.type == "cuda":
                 row["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
             rd.append_metrics(row)
             rd.write_status("running", iteration=done, max_iter=solver.max_iter,
                             sec_per_iter=row["time"])
-            window = {"time": 0.0, "data_time": 0.0, "n": 0}
+            window = {"time": 0.0, "data_time": 0.0, "timed": 0, "n": 0}
             losses_sum = {}
 
         is_eval = (spec.eval.period and done % spec.eval.period == 0) or done == solver.max_iter

@@ -1,0 +1,80 @@
+"""Exact resume: a run killed after a checkpoint and resumed ends with the same weights and
+the same metrics as the run trained in one go, with no duplicated or missing rows."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from bench import recipe
+from bench.engines.torchvision.train import train
+from bench.rundir import RunDir
+
+TIMING = ("wall", "time", "data_time", "eval_time")
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory, bench_data):
+    from conftest import TINY_RECIPE
+    from bench import pretrain
+    path = tmp_path_factory.mktemp("r") / "tiny.yaml"
+    path.write_text(TINY_RECIPE)
+    study = recipe.load(path)
+    s = next(r for r in study.runs if r.name.endswith("imagenet-2x-allimg-seed0"))
+    if not pretrain.is_done(s.pretrained, s.model, study.pretrain):
+        pretrain.pretrain(s.model, study.pretrain, s.pretrained, log=lambda m: None)
+    return s
+
+
+def test_resume_after_kill_matches_uninterrupted_run(spec, tmp_path):
+    quiet = dict(log=lambda m: None)
+    whole = train(spec, tmp_path / "whole", **quiet)
+
+    # What a SIGKILL between the checkpoint at 9 and the end leaves on disk: the checkpoint,
+    # rows written after it, and a torn last line.
+    killed = RunDir(tmp_path / "killed")
+    killed.write_spec(spec)
+    killed.checkpoints.mkdir()
+    shutil.copy(whole.checkpoints / "model_0000009.pth", killed.checkpoints)
+    rows = whole.metrics_file.read_text().splitlines()
+    written = [r for r in rows if json.loads(r)["iteration"] <= 18 and json.loads(r)["type"] == "train"]
+    killed.metrics_file.write_text("\n".join(rows[:1] + written) + '\n{"type": "tra')
+    killed.write_status("running", iteration=18)
+
+    train(spec, killed.path, **quiet)
+
+    a = torch.load(whole.checkpoints / "model_0000018.pth", weights_only=False)
+    b = torch.load(killed.checkpoints / "model_0000018.pth", weights_only=False)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+    def strip(rd):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in rd.read_metrics()]
+    assert strip(killed) == strip(whole)
+    assert killed.read_status()["state"] == "done"
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(spec, tmp_path):
+    rd = train(spec, tmp_path / "run", log=lambda m: None)
+    (rd.checkpoints / "model_0000018.pth").write_bytes(b"not a checkpoint")
+    rd.write_status("running", iteration=18)
+    messages = []
+    with pytest.warns(UserWarning, match="unreadable"):
+        train(spec, rd.path, log=messages.append)
+    assert any("resumed" in m and "at iteration 9" in m for m in messages)
+    assert rd.read_status()["state"] == "done"
+    its = [r["iteration"] for r in rd.read_metrics() if r["type"] == "eval"]
+    assert its == [9, 18]
+
+
+def test_unreadable_checkpoints_stop_the_run_instead_of_restarting_it(spec, tmp_path):
+    from bench.engines.torchvision.checkpoint import NoReadableCheckpoint
+    rd = train(spec, tmp_path / "run", log=lambda m: None)
+    rows = rd.metrics_file.read_text()
+    for ckpt in rd.checkpoints.glob("model_*.pth"):  # a storage outage: nothing reads
+        ckpt.write_bytes(b"")
+    with pytest.warns(UserWarning), pytest.raises(NoReadableCheckpoint, match="none of the 2"):
+        train(spec, rd.path, log=lambda m: None)
+    assert rd.metrics_file.read_text() == rows  # nothing already computed is thrown away
