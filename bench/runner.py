@@ -111,7 +111,6 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
                     still.append(job)
                     continue
                 job.log_file.close()
-                job.proc = None
                 free.append(job.slot)
                 status = RunDir(job.run_dir).read_status()
                 if rc == 0 and status.get("state") == "done":

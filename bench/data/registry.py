@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.data import synthetic
+from bench.paths import cache_root
 
 EMBEDDED = {
     "shapes": synthetic.TargetConfig(),
@@ -52,7 +53,7 @@ def resolve(name: str, generate: bool = True) -> DatasetFiles:
                             root / "annotations" / "instances_val2017.json", root / "bench_subsets")
     if name in EMBEDDED:
         cfg = EMBEDDED[name]
-        root = synthetic.cache_root() / cfg.name
+        root = cache_root() / cfg.name
         if generate:
             root = synthetic.ensure(cfg)
         elif synthetic.check_complete(root, cfg):
