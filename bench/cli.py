@@ -2,7 +2,8 @@
 
     bench data                      generate the embedded datasets (cached)
     bench pretrain RECIPE...        pre-train the backbone a recipe names as its imagenet init
-    bench plan RECIPE... [--json]   list every run a study expands to
+    bench plan RECIPE... [--json]   list every run a study expands to, with its GPU-hours
+    bench speed RECIPE... [--record]  time train steps of each model, for the throughput table
     bench run RECIPE...             train and evaluate every run (skips finished ones)
     bench status RECIPE...          state of every run
     bench figures                   figures and tables from run dirs into results/
@@ -49,6 +50,8 @@ def cmd_data(args):
 
 
 def cmd_pretrain(args):
+    import torch
+
     from bench import pretrain
     done = set()
     for study in _studies(args):
@@ -62,29 +65,87 @@ def cmd_pretrain(args):
             if not args.force and pretrain.is_done(spec.pretrained, spec.model, study.pretrain):
                 print(f"{spec.pretrained}: already pre-trained, skipped (--force to redo)")
                 continue
-            pretrain.pretrain(spec.model, study.pretrain, spec.pretrained)
+            device = args.device
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            workers = args.workers if args.workers >= 0 else (4 if device == "cuda" else 0)
+            pretrain.pretrain(spec.model, study.pretrain, spec.pretrained, device=device,
+                              workers=workers)
 
 
-def cmd_plan(args):
+def plan_rows(studies, root, gpu="H100"):
+    """One row per run: what it trains, and its GPU-hours from the measured throughput table
+    (None when this model was never measured on a `gpu`: no estimate, never a guess)."""
+    from bench import speed
     from bench.runner import is_done, run_dir_for
+    table = speed.read_table()
     rows = []
-    root = Path(args.runs_root) if args.runs_root else runs_root()
-    for study in _studies(args):
+    for study in studies:
         for s in study.runs:
+            measured = speed.lookup(s, gpu, table)
             rows.append({
                 "study": study.name, "run_id": s.run_id, "arch": s.model.arch,
                 "backbone": f"{s.model.backbone}{s.model.depth}", "norm": s.model.norm,
                 "init": s.init, "schedule": s.solver.schedule, "iterations": s.solver.max_iter,
                 "lr_drops": list(s.solver.steps), "lr": s.solver.lr, "batch": s.solver.batch,
                 "train_images": s.data.train_images or "all", "dataset": s.data.dataset,
-                "gpus": s.gpus, "done": is_done(run_dir_for(s, root))})
+                "gpus": s.gpus, "sec_per_iter": float(measured["sec_per_iter"]) if measured
+                else None, "gpu_hours": round(speed.gpu_hours(s, measured), 2) if measured
+                else None, "measured_on": measured["device"] if measured else None,
+                "done": is_done(run_dir_for(s, root))})
+    return rows
+
+
+def cmd_plan(args):
+    root = Path(args.runs_root) if args.runs_root else runs_root()
+    studies = _studies(args)
+    rows = plan_rows(studies, root, args.gpu)
+    unsupported = [{"study": st.name, "recipe": str(st.path), "reason": st.unsupported}
+                   for st in studies if st.unsupported]
+    known = [r["gpu_hours"] for r in rows if r["gpu_hours"] is not None]
+    total = round(sum(known), 2) if len(known) == len(rows) and rows else None
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps({"gpu": args.gpu, "runs": rows, "total_gpu_hours": total,
+                          "runs_without_estimate": len(rows) - len(known),
+                          "unsupported": unsupported}, indent=1))
         return
-    cols = ["run_id", "init", "schedule", "iterations", "lr_drops", "lr", "batch", "train_images",
-            "gpus", "done"]
-    _print_table(rows, cols)
-    print(f"{len(rows)} runs, {sum(r['iterations'] for r in rows)} iterations in total")
+    shown = [{**r, "GPU-h": "no estimate" if r["gpu_hours"] is None else f"{r['gpu_hours']:.1f}"}
+             for r in rows]
+    if rows:
+        _print_table(shown, ["run_id", "arch", "backbone", "norm", "init", "schedule",
+                             "iterations", "lr_drops", "lr", "batch", "train_images", "gpus",
+                             "GPU-h", "done"])
+    if total is not None:
+        cost = f"{total:,.1f} GPU-hours on {args.gpu}"
+    elif known:
+        cost = (f"{sum(known):,.1f} GPU-hours on {args.gpu} for the {len(known)} measured runs; "
+                f"{len(rows) - len(known)} runs have no estimate")
+    else:
+        cost = f"no estimate on {args.gpu}"
+    if len(known) < len(rows):
+        cost += " (measure a model with `bench speed RECIPE --record` on that GPU)"
+    print(f"{len(rows)} runs, {sum(r['iterations'] for r in rows):,} iterations; {cost}")
+    for u in unsupported:
+        print(f"not yet supported: {u['study']} ({u['recipe']}): {u['reason']}")
+
+
+def cmd_speed(args):
+    import torch
+
+    from bench import speed
+    specs = [s for study in _studies(args) for s in study.runs]
+    if args.only:
+        specs = [s for s in specs if args.only in s.run_id]
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for s in speed.distinct_models(specs):
+        rows.append(speed.measure(s, device, warmup=args.warmup, iters=args.iters))
+        if args.record:  # one at a time: a later model running out of memory loses nothing
+            speed.record(rows[-1:])
+    if args.record:
+        print(f"{len(rows)} rows appended to {speed.table_path()}")
 
 
 def _print_table(rows, cols):
@@ -181,12 +242,27 @@ def main(argv=None):
     p = sub.add_parser("pretrain", help="pre-train the backbone a recipe uses as imagenet init")
     _common(p)
     p.add_argument("--force", action="store_true", help="redo even if the checkpoint exists")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workers", type=int, default=-1,
+                   help="data loader processes (default: 4 on a GPU, 0 on a CPU)")
     p.set_defaults(fn=cmd_pretrain)
 
-    p = sub.add_parser("plan", help="list the runs of a study")
+    p = sub.add_parser("plan", help="list the runs of a study and their GPU-hours")
     _common(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--gpu", default="H100", help="estimate GPU-hours from throughput rows "
+                                                 "measured on this device (default: H100)")
     p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("speed", help="time train steps of each distinct model of a study")
+    _common(p)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20, help="timed steps (the median is kept)")
+    p.add_argument("--only", default=None, help="only runs whose id contains this text")
+    p.add_argument("--record", action="store_true",
+                   help="append the measurements to results/throughput.csv")
+    p.set_defaults(fn=cmd_speed)
 
     p = sub.add_parser("run", help="train and evaluate every run of a study")
     _common(p)

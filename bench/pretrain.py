@@ -37,20 +37,22 @@ class Classifier(nn.Module):
         return self.head(self.body(x).mean(dim=(2, 3)))
 
 
-def _loader(root, train, batch, seed):
+def _loader(root, train, batch, seed, workers=0):
     tf = [transforms.RandomHorizontalFlip()] if train else []
     tf += [transforms.ToTensor(), transforms.Normalize(PIXEL_MEAN, PIXEL_STD)]
     ds = datasets.ImageFolder(str(root / ("train" if train else "val")), transforms.Compose(tf))
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=train, generator=g,
-                                       num_workers=0, drop_last=train), len(ds.classes)
+                                       num_workers=workers, drop_last=train,
+                                       persistent_workers=workers > 0), len(ds.classes)
 
 
 @torch.no_grad()
-def accuracy(model, loader):
+def accuracy(model, loader, device="cpu"):
     model.eval()
     correct = total = 0
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         correct += (model(x).argmax(1) == y).sum().item()
         total += len(y)
     model.train()
@@ -76,12 +78,14 @@ def is_done(path: str, model_spec, p) -> bool:
     return all(meta.get(k) == v for k, v in want.items())
 
 
-def pretrain(model_spec, p, out_path: str, log=print) -> dict:
+def pretrain(model_spec, p, out_path: str, device="cpu", workers=0, log=print) -> dict:
+    """Train the backbone as a classifier on the source set; `workers` loader processes keep a
+    GPU fed (the data order and flips come from seeded generators either way)."""
     torch.manual_seed(p.seed)
     root = synthetic.ensure(SOURCES[p.source], log=log)
-    train_loader, num_classes = _loader(root, True, p.batch, p.seed)
-    val_loader, _ = _loader(root, False, 256, p.seed)
-    model = Classifier(build_backbone(model_spec), num_classes)
+    train_loader, num_classes = _loader(root, True, p.batch, p.seed, workers)
+    val_loader, _ = _loader(root, False, 256, p.seed, workers)
+    model = Classifier(build_backbone(model_spec), num_classes).to(device)
     decay, no_decay = [], []
     for m in model.modules():
         for prm in m.parameters(recurse=False):
@@ -98,6 +102,7 @@ def pretrain(model_spec, p, out_path: str, log=print) -> dict:
     for epoch in range(p.epochs):
         running = 0.0
         for x, y in train_loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -106,9 +111,10 @@ def pretrain(model_spec, p, out_path: str, log=print) -> dict:
             running += loss.item()
         log(f"pretrain epoch {epoch + 1}/{p.epochs}: loss {running / len(train_loader):.3f} "
             f"({time.time() - t0:.0f}s)")
-    top1 = accuracy(model, val_loader)
+    top1 = accuracy(model, val_loader, device)
+    model.cpu()
     meta = {**output_meta(model_spec, p), "val_top1": top1, "num_classes": num_classes,
-            "seconds": time.time() - t0, "code_version": code_version()}
+            "seconds": time.time() - t0, "device": str(device), "code_version": code_version()}
     file = resolve_cache_path(out_path)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(file.name + ".tmp")

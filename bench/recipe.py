@@ -10,6 +10,8 @@
     compare:
       init: [scratch, imagenet]       # every point of the axes becomes a matched pair
     pretrain: {...}                   # optional: how `bench pretrain` makes run.pretrained
+    unsupported: REASON               # an experiment of the paper no engine can express yet:
+                                      # listed by `bench plan` with the reason, expands to no run
 
 Pairs share everything except the init by construction: each axis point is expanded once,
 then copied per init. Everything is checked before any training starts; errors name the
@@ -28,7 +30,7 @@ import yaml
 from bench import schedule
 from bench.spec import PretrainSpec, RunSpec, SpecError, from_dict, replace
 
-TOP_KEYS = ("study", "description", "base", "run", "vary", "compare", "pretrain")
+TOP_KEYS = ("study", "description", "base", "run", "vary", "compare", "pretrain", "unsupported")
 # The paper's words for the axes a study varies -> RunSpec fields.
 AXIS_ALIASES = {
     "schedule": "solver.schedule", "train_images": "data.train_images", "norm": "model.norm",
@@ -47,6 +49,7 @@ class Study:
     pairs: List[tuple]                 # (scratch RunSpec, imagenet RunSpec)
     pretrain: Optional[PretrainSpec] = None
     axes: dict = field(default_factory=dict)
+    unsupported: Optional[str] = None  # why this experiment has no runs yet
 
 
 def _read_yaml(path: Path) -> dict:
@@ -131,7 +134,8 @@ def _get(spec, dotted):
 
 def _check_ranges(spec: RunSpec, where: str):
     for key in POSITIVE:
-        if not _get(spec, key) > 0:
+        value = _get(spec, key)
+        if not ((min(value) if value else 0) if isinstance(value, tuple) else value) > 0:
             raise SpecError(f"{where}: {key}={_get(spec, key)!r} must be greater than 0")
     for key in NON_NEGATIVE:
         if _get(spec, key) < 0:
@@ -203,6 +207,12 @@ def load(path, overrides=None) -> Study:
     name = doc.get("study")
     if not isinstance(name, str) or not name:
         raise SpecError(f"{where}: study: must be a non-empty name")
+    if "unsupported" in doc:
+        reason = doc["unsupported"]
+        if not isinstance(reason, str) or not reason.strip():
+            raise SpecError(f"{where}: unsupported: must say why no engine can run this study yet")
+        return Study(name=name, path=path, description=doc.get("description", ""), runs=[],
+                     pairs=[], unsupported=" ".join(reason.split()))
     run = doc.get("run") or {}
     if not isinstance(run, dict):
         raise SpecError(f"{where}: run: must be a mapping of RunSpec fields (model, data, solver, "

@@ -11,7 +11,7 @@ import hashlib
 import json
 import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Tuple
+from typing import Literal, Optional, Tuple, Union
 
 Norm = Literal["GN", "SyncBN", "FrozenBN", "BN", "none"]
 
@@ -51,7 +51,10 @@ class DataSpec:
     dataset: str = "coco"               # "coco" or an embedded dataset (bench.data.registry)
     train_images: Optional[int] = None  # None: the whole training set; else a nested subset
     subset_seed: int = 0
-    train_min_size: int = 800
+    # Shorter side in training: one size (the paper: 800) or a list to draw from per image
+    # (detectron2's Base-RCNN-FPN: 640..800). A list is hashed as a list, a single size as
+    # before, so existing run ids do not change.
+    train_min_size: Union[int, Tuple[int, ...]] = 800
     train_max_size: int = 1333
     test_min_size: int = 800
     test_max_size: int = 1333

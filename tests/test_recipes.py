@@ -19,6 +19,9 @@ def test_every_shipped_recipe_loads_and_expands():
     assert files
     for f in files:
         study = recipe.load(f)
+        if study.unsupported:  # listed by `bench plan` with its reason, no runs
+            assert not study.runs and len(study.unsupported) > 40
+            continue
         assert study.runs and len(study.runs) == 2 * len(study.pairs)
 
 

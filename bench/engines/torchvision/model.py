@@ -83,7 +83,9 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
 def use_input_sizes(model, train: bool):
     """torchvision's transform holds one size; set the train or the test size on it."""
     min_size, max_size = model.input_sizes[train]
-    model.transform.min_size = (min_size,)
+    # a tuple: torchvision draws one size per image in training, with the torch RNG
+    # (checkpointed, so resume stays exact); in eval it uses the last one
+    model.transform.min_size = tuple(min_size) if isinstance(min_size, tuple) else (min_size,)
     model.transform.max_size = max_size
 
 

@@ -1,0 +1,178 @@
+"""Measured training speed: the throughput table behind `bench plan`'s GPU-hour estimates.
+
+`bench speed RECIPE...` times train steps (forward, backward, SGD step) of each distinct
+model of a study on this machine's device, at the run's input size and per-GPU batch, on
+synthetic images shaped like the run's dataset (COCO: 640x480 with 7 objects, the mean of
+train2017), and with `--record` appends one row per model to `results/throughput.csv`.
+Data loading is left out: it overlaps with compute in a real run.
+
+The table's key is a hash of what decides a step's cost (engine, model, input sizes,
+per-GPU batch, class count), so a plan finds a measurement only for exactly the model it
+will run. Each row names the device, torch version and commit it was measured with; a
+plan reports "no estimate" for anything not in the table, never a guess.
+"""
+
+import csv
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from bench.rundir import code_version
+
+TABLE = Path(__file__).resolve().parent.parent / "results" / "throughput.csv"
+COLUMNS = ["speed_key", "device", "engine", "arch", "backbone", "norm", "input", "batch_per_gpu",
+           "sec_per_iter", "images_per_sec", "max_mem_gb", "iters_timed", "torch", "commit",
+           "date"]
+# What the synthetic step images look like for each dataset: (height, width), objects per
+# image, classes. COCO train2017: most images are 640x480 (landscape), 7.3 instances each.
+DATASET_SHAPES = {"coco": ((480, 640), 7, 80), "shapes": ((128, 128), 4, 8),
+                  "shapes-tiny": ((128, 128), 4, 8)}
+
+
+def table_path() -> Path:
+    return Path(os.environ.get("BENCH_THROUGHPUT", TABLE))
+
+
+def speed_key(spec) -> str:
+    """Hash of every spec field that changes the cost of one train step. Model fields at
+    their default are left out, so a field added to ModelSpec later keeps old rows valid."""
+    d = spec.data
+    defaults = asdict(type(spec.model)())
+    model = {k: v for k, v in asdict(spec.model).items() if v != defaults[k]}
+    blob = {"engine": spec.engine, "model": model,
+            "input": [d.train_min_size, d.train_max_size],
+            "batch_per_gpu": spec.solver.batch // spec.gpus,
+            "classes": DATASET_SHAPES.get(d.dataset, (None, None, None))[2]}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def read_table(path=None):
+    path = Path(path or table_path())
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def lookup(spec, device_substring: str, rows=None):
+    """The newest measured row for this spec's model on a device whose name contains
+    `device_substring` (case-insensitive), or None."""
+    rows = read_table() if rows is None else rows
+    key, want = speed_key(spec), device_substring.lower()
+    hits = [r for r in rows if r["speed_key"] == key and want in r["device"].lower()]
+    return hits[-1] if hits else None
+
+
+def gpu_hours(spec, row) -> float:
+    """Iterations x measured s/iter x GPUs: assumes each GPU of a multi-GPU run does the
+    measured single-GPU step at the same per-GPU batch (communication left out)."""
+    return spec.solver.max_iter * float(row["sec_per_iter"]) * spec.gpus / 3600
+
+
+def _synthetic_batch(spec, n, generator, device):
+    (h, w), objects, _ = DATASET_SHAPES[spec.data.dataset]
+    images, targets = [], []
+    for _ in range(n):
+        images.append(torch.rand(3, h, w, generator=generator).to(device))
+        xy = torch.rand(objects, 2, generator=generator) * torch.tensor([w * 0.7, h * 0.7])
+        wh = 16 + torch.rand(objects, 2, generator=generator) * torch.tensor([w * 0.3, h * 0.3])
+        boxes = torch.cat([xy, xy + wh], 1)
+        masks = torch.zeros(objects, h, w, dtype=torch.uint8)
+        for k, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
+            masks[k, y0:y1, x0:x1] = 1
+        labels = torch.randint(1, DATASET_SHAPES[spec.data.dataset][2] + 1, (objects,),
+                               generator=generator)
+        targets.append({"boxes": boxes.to(device), "labels": labels.to(device),
+                        "masks": masks.to(device)})
+    return images, targets
+
+
+def measure(spec, device="cpu", warmup=5, iters=20, log=print) -> dict:
+    """Time `iters` train steps of `spec`'s model after `warmup` untimed ones."""
+    from bench.engines.torchvision.model import build_detector, use_input_sizes
+    from bench.engines.torchvision.train import build_optimizer
+    if spec.engine != "torchvision":
+        raise ValueError(f"bench speed measures the torchvision engine; {spec.run_id} asks for "
+                         f"engine {spec.engine}")
+    if spec.data.dataset not in DATASET_SHAPES:
+        raise ValueError(f"no synthetic image shape for dataset {spec.data.dataset!r}")
+    device = torch.device(device)
+    torch.manual_seed(0)
+    per_gpu = spec.solver.batch // spec.gpus
+    model = build_detector(spec.model, num_classes=DATASET_SHAPES[spec.data.dataset][2],
+                           data=spec.data).to(device).train()
+    use_input_sizes(model, train=True)
+    optimizer = build_optimizer(model, spec.solver)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-4  # timing only; keep the random model finite
+    g = torch.Generator().manual_seed(0)
+    batches = [_synthetic_batch(spec, per_gpu, g, device) for _ in range(4)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup + iters):
+        images, targets = batches[i % len(batches)]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    m, d = spec.model, spec.data
+    row = {"speed_key": speed_key(spec), "device": device_name(device), "engine": spec.engine,
+           "arch": m.arch, "backbone": f"{m.backbone}{m.depth}" + (f"-w{m.width}" if m.width != 64
+                                                                   else ""),
+           "norm": m.norm, "input": f"{d.train_min_size}/{d.train_max_size}",
+           "batch_per_gpu": per_gpu, "sec_per_iter": f"{sec:.4f}",
+           "images_per_sec": f"{per_gpu / sec:.1f}",
+           "max_mem_gb": (f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f}"
+                          if device.type == "cuda" else ""),
+           "iters_timed": iters, "torch": torch.__version__.split("+")[0],
+           "commit": code_version(), "date": time.strftime("%Y-%m-%d")}
+    log(f"{row['arch']} {row['backbone']} {row['norm']} {row['input']} x{per_gpu}/GPU on "
+        f"{row['device']}: {sec:.3f} s/iter ({row['images_per_sec']} img/s), "
+        f"peak {row['max_mem_gb'] or '-'} GB")
+    return row
+
+
+def record(rows, path=None):
+    """Append rows to the throughput table (created with its header if absent)."""
+    path = Path(path or table_path())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def distinct_models(specs):
+    """One spec per speed key, in order: a study's runs share a handful of models."""
+    seen, out = set(), []
+    for s in specs:
+        k = speed_key(s)
+        if k not in seen:
+            seen.add(k)
+            out.append(s)
+    return out
