@@ -92,3 +92,30 @@ def test_missing_checkpoint_says_how_to_make_it():
 def test_faster_rcnn_has_no_mask_head():
     model = detector(replace(SCRATCH, **{"model.arch": "faster_rcnn"}))
     assert not hasattr(model.roi_heads, "mask_head") or model.roi_heads.mask_head is None
+
+
+def test_batched_mask_paste_fills_each_box_and_agrees_with_torchvision():
+    """Eval pastes all of an image's masks in one grid_sample (bench's paste_masks); it must
+    put a mask where torchvision's per-detection loop does (which rounds boxes to whole
+    pixels, so they differ by up to a pixel at the border) and fill exactly its box."""
+    import torch
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from bench.engines.torchvision.model import paste_masks
+    g = torch.Generator().manual_seed(0)
+    n, h, w = 40, 128, 160
+    m = torch.nn.functional.avg_pool2d(torch.rand(n, 1, 28, 28, generator=g), 5, 1, 2)
+    lo, hi = m.amin((2, 3), keepdim=True), m.amax((2, 3), keepdim=True)
+    m = (m - lo) / (hi - lo)
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.6, h * 0.5])
+    boxes = torch.cat([xy, xy + 60 + torch.rand(n, 2, generator=g) * 40], 1)
+    ours = paste_masks(m, boxes, h, w, chunk_pixels=h * w * 7) > 0.5   # several chunks
+    theirs = paste_masks_in_image(m, boxes, (h, w)) > 0.5
+    iou = (ours & theirs).flatten(1).sum(1) / (ours | theirs).flatten(1).sum(1)
+    assert iou.min() > 0.93
+
+    ones = paste_masks(torch.ones(1, 1, 28, 28), torch.tensor([[10.0, 20.0, 50.0, 40.0]]), h, w)
+    inside = torch.zeros(h, w, dtype=torch.bool)
+    inside[20:40, 10:50] = True                  # pixel centres inside the box
+    assert torch.equal(ones[0, 0] >= 0.5, inside)
+    assert paste_masks(m[:0], boxes[:0], h, w).shape == (0, 1, h, w)

@@ -7,12 +7,15 @@ this file only wires them to the spec.
 
 from collections import OrderedDict
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from bench.backbones import build_backbone
@@ -75,9 +78,53 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
         msra_init_(mask_head)
         mask_predictor = MaskRCNNPredictor(m.mask_head_dim, m.mask_head_dim, num_classes + 1)
         model = MaskRCNN(fpn, mask_head=mask_head, mask_predictor=mask_predictor, **common)
+    model.transform = BatchedPasteTransform(data.train_min_size, data.train_max_size, PIXEL_MEAN,
+                                            PIXEL_STD)
     model.input_sizes = {True: (data.train_min_size, data.train_max_size),
                          False: (data.test_min_size, data.test_max_size)}
     return model
+
+
+def paste_masks(masks, boxes, height, width, chunk_pixels=2 ** 26):
+    """Paste (N, 1, M, M) mask probabilities into (N, 1, height, width) images at `boxes`.
+
+    torchvision pastes one detection at a time with a Python loop, which made 80% of a
+    mini-study evaluation on a GPU (6,000 detections, ~3 ms each). Here every detection of a
+    chunk is one grid_sample: each image pixel centre is mapped into its box's mask and read
+    bilinearly, zero outside the box. Chunks bound the memory (COCO: 100 x 800 x 1333).
+    """
+    n = masks.shape[0]
+    out = masks.new_zeros((n, 1, height, width))
+    if n == 0:
+        return out
+    xs = torch.arange(width, device=masks.device, dtype=masks.dtype) + 0.5
+    ys = torch.arange(height, device=masks.device, dtype=masks.dtype) + 0.5
+    step = max(1, chunk_pixels // (height * width))
+    for a in range(0, n, step):
+        b = boxes[a:a + step].to(masks.dtype)
+        x0, y0, x1, y1 = b.unbind(1)
+        gx = (xs[None] - x0[:, None]) / (x1 - x0).clamp(min=1e-3)[:, None] * 2 - 1
+        gy = (ys[None] - y0[:, None]) / (y1 - y0).clamp(min=1e-3)[:, None] * 2 - 1
+        k = len(b)
+        grid = torch.stack([gx[:, None, :].expand(k, height, width),
+                            gy[:, :, None].expand(k, height, width)], dim=3)
+        out[a:a + step] = F.grid_sample(masks[a:a + step], grid, mode="bilinear",
+                                        padding_mode="zeros", align_corners=False)
+    return out
+
+
+class BatchedPasteTransform(GeneralizedRCNNTransform):
+    """torchvision's transform, with the test-time mask pasting batched (paste_masks)."""
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        if self.training:
+            return result
+        masks = [r.pop("masks", None) for r in result]
+        result = super().postprocess(result, image_shapes, original_image_sizes)
+        for r, m, (h, w) in zip(result, masks, original_image_sizes):
+            if m is not None:
+                r["masks"] = paste_masks(m, r["boxes"], h, w)
+        return result
 
 
 def use_input_sizes(model, train: bool):
