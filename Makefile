@@ -7,14 +7,18 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 RECIPES ?= recipes/mini
 RUN_ARGS ?=
+# make reproduce-he2019 [COCO=/path/to/coco] [DRY_RUN=1]
+HE2019 ?= recipes/he2019
+COCO_ARG := $(if $(COCO),--coco $(COCO),)
 
-.PHONY: setup mini test figures data pretrain clean-mini help
+.PHONY: setup mini test figures data pretrain clean-mini help reproduce-he2019
 
 help:
 	@echo "make mini     generate data, pre-train, train and evaluate every mini run, write figures"
 	@echo "make test     run the test suite (CPU only)"
 	@echo "make figures  regenerate results/mini from the run dirs"
 	@echo "make setup    create .venv and install the suite (done by the targets above)"
+	@echo "make reproduce-he2019 [COCO=PATH] [DRY_RUN=1]   the paper's study on the local GPUs (DRY_RUN: print the plan)"
 
 setup: $(STAMP)
 
@@ -40,6 +44,15 @@ figures: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The paper's study on this machine's GPUs. Without COCO it stops in seconds naming the path
+# it looked at; DRY_RUN=1 prints the plan (runs, iterations, GPU-hours) instead.
+reproduce-he2019: setup
+ifdef DRY_RUN
+	$(BIN)/bench plan $(HE2019) $(COCO_ARG)
+else
+	$(BIN)/bench run $(HE2019) $(COCO_ARG) $(RUN_ARGS)
+endif
 
 clean-mini:
 	rm -rf runs/mini

@@ -4,6 +4,7 @@
     bench pretrain RECIPE...        pre-train the backbone a recipe names as its imagenet init
     bench plan RECIPE... [--json]   list every run a study expands to, with its GPU-hours
     bench speed RECIPE... [--record]  time train steps of each model, for the throughput table
+    bench subsets --annotations F   draw the nested 1k/10k/35k training subsets of a dataset
     bench run RECIPE...             train and evaluate every run (skips finished ones)
     bench status RECIPE...          state of every run
     bench figures                   figures and tables from run dirs into results/
@@ -13,6 +14,7 @@ Errors in recipes, data or checkpoints end with one line naming the file, the ke
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,8 @@ def _common(ap):
                     help="override a recipe value, e.g. --set solver.batch=4 (repeatable)")
     ap.add_argument("--runs-root", default=None, help="where run dirs go (default: $BENCH_RUNS "
                                                       "or ./runs)")
+    ap.add_argument("--coco", default=None, metavar="PATH",
+                    help="COCO 2017 root (default: $BENCH_COCO, else $DETECTRON2_DATASETS/coco)")
 
 
 def _studies(args):
@@ -140,7 +144,12 @@ def cmd_speed(args):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
+    here = speed.device_name(torch.device(device))
+    table = speed.read_table()
     for s in speed.distinct_models(specs):
+        if not args.force and speed.lookup(s, here, table):
+            print(f"{s.run_id}: already measured on {here} (--force to measure again)")
+            continue
         rows.append(speed.measure(s, device, warmup=args.warmup, iters=args.iters))
         if args.record:  # one at a time: a later model running out of memory loses nothing
             speed.record(rows[-1:])
@@ -186,11 +195,19 @@ def cmd_run(args):
 
 def _preflight(studies, specs):
     """Fail in seconds, before any training, on what would fail hours later."""
-    from bench.data import registry
+    from bench.data import registry, subsets
     from bench.paths import resolve_cache_path
     recipe_of = {s.run_id: study.path for study in studies for s in study.runs}
     for dataset in sorted({s.data.dataset for s in specs}):
         registry.resolve(dataset)  # raises DatasetMissing naming the path and the fix
+    for dataset, n, seed in sorted({(s.data.dataset, s.data.train_images, s.data.subset_seed)
+                                    for s in specs if s.data.train_images is not None}):
+        files = registry.resolve(dataset)
+        path = registry.subset_file(files, n, seed)  # missing COCO subset: DatasetMissing
+        try:
+            subsets.read_subset(path, files.train_annotations)
+        except ValueError as e:
+            raise registry.DatasetMissing(str(e)) from None
     for s in specs:
         if s.init == "imagenet":
             f = resolve_cache_path(s.pretrained)
@@ -198,6 +215,23 @@ def _preflight(studies, specs):
                 raise FileNotFoundError(
                     f"{recipe_of[s.run_id]}: pretrained checkpoint {s.pretrained} not found at "
                     f"{f}; run `bench pretrain {recipe_of[s.run_id]}` first")
+
+
+def cmd_subsets(args):
+    from bench.data import subsets
+    ann = Path(args.annotations)
+    if not ann.is_file():
+        raise FileNotFoundError(f"--annotations {ann}: no such file; give the path of "
+                                f"instances_train2017.json")
+    out = Path(args.out) if args.out else ann.parent.parent / "bench_subsets"
+    try:
+        paths = subsets.write_subsets(ann, sorted(args.sizes), out, args.seed)
+    except ValueError as e:  # more images asked than the file has
+        raise SystemExit(f"bench subsets: {ann}: {e}") from None
+    for path in paths:
+        doc = json.loads(path.read_text())
+        print(f"{path}: {doc['size']} images, ids sha256 {doc['image_ids_sha256'][:12]}, "
+              f"from {doc['annotations']} sha256 {doc['annotations_sha256'][:12]}")
 
 
 def cmd_status(args):
@@ -262,6 +296,7 @@ def main(argv=None):
     p.add_argument("--only", default=None, help="only runs whose id contains this text")
     p.add_argument("--record", action="store_true",
                    help="append the measurements to results/throughput.csv")
+    p.add_argument("--force", action="store_true", help="measure models already in the table")
     p.set_defaults(fn=cmd_speed)
 
     p = sub.add_parser("run", help="train and evaluate every run of a study")
@@ -276,6 +311,16 @@ def main(argv=None):
     p.add_argument("--only", default=None, help="only runs whose id contains this text")
     p.set_defaults(fn=cmd_run)
 
+    p = sub.add_parser("subsets", help="draw nested training subsets (1k in 10k in 35k) of a "
+                                       "COCO-format annotation file")
+    p.add_argument("--annotations", required=True, help="e.g. datasets/coco/annotations/"
+                                                        "instances_train2017.json")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 35000])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="default: bench_subsets/ beside annotations/, "
+                                               "where `bench run` looks for them")
+    p.set_defaults(fn=cmd_subsets)
+
     p = sub.add_parser("status", help="state of every run of a study")
     _common(p)
     p.set_defaults(fn=cmd_status)
@@ -287,6 +332,8 @@ def main(argv=None):
     p.set_defaults(fn=cmd_figures)
 
     args = ap.parse_args(argv)
+    if getattr(args, "coco", None):  # for this process and the run workers it starts
+        os.environ["BENCH_COCO"] = args.coco
     from bench.data.registry import DatasetMissing
     from bench.engines import EngineUnavailable
     from bench.runner import NoSlots

@@ -9,7 +9,9 @@
       train_images: [500, null]       # null: the whole training set
     compare:
       init: [scratch, imagenet]       # every point of the axes becomes a matched pair
+      imagenet: {model: {freeze_at: 2}}   # optional: a fine-tuning convention of one side
     pretrain: {...}                   # optional: how `bench pretrain` makes run.pretrained
+    plugins: [my_backbone.py]         # optional: user code to import (e.g. a new backbone)
     unsupported: REASON               # an experiment of the paper no engine can express yet:
                                       # listed by `bench plan` with the reason, expands to no run
 
@@ -27,10 +29,11 @@ from typing import List, Optional
 
 import yaml
 
-from bench import schedule
+from bench import plugins, schedule
 from bench.spec import PretrainSpec, RunSpec, SpecError, from_dict, replace
 
-TOP_KEYS = ("study", "description", "base", "run", "vary", "compare", "pretrain", "unsupported")
+TOP_KEYS = ("study", "description", "base", "run", "vary", "compare", "pretrain", "unsupported",
+            "plugins")
 # The paper's words for the axes a study varies -> RunSpec fields.
 AXIS_ALIASES = {
     "schedule": "solver.schedule", "train_images": "data.train_images", "norm": "model.norm",
@@ -38,6 +41,10 @@ AXIS_ALIASES = {
     "batch": "solver.batch", "dataset": "data.dataset",
 }
 INITS = ("scratch", "imagenet")
+# The only fields a pair may set per side: conventions of how a published config fine-tunes
+# (detectron2's pre-trained GN/SyncBN configs freeze the stem and res2, its scratch ones do
+# not). Everything else is shared by construction.
+PER_INIT_FIELDS = ("model.freeze_at",)
 
 
 @dataclass
@@ -213,6 +220,15 @@ def load(path, overrides=None) -> Study:
             raise SpecError(f"{where}: unsupported: must say why no engine can run this study yet")
         return Study(name=name, path=path, description=doc.get("description", ""), runs=[],
                      pairs=[], unsupported=" ".join(reason.split()))
+    plugin_entries = doc.get("plugins") or []
+    if not isinstance(plugin_entries, list) or not all(isinstance(e, str) for e in plugin_entries):
+        raise SpecError(f"{where}: plugins: must be a list of .py files (next to the recipe) or "
+                        f"module names")
+    try:
+        plugin_paths = plugins.resolve(plugin_entries, path.parent)
+        plugins.load(plugin_paths)
+    except (FileNotFoundError, ImportError, SyntaxError) as e:
+        raise SpecError(f"{where}: plugins: {type(e).__name__}: {e}") from None
     run = doc.get("run") or {}
     if not isinstance(run, dict):
         raise SpecError(f"{where}: run: must be a mapping of RunSpec fields (model, data, solver, "
@@ -253,21 +269,28 @@ def load(path, overrides=None) -> Study:
         axes[field_key] = values
 
     compare = doc.get("compare") or {"init": list(INITS)}
-    if not isinstance(compare, dict) or list(compare) != ["init"] or \
-            not isinstance(compare["init"], list) or sorted(compare["init"]) != sorted(INITS):
+    if not isinstance(compare, dict) or not isinstance(compare.get("init"), list) or \
+            sorted(compare["init"]) != sorted(INITS):
         raise SpecError(f"{where}: compare: must be `init: [scratch, imagenet]` (pairs differ "
                         f"only in their init)")
+    per_init = {init: _per_init_overrides(compare, init, where) for init in INITS}
+    extra = [k for k in compare if k not in ("init",) + INITS]
+    if extra:
+        raise SpecError(f"{where}: compare.{extra[0]}: unknown key; allowed: init, scratch, "
+                        f"imagenet")
 
     runs, pairs = [], []
     for point in itertools.product(*axes.values()) if axes else [()]:
         changes = dict(zip(axes, point))
         shared = from_dict(RunSpec, _merge(run, _merge_all(changes)), f"{where}: run")
         _check_ranges(shared, f"{where} ({', '.join(f'{k}={v}' for k, v in changes.items())})")
-        shared = replace(shared, study=name, solver=_resolve(shared.solver, where))
+        shared = replace(shared, study=name, solver=_resolve(shared.solver, where),
+                         plugins=plugin_paths)
         pair = []
         for init in INITS:
             spec = replace(shared, init=init,
-                           pretrained=shared.pretrained if init == "imagenet" else None)
+                           pretrained=shared.pretrained if init == "imagenet" else None,
+                           **per_init[init])
             spec = replace(spec, name=run_name(spec))
             _check_pair_rules(spec, f"{where} ({spec.name})")
             pair.append(spec)
@@ -282,6 +305,31 @@ def load(path, overrides=None) -> Study:
         pretrain = from_dict(PretrainSpec, doc["pretrain"], f"{where}: pretrain")
     return Study(name=name, path=path, description=doc.get("description", ""), runs=runs,
                  pairs=pairs, pretrain=pretrain, axes=axes)
+
+
+def _per_init_overrides(compare, init, where) -> dict:
+    """compare.<init>: {model: {freeze_at: 2}} -> {"model.freeze_at": 2}, whitelisted."""
+    section = compare.get(init) or {}
+    flat = {}
+
+    def walk(d, prefix):
+        if not isinstance(d, dict):
+            raise SpecError(f"{where}: compare.{init}: must be a mapping such as "
+                            f"{{model: {{freeze_at: 2}}}}")
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            else:
+                flat[key] = v
+    walk(section, "")
+    for key, value in flat.items():
+        if key not in PER_INIT_FIELDS:
+            raise SpecError(f"{where}: compare.{init}.{key}: a pair may differ only in its init "
+                            f"and these fine-tuning conventions: {', '.join(PER_INIT_FIELDS)}")
+        head, field_name = key.split(".")
+        from_dict(type(getattr(RunSpec(), head)), {field_name: value}, f"{where}: compare.{init}")
+    return flat
 
 
 def _nested(dotted: str, value) -> dict:

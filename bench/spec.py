@@ -108,8 +108,9 @@ class RunSpec:
     solver: SolverSpec = field(default_factory=SolverSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    plugins: Tuple[str, ...] = ()       # label: user code the run imports (bench/plugins.py)
 
-    LABELS = ("study", "name")
+    LABELS = ("study", "name", "plugins")
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from bench import engines
+from bench import engines, plugins
 from bench.rundir import RunDir
 
 
@@ -51,6 +51,7 @@ def main(argv=None):
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
     try:
+        plugins.load(spec.plugins)  # e.g. the backbone a recipe registered
         engine = engines.get(spec.engine)
         engine.run(spec, rd.path, device=args.device, workers=args.workers,
                    log=lambda msg: print(msg, flush=True))

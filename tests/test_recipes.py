@@ -80,6 +80,17 @@ def test_set_overrides_reach_every_run():
     ("compare: [init]", "compare: must be `init: [scratch, imagenet]`"),
     ("compare: {init: null}", "compare: must be `init: [scratch, imagenet]`"),
     ("run: [1]", "run: must be a mapping of RunSpec fields"),
+    ("compare: {init: [scratch, imagenet], imagenet: {solver: {base_lr: 0.1}}}",
+     "compare.imagenet.solver.base_lr: a pair may differ only in its init and these"),
+    ("compare: {init: [scratch, imagenet], imagenet: {model: {freeze_at: two}}}",
+     "compare.imagenet.freeze_at: 'two' has the wrong type"),
+    ("compare: {init: [scratch, imagenet], scratch: {model: {freeze_at: 2}}}",
+     "freeze_at=2 with init=scratch"),
+    ("compare: {init: [scratch, imagenet], pretrained: {x: 1}}", "compare.pretrained: unknown key"),
+    ("unsupported: ''", "unsupported: must say why"),
+    ("plugins: [missing_backbone.py]", "plugins: FileNotFoundError: plugin missing_backbone.py"),
+    ("plugins: nope.py", "plugins: must be a list"),
+    ("run: {data: {train_min_size: []}}", "data.train_min_size=() must be greater than 0"),
 ])
 def test_bad_recipes_name_the_file_the_key_and_the_allowed_values(tmp_path, body, needle):
     path = write_recipe(tmp_path, f"study: bad\n{BASE}{body}\n")

@@ -36,8 +36,8 @@ class DatasetFiles:
 
 def coco_root() -> Path:
     if os.environ.get("BENCH_COCO"):
-        return Path(os.environ["BENCH_COCO"]).expanduser()
-    return Path(os.environ.get("DETECTRON2_DATASETS", "datasets")).expanduser() / "coco"
+        return Path(os.environ["BENCH_COCO"]).expanduser().absolute()
+    return (Path(os.environ.get("DETECTRON2_DATASETS", "datasets")).expanduser() / "coco").absolute()
 
 
 def resolve(name: str, generate: bool = True) -> DatasetFiles:
@@ -47,8 +47,8 @@ def resolve(name: str, generate: bool = True) -> DatasetFiles:
         if not ann.is_file():
             raise DatasetMissing(
                 f"COCO not found: {ann} does not exist; put COCO 2017 under "
-                f"$DETECTRON2_DATASETS/coco or pass --coco PATH (or run `make mini` for the "
-                f"embedded dataset)")
+                f"$DETECTRON2_DATASETS/coco or pass --coco PATH (make reproduce-he2019 COCO=PATH), or run `make mini` for the "
+                f"embedded dataset")
         return DatasetFiles(name, root / "train2017", ann, root / "val2017",
                             root / "annotations" / "instances_val2017.json", root / "bench_subsets")
     if name in EMBEDDED:

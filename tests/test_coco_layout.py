@@ -1,0 +1,75 @@
+"""The COCO path end to end on data the suite generates: a COCO-layout directory (train2017,
+val2017, annotations/instances_*2017.json) built from the embedded dataset, nested subsets
+drawn by `bench subsets`, and runs that refuse to start when a subset or the annotation
+file does not match what was recorded."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from bench.data import registry, synthetic
+from conftest import REPO
+
+RECIPE = f"""
+study: coco-subsets
+base: {REPO}/recipes/mini/_model.yaml
+run:
+  data: {{dataset: coco, train_images: 16}}
+  solver: {{batch: 2, ref_batch: 2, unit_iters: 9, drops_from_end: [6, 2], warmup_iters: 3}}
+  eval: {{period: 9}}
+  checkpoint: {{period: 9, keep: 1}}
+vary:
+  schedule: [1x]
+compare:
+  init: [scratch, imagenet]
+"""
+
+
+def _bench(*args):
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture
+def coco_root(tmp_path):
+    src = synthetic.ensure(registry.EMBEDDED["shapes-tiny"])
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    shutil.copy(src / "annotations/instances_train.json", root / "annotations/instances_train2017.json")
+    shutil.copy(src / "annotations/instances_val.json", root / "annotations/instances_val2017.json")
+    (root / "train2017").symlink_to(src / "train")
+    (root / "val2017").symlink_to(src / "val")
+    return root
+
+
+def test_subsets_cli_then_a_run_on_a_subset_then_refusal_when_the_annotations_change(
+        coco_root, tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text(RECIPE)
+    runs = ["--runs-root", str(tmp_path / "runs"), "--coco", str(coco_root)]
+
+    out = _bench("run", str(study), *runs)           # no subsets drawn yet
+    assert out.returncode == 2
+    assert "bench subsets --annotations" in out.stderr and len(out.stderr.splitlines()) == 1
+
+    ann = coco_root / "annotations/instances_train2017.json"
+    out = _bench("subsets", "--annotations", str(ann), "--sizes", "8", "16", "32")
+    assert out.returncode == 0, out.stderr
+    files = sorted((coco_root / "bench_subsets").glob("train_*_seed0.json"))
+    ids = {json.loads(f.read_text())["size"]: set(json.loads(f.read_text())["image_ids"])
+           for f in files}
+    assert ids[8] < ids[16] < ids[32]
+
+    out = _bench("run", str(study), *runs, "--only=-scratch-")
+    assert out.returncode == 0 and "done 1," in out.stdout, out.stdout + out.stderr
+    (run_dir,) = (tmp_path / "runs/coco-subsets").iterdir()
+    assert json.loads((run_dir / "status.json").read_text())["train_images_used"] == 16
+
+    ann.write_text(ann.read_text() + "\n")           # another annotation file now
+    out = _bench("run", str(study), *runs, "--only=-scratch-")
+    assert out.returncode == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert "was drawn from another instances_train2017.json" in line

@@ -1,0 +1,141 @@
+"""The paper's study as recipes: every experiment it reports is either a recipe whose runs
+match the paper's (or detectron2's) published settings, or listed as not yet supported."""
+
+import csv
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench import recipe
+from conftest import REPO
+
+RECIPE_DIRS = sorted(d for d in (REPO / "recipes").iterdir() if d.is_dir())
+HE2019 = {st.name: st for st in recipe.load_all([REPO / "recipes/he2019"])}
+ZOO = {st.name: st for st in recipe.load_all([REPO / "recipes/detectron2-zoo"])}
+
+
+def _bench(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _run(study, init, schedule=None):
+    (spec,) = [r for r in study.runs if r.init == init and
+               (schedule is None or r.solver.schedule == schedule)]
+    return spec
+
+
+@pytest.mark.parametrize("name", ["he2019-r50-gn", "he2019-r101-gn", "he2019-r50-syncbn",
+                                  "he2019-r101-syncbn"])
+def test_learning_curve_studies_follow_the_papers_schedule_rule(name):
+    study = HE2019[name]
+    assert {r.solver.schedule for r in study.runs} == {"2x", "3x", "4x", "5x", "6x"}
+    for r in study.runs:
+        n = int(r.solver.schedule[:-1])
+        assert r.solver.max_iter == n * 90_000
+        assert r.solver.steps == (n * 90_000 - 60_000, n * 90_000 - 20_000)
+        assert (r.solver.lr, r.solver.batch, r.gpus) == (0.02, 16, 8)
+        assert (r.data.dataset, r.data.train_min_size, r.data.train_images) == ("coco", 800, None)
+        assert r.model.freeze_at == 0 and r.model.box_head_convs == 4
+        assert r.model.norm == name.split("-")[-1].replace("gn", "GN").replace("syncbn", "SyncBN")
+
+
+def test_every_numbered_row_of_the_paper_has_a_run_or_an_unsupported_recipe():
+    for row in csv.DictReader(open(REPO / "results/reference/he2019.csv")):
+        if not row["recipe"]:
+            continue
+        study = HE2019[row["recipe"]]
+        if study.unsupported:
+            continue
+        if row["schedule"] in {"2x", "3x", "4x", "5x", "6x"}:
+            assert _run(study, row["init"], row["schedule"]), row
+
+
+def test_less_data_studies_use_nested_subsets_and_the_retuned_hyper_parameters():
+    sizes = {}
+    for name in ("he2019-less-data-35k", "he2019-less-data-10k", "he2019-less-data-1k"):
+        for r in HE2019[name].runs:
+            sizes.setdefault(r.data.train_images, set()).add(r.data.subset_seed)
+            assert (r.solver.lr, r.solver.gamma) == (0.04, 0.02)       # paper's footnote 2
+            assert min(r.data.train_min_size) == 512 and max(r.data.train_min_size) == 800
+    assert sorted(sizes) == [1000, 10_000, 35_000] and all(v == {0} for v in sizes.values())
+    assert {r.solver.max_iter for r in HE2019["he2019-less-data-10k"].runs} == {60_000, 220_000}
+
+
+def test_experiments_no_engine_can_express_are_listed_with_a_reason():
+    assert HE2019["he2019-vgg16-nobn"].unsupported and not HE2019["he2019-vgg16-nobn"].runs
+    assert "KeypointRCNN" in HE2019["he2019-keypoint-r50-gn"].unsupported
+
+
+def test_detectron2_zoo_recipes_match_the_published_configs():
+    rows = [r for r in csv.DictReader(open(REPO / "results/reference/detectron2_zoo.csv"))
+            if r["recipe"]]
+    assert len(rows) == 5
+    for row in rows:
+        spec = _run(ZOO[row["recipe"]], row["init"])
+        steps = tuple(int(s) for s in row["steps"].strip("()").split(","))
+        assert (spec.solver.max_iter, spec.solver.batch, spec.solver.steps) == \
+            (int(row["iterations"]), int(row["batch"]), steps), row["config"]
+        assert spec.solver.lr == pytest.approx(float(row["lr"]))
+        assert spec.model.norm in row["norm"]
+        assert spec.model.freeze_at == (2 if row["init"] == "imagenet" else 0)
+        assert spec.data.train_min_size == (640, 672, 704, 736, 768, 800)
+
+
+def test_pairs_differ_only_in_init_and_declared_fine_tuning_conventions():
+    for d in RECIPE_DIRS:
+        for study in recipe.load_all([d]):
+            for scratch, imagenet in study.pairs:
+                a, b = scratch.to_dict(), imagenet.to_dict()
+                assert {k for k in a if a[k] != b[k]} <= {"init", "pretrained", "name", "model"}
+                ma, mb = a["model"], b["model"]
+                assert {k for k in ma if ma[k] != mb[k]} <= {"freeze_at"}
+
+
+def test_every_recipe_plans_and_the_plan_json_is_stable(tmp_path):
+    args = ["plan", *map(str, RECIPE_DIRS), "--json", "--runs-root", str(tmp_path)]
+    first, second = _bench(*args), _bench(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    plan = json.loads(first.stdout)
+    golden = json.loads((REPO / "tests/golden/plan.json").read_text())
+    fields = ["run_id", "iterations", "lr_drops", "lr", "batch", "train_images", "gpus"]
+    assert [{k: r[k] for k in fields} for r in plan["runs"]] == golden, \
+        "run ids or schedules changed; if intended, regenerate tests/golden/plan.json"
+    assert {u["study"] for u in plan["unsupported"]} == {"he2019-vgg16-nobn",
+                                                         "he2019-keypoint-r50-gn"}
+
+
+def test_plan_estimates_only_from_measured_throughput(tmp_path, monkeypatch):
+    table = tmp_path / "throughput.csv"
+    monkeypatch.setenv("BENCH_THROUGHPUT", str(table))
+    out = _bench("plan", str(REPO / "recipes/he2019/r50_gn.yaml"), "--json")
+    plan = json.loads(out.stdout)
+    assert plan["total_gpu_hours"] is None and all(r["gpu_hours"] is None for r in plan["runs"])
+    from bench import speed
+    spec = HE2019["he2019-r50-gn"].runs[0]
+    row = {c: "" for c in speed.COLUMNS}
+    row.update(speed_key=speed.speed_key(spec), device="NVIDIA H100 80GB HBM3",
+               sec_per_iter="0.5")
+    speed.record([row], table)
+    plan = json.loads(_bench("plan", str(REPO / "recipes/he2019/r50_gn.yaml"), "--json").stdout)
+    # every run of the study has this model: 0.5 s x iterations x 8 GPUs
+    assert plan["total_gpu_hours"] == pytest.approx(sum(0.5 * r["iterations"] * 8 / 3600
+                                                        for r in plan["runs"]), abs=0.1)
+    other = json.loads(_bench("plan", str(REPO / "recipes/he2019/r50_gn.yaml"), "--json",
+                              "--gpu", "A100").stdout)
+    assert other["total_gpu_hours"] is None
+
+
+def test_reproduce_without_coco_stops_in_seconds_naming_the_path_and_make_mini(tmp_path):
+    t0 = time.time()
+    out = _bench("run", str(REPO / "recipes/he2019"), "--coco", str(tmp_path / "coco"),
+                 "--runs-root", str(tmp_path / "runs"))
+    assert out.returncode == 2 and time.time() - t0 < 60
+    (line,) = out.stderr.strip().splitlines()
+    assert str(tmp_path / "coco" / "annotations" / "instances_train2017.json") in line
+    assert "make mini" in line
+    assert not (tmp_path / "runs").exists()
