@@ -48,7 +48,7 @@ test: setup
 # The paper's study on this machine's GPUs. Without COCO it stops in seconds naming the path
 # it looked at; DRY_RUN=1 prints the plan (runs, iterations, GPU-hours) instead.
 reproduce-he2019: setup
-ifdef DRY_RUN
+ifeq ($(DRY_RUN),1)
 	$(BIN)/bench plan $(HE2019) $(COCO_ARG)
 else
 	$(BIN)/bench run $(HE2019) $(COCO_ARG) $(RUN_ARGS)

@@ -27,6 +27,13 @@ class Backbone:
 def register_backbone(name: str):
     """Decorator: `@register_backbone("my_net")` makes `backbone: my_net` valid in recipes."""
     def wrap(fn):
+        # A plugin must not silently replace a backbone (e.g. the built-in `resnet` that
+        # other studies of the same command use); the same builder registered twice is fine.
+        known = BACKBONES.get(name)
+        if known is not None and (known.__module__, known.__qualname__) != \
+                (fn.__module__, fn.__qualname__):
+            raise ValueError(f"backbone {name!r} is already registered by {known.__module__}; "
+                             f"register the new one under another name")
         BACKBONES[name] = fn
         return fn
     return wrap

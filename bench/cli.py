@@ -101,6 +101,8 @@ def plan_rows(studies, root, gpu="H100"):
 
 
 def cmd_plan(args):
+    if not args.gpu.strip():
+        raise SystemExit("bench plan: --gpu must name a device, e.g. --gpu H100 (or --gpu CPU)")
     root = Path(args.runs_root) if args.runs_root else runs_root()
     studies = _studies(args)
     rows = plan_rows(studies, root, args.gpu)
@@ -150,7 +152,10 @@ def cmd_speed(args):
         if not args.force and speed.lookup(s, here, table):
             print(f"{s.run_id}: already measured on {here} (--force to measure again)")
             continue
-        rows.append(speed.measure(s, device, warmup=args.warmup, iters=args.iters))
+        try:
+            rows.append(speed.measure(s, device, warmup=args.warmup, iters=args.iters))
+        except ValueError as e:  # an engine or dataset bench speed cannot time
+            raise SystemExit(f"bench speed: {e}") from None
         if args.record:  # one at a time: a later model running out of memory loses nothing
             speed.record(rows[-1:])
     if args.record:
@@ -170,11 +175,11 @@ def cmd_run(args):
     specs = [s for study in studies for s in study.runs]
     if args.only:
         specs = [s for s in specs if args.only in s.run_id]
-    _preflight(studies, specs)
+    root = Path(args.runs_root) if args.runs_root else runs_root()
+    _preflight(studies, specs, root)
     device = args.device
     if device == "auto":
         device = "cuda" if runner._cuda_count() else "cpu"
-    root = Path(args.runs_root) if args.runs_root else runs_root()
     slot_names = runner.default_slots(device, args.threads, args.per_gpu)
     if args.slots:
         if device == "cuda" and args.slots > len(slot_names):
@@ -193,28 +198,52 @@ def cmd_run(args):
     return 1 if outcome.failed else 0
 
 
-def _preflight(studies, specs):
+class PreflightError(RuntimeError):
+    """What would fail a run hours in, found before it starts."""
+
+
+def _preflight(studies, specs, root):
     """Fail in seconds, before any training, on what would fail hours later."""
     from bench.data import registry, subsets
+    from bench.engines.torchvision.model import build_detector, load_backbone_weights
+    from bench.engines.torchvision.weights import load_imagenet_backbone
     from bench.paths import resolve_cache_path
-    recipe_of = {s.run_id: study.path for study in studies for s in study.runs}
+    from bench.runner import is_done, run_dir_for
+    study_of = {s.run_id: study for study in studies for s in study.runs}
+    todo = [s for s in specs if not is_done(run_dir_for(s, root))]
     for dataset in sorted({s.data.dataset for s in specs}):
         registry.resolve(dataset)  # raises DatasetMissing naming the path and the fix
+    for s in todo:
+        if s.gpus > 1:
+            raise PreflightError(
+                f"{study_of[s.run_id].path}: {s.name} asks for gpus={s.gpus}, but multi-GPU "
+                f"training (DDP) is not implemented yet; --set gpus=1 trains the same batch of "
+                f"{s.solver.batch} on one GPU (a new run id)")
     for dataset, n, seed in sorted({(s.data.dataset, s.data.train_images, s.data.subset_seed)
-                                    for s in specs if s.data.train_images is not None}):
+                                    for s in todo if s.data.train_images is not None}):
         files = registry.resolve(dataset)
         path = registry.subset_file(files, n, seed)  # missing COCO subset: DatasetMissing
         try:
-            subsets.read_subset(path, files.train_annotations)
+            subsets.read_subset(path, files.train_annotations, size=n, seed=seed)
         except ValueError as e:
-            raise registry.DatasetMissing(str(e)) from None
-    for s in specs:
-        if s.init == "imagenet":
-            f = resolve_cache_path(s.pretrained)
-            if not f.is_file():
-                raise FileNotFoundError(
-                    f"{recipe_of[s.run_id]}: pretrained checkpoint {s.pretrained} not found at "
-                    f"{f}; run `bench pretrain {recipe_of[s.run_id]}` first")
+            raise PreflightError(str(e)) from None
+    checked = set()
+    for s in todo:
+        if s.init != "imagenet" or (s.pretrained, s.model) in checked:
+            continue
+        checked.add((s.pretrained, s.model))
+        study = study_of[s.run_id]
+        f = resolve_cache_path(s.pretrained)
+        if not f.is_file():
+            how = (f"run `bench pretrain {study.path}` first" if study.pretrain else
+                   "put the ImageNet checkpoint the recipe names there")
+            raise FileNotFoundError(f"{study.path}: pretrained checkpoint {s.pretrained} not "
+                                    f"found at {f}; {how}")
+        try:  # the checkpoint must load and cover the backbone, once per file and model
+            state = load_imagenet_backbone(s.pretrained, s.model)
+            load_backbone_weights(build_detector(s.model, 1, s.data), state, log=lambda *_: None)
+        except ValueError as e:
+            raise PreflightError(f"{study.path}: {e}") from None
 
 
 def cmd_subsets(args):
@@ -340,7 +369,8 @@ def main(argv=None):
     from bench.spec import SpecError
     try:
         return args.fn(args) or 0
-    except (SpecError, DatasetMissing, EngineUnavailable, FileNotFoundError, NoSlots) as e:
+    except (SpecError, DatasetMissing, EngineUnavailable, FileNotFoundError, NoSlots,
+            PreflightError) as e:
         print(f"bench {args.cmd}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

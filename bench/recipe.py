@@ -107,6 +107,13 @@ def parse_overrides(items) -> dict:
     return out
 
 
+def doc_base_name(path: Path, base_path: Path) -> str:
+    try:
+        return str(base_path.relative_to(path.parent.resolve()))
+    except ValueError:
+        return str(base_path)
+
+
 def load_doc(path, overrides=None) -> dict:
     path = Path(path)
     doc = _read_yaml(path)
@@ -117,6 +124,7 @@ def load_doc(path, overrides=None) -> dict:
             raise SpecError(f"{base_path}: a base recipe may not have its own `base:` (one level "
                             f"only, to keep recipes readable); merge it into {path.name}")
         doc = _merge(base, {k: v for k, v in doc.items() if k != "base"})
+        doc["_base"] = str(doc_base_name(path, base_path))
     for key, value in (overrides or {}).items():
         head = key.split(".")[0]
         target = key if head in ("vary", "compare", "pretrain", "study") else f"run.{key}"
@@ -165,7 +173,7 @@ def _check_model_builds(spec: RunSpec, where: str):
         try:
             build_detector(spec.model, num_classes=1, data=spec.data)
             _BUILDS[key] = None
-        except (ValueError, RuntimeError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - a (plugin) builder may raise anything
             _BUILDS[key] = str(e).splitlines()[0] if str(e) else type(e).__name__
     if _BUILDS[key] is not None:
         raise SpecError(f"{where}: the model cannot be built: {_BUILDS[key]}")
@@ -210,7 +218,7 @@ def load(path, overrides=None) -> Study:
     doc = load_doc(path, overrides)
     overridden = {key if key.split(".")[0] in ("vary", "compare", "pretrain", "study")
                   else f"run.{key}" for key in (overrides or {})}
-    where = str(path)
+    where = str(path) + (f" (with base {doc['_base']})" if doc.get("_base") else "")
     name = doc.get("study")
     if not isinstance(name, str) or not name:
         raise SpecError(f"{where}: study: must be a non-empty name")
@@ -218,6 +226,10 @@ def load(path, overrides=None) -> Study:
         reason = doc["unsupported"]
         if not isinstance(reason, str) or not reason.strip():
             raise SpecError(f"{where}: unsupported: must say why no engine can run this study yet")
+        extra = [k for k in ("run", "vary", "compare", "pretrain", "plugins") if k in doc]
+        if extra:
+            raise SpecError(f"{where}: {extra[0]}: an unsupported study has no runs; keep only "
+                            f"study, description and unsupported (or remove unsupported)")
         return Study(name=name, path=path, description=doc.get("description", ""), runs=[],
                      pairs=[], unsupported=" ".join(reason.split()))
     plugin_entries = doc.get("plugins") or []
@@ -227,12 +239,16 @@ def load(path, overrides=None) -> Study:
     try:
         plugin_paths = plugins.resolve(plugin_entries, path.parent)
         plugins.load(plugin_paths)
-    except (FileNotFoundError, ImportError, SyntaxError) as e:
+    except Exception as e:  # noqa: BLE001 - user code: any failure is one line naming it
         raise SpecError(f"{where}: plugins: {type(e).__name__}: {e}") from None
     run = doc.get("run") or {}
     if not isinstance(run, dict):
         raise SpecError(f"{where}: run: must be a mapping of RunSpec fields (model, data, solver, "
                         f"...), got {run!r}")
+    for label in RunSpec.LABELS:
+        if label in run:
+            raise SpecError(f"{where}: run.{label} is set by the suite (study name, run name, "
+                            f"top-level plugins:); remove it from run")
     if "init" in run:
         raise SpecError(f"{where}: run.init is set by compare.init (every run has a scratch and an "
                         f"imagenet twin); remove it from run")
@@ -328,7 +344,8 @@ def _per_init_overrides(compare, init, where) -> dict:
             raise SpecError(f"{where}: compare.{init}.{key}: a pair may differ only in its init "
                             f"and these fine-tuning conventions: {', '.join(PER_INIT_FIELDS)}")
         head, field_name = key.split(".")
-        from_dict(type(getattr(RunSpec(), head)), {field_name: value}, f"{where}: compare.{init}")
+        from_dict(type(getattr(RunSpec(), head)), {field_name: value},
+                  f"{where}: compare.{init}.{head}")
     return flat
 
 

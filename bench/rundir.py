@@ -69,15 +69,20 @@ class RunDir:
         """Record the resolved spec; a run dir never changes what it trains."""
         from bench.spec import RunSpec
         self.path.mkdir(parents=True, exist_ok=True)
+        assert isinstance(spec, RunSpec)
+        doc = {"run_id": spec.run_id, "identity": spec.identity(), "spec": spec.to_dict(),
+               "code_version": code_version(), "packages": package_versions()}
         if self.spec_file.exists():
             old = self.read_spec()
             if old.identity() != spec.identity():
                 raise RuntimeError(f"{self.spec_file} holds another run (identity {old.identity()}, "
                                    f"not {spec.identity()}); use a fresh run dir")
-            return
-        assert isinstance(spec, RunSpec)
-        doc = {"run_id": spec.run_id, "identity": spec.identity(), "spec": spec.to_dict(),
-               "code_version": code_version(), "packages": package_versions()}
+            if old == spec:
+                return
+            # Same run, new labels (e.g. a plugin's path after the checkout moved): keep the
+            # record of the code that started the run, update where its plugins are now.
+            first = self.read_spec_doc()
+            doc.update(code_version=first.get("code_version"), packages=first.get("packages"))
         atomic_write_text(self.spec_file, yaml.safe_dump(_plain(doc), sort_keys=False))
 
     def read_spec_doc(self) -> dict:

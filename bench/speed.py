@@ -140,7 +140,8 @@ def measure(spec, device="cpu", warmup=5, iters=20, log=print) -> dict:
     m, d = spec.model, spec.data
     row = {"speed_key": speed_key(spec), "device": device_name(device), "engine": spec.engine,
            "arch": m.arch, "backbone": f"{m.backbone}{m.depth}" + (f"-w{m.width}" if m.width != 64
-                                                                   else ""),
+                                                                   else "")
+           + (f"-freeze{m.freeze_at}" if m.freeze_at else ""),
            "norm": m.norm, "input": f"{d.train_min_size}/{d.train_max_size}",
            "batch_per_gpu": per_gpu, "sec_per_iter": f"{sec:.4f}",
            "images_per_sec": f"{per_gpu / sec:.1f}",

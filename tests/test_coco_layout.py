@@ -69,7 +69,36 @@ def test_subsets_cli_then_a_run_on_a_subset_then_refusal_when_the_annotations_ch
     assert json.loads((run_dir / "status.json").read_text())["train_images_used"] == 16
 
     ann.write_text(ann.read_text() + "\n")           # another annotation file now
-    out = _bench("run", str(study), *runs, "--only=-scratch-")
+    out = _bench("run", str(study), *runs, "--only=-scratch-")   # done: nothing to check
+    assert out.returncode == 0 and "skipped (already done) 1" in out.stdout
+    out = _bench("run", str(study), *runs, "--only=-scratch-", "--set", "seed=1")
     assert out.returncode == 2
     (line,) = out.stderr.strip().splitlines()
     assert "was drawn from another instances_train2017.json" in line
+
+
+def test_he2019_preflight_names_what_blocks_a_run_before_any_training(coco_root, tmp_path,
+                                                                      bench_data):
+    r50_gn = str(REPO / "recipes/he2019/r50_gn.yaml")
+    common = ["--coco", str(coco_root), "--runs-root", str(tmp_path / "runs")]
+
+    out = _bench("run", r50_gn, *common)
+    (line,) = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "asks for gpus=8" in line and "--set gpus=1" in line
+
+    one_gpu = [*common, "--set", "gpus=1", "--only=-imagenet-2x-"]
+    out = _bench("run", r50_gn, *one_gpu)
+    (line,) = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "cache:imagenet/R-50-GN.pkl not found" in line
+    assert "put the ImageNet checkpoint the recipe names there" in line
+
+    pkl = bench_data / "imagenet" / "R-50-GN.pkl"
+    pkl.parent.mkdir(parents=True, exist_ok=True)
+    pkl.write_bytes(b"not really a pickle")
+    try:
+        out = _bench("run", r50_gn, *one_gpu)
+    finally:
+        pkl.unlink()
+    (line,) = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "is a Detectron/Caffe2 .pkl" in line
+    assert not (tmp_path / "runs").exists()

@@ -52,6 +52,9 @@ def test_every_numbered_row_of_the_paper_has_a_run_or_an_unsupported_recipe():
             continue
         if row["schedule"] in {"2x", "3x", "4x", "5x", "6x"}:
             assert _run(study, row["init"], row["schedule"]), row
+        elif row["iterations"] and row["experiment"].startswith("less_data"):
+            assert int(row["iterations"]) in {r.solver.max_iter for r in study.runs
+                                              if r.init == row["init"]}, row
 
 
 def test_less_data_studies_use_nested_subsets_and_the_retuned_hyper_parameters():
@@ -139,3 +142,18 @@ def test_reproduce_without_coco_stops_in_seconds_naming_the_path_and_make_mini(t
     assert str(tmp_path / "coco" / "annotations" / "instances_train2017.json") in line
     assert "make mini" in line
     assert not (tmp_path / "runs").exists()
+
+
+def test_make_reproduce_he2019_dry_run_prints_the_plan_and_without_coco_stops(tmp_path):
+    if subprocess.run(["make", "-q", "setup"], cwd=REPO).returncode != 0:
+        pytest.skip("the venv is not set up by `make setup` (make would install it)")
+    env = {**__import__("os").environ, "BENCH_RUNS": str(tmp_path / "runs")}
+    dry = subprocess.run(["make", "-s", "reproduce-he2019", "DRY_RUN=1"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr
+    assert "56 runs" in dry.stdout and "not yet supported: he2019-vgg16-nobn" in dry.stdout
+    real = subprocess.run(["make", "-s", "reproduce-he2019", f"COCO={tmp_path / 'coco'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert real.returncode != 0
+    assert f"{tmp_path / 'coco'}/annotations/instances_train2017.json does not exist" in real.stderr
+    assert "make mini" in real.stderr

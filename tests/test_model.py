@@ -119,3 +119,21 @@ def test_batched_mask_paste_fills_each_box_and_agrees_with_torchvision():
     inside[20:40, 10:50] = True                  # pixel centres inside the box
     assert torch.equal(ones[0, 0] >= 0.5, inside)
     assert paste_masks(m[:0], boxes[:0], h, w).shape == (0, 1, h, w)
+
+
+def test_frozen_stages_freeze_batchnorm_statistics_as_detectron2():
+    """freeze_at=2 (detectron2's pre-trained configs): stem and res2 get no gradients and
+    their BN layers become FrozenBatchNorm2d, so neither batch statistics nor running-stat
+    updates reach them; later stages stay trainable BN."""
+    from torchvision.ops import FrozenBatchNorm2d
+    m = replace(SCRATCH.model, norm="BN", freeze_at=2)
+    body = build_detector(m, num_classes=8, data=SCRATCH.data).backbone.body
+    assert isinstance(body.bn1, FrozenBatchNorm2d)
+    assert all(not isinstance(x, nn.BatchNorm2d) for x in body.layer1.modules())
+    assert any(isinstance(x, nn.BatchNorm2d) for x in body.layer2.modules())
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer2.parameters())
+    before = body.bn1.running_mean.clone()
+    body.train()
+    body(torch.rand(2, 3, 64, 64))
+    assert torch.equal(body.bn1.running_mean, before)

@@ -83,7 +83,7 @@ def test_set_overrides_reach_every_run():
     ("compare: {init: [scratch, imagenet], imagenet: {solver: {base_lr: 0.1}}}",
      "compare.imagenet.solver.base_lr: a pair may differ only in its init and these"),
     ("compare: {init: [scratch, imagenet], imagenet: {model: {freeze_at: two}}}",
-     "compare.imagenet.freeze_at: 'two' has the wrong type"),
+     "compare.imagenet.model.freeze_at: 'two' has the wrong type"),
     ("compare: {init: [scratch, imagenet], scratch: {model: {freeze_at: 2}}}",
      "freeze_at=2 with init=scratch"),
     ("compare: {init: [scratch, imagenet], pretrained: {x: 1}}", "compare.pretrained: unknown key"),
@@ -91,6 +91,9 @@ def test_set_overrides_reach_every_run():
     ("plugins: [missing_backbone.py]", "plugins: FileNotFoundError: plugin missing_backbone.py"),
     ("plugins: nope.py", "plugins: must be a list"),
     ("run: {data: {train_min_size: []}}", "data.train_min_size=() must be greater than 0"),
+    ("run: {plugins: [x.py]}", "run.plugins is set by the suite"),
+    ("run: {name: mine}", "run.name is set by the suite"),
+    ("unsupported: no engine\nvary: {schedule: [1x]}", "an unsupported study has no runs"),
 ])
 def test_bad_recipes_name_the_file_the_key_and_the_allowed_values(tmp_path, body, needle):
     path = write_recipe(tmp_path, f"study: bad\n{BASE}{body}\n")
@@ -142,3 +145,24 @@ def test_set_with_invalid_yaml_is_one_line():
     with pytest.raises(SpecError, match="not valid YAML") as e:
         recipe.parse_overrides(["vary.schedule=[1x"])
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("code,needle", [
+    ("raise NameError('typo in my backbone')", "plugins: NameError: typo in my backbone"),
+    ("from bench.backbones import register_backbone\n@register_backbone('resnet')\n"
+     "def mine(m):\n    pass", "backbone 'resnet' is already registered by bench.backbones"),
+])
+def test_a_broken_plugin_is_one_line_naming_the_recipe(tmp_path, code, needle):
+    (tmp_path / "plug.py").write_text(code + "\n")
+    path = write_recipe(tmp_path, f"study: p\nplugins: [plug.py]\n{BASE}")
+    with pytest.raises(SpecError) as e:
+        recipe.load(path)
+    assert needle in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_error_in_a_base_file_names_the_base_too(tmp_path):
+    write_recipe(tmp_path, "run: {model: {nrom: GN}}\n", "_base.yaml")
+    path = write_recipe(tmp_path, "study: x\nbase: _base.yaml\n")
+    with pytest.raises(SpecError, match=r"study.yaml \(with base _base.yaml\): run.model: "
+                                        r"unknown key 'nrom'"):
+        recipe.load(path)

@@ -47,3 +47,15 @@ def test_subset_of_another_annotation_file_or_edited_is_refused(ann_file, tmp_pa
 def test_asking_for_more_images_than_exist_is_an_error(ann_file):
     with pytest.raises(ValueError, match="only 40 are eligible"):
         subsets.nested_subsets(subsets.eligible_ids(ann_file), [41])
+
+
+def test_coco_sized_subsets_are_the_same_on_every_machine():
+    """Pinned draws from 118,287 ids (COCO-sized; the real subsets are drawn from train2017's
+    eligible images): the permutation comes from numpy's seeded PCG64 stream, the same on
+    every platform, so every machine draws the same ids from the same annotation file. A
+    change here would silently change the paper's less-data runs: it must be deliberate."""
+    d = subsets.nested_subsets(range(1, 118_288), [1000, 10_000, 35_000], seed=0)
+    assert d[1000][:8] == [74, 518, 621, 676, 1044, 1095, 1185, 1256]
+    assert subsets.ids_sha256(d[1000]).startswith("d9d3092056be2ff4")
+    assert subsets.ids_sha256(d[35_000]).startswith("1e16af87d347f0c3")
+    assert set(d[1000]) < set(d[10_000]) < set(d[35_000])

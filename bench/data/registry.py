@@ -49,8 +49,14 @@ def resolve(name: str, generate: bool = True) -> DatasetFiles:
                 f"COCO not found: {ann} does not exist; put COCO 2017 under "
                 f"$DETECTRON2_DATASETS/coco or pass --coco PATH (make reproduce-he2019 COCO=PATH), or run `make mini` for the "
                 f"embedded dataset")
-        return DatasetFiles(name, root / "train2017", ann, root / "val2017",
-                            root / "annotations" / "instances_val2017.json", root / "bench_subsets")
+        files = DatasetFiles(name, root / "train2017", ann, root / "val2017",
+                             root / "annotations" / "instances_val2017.json",
+                             root / "bench_subsets")
+        for what in (files.train_images, files.val_images, files.val_annotations):
+            if not what.exists():
+                raise DatasetMissing(f"COCO at {root} is incomplete: {what} does not exist; "
+                                     f"COCO 2017 needs train2017/, val2017/ and annotations/")
+        return files
     if name in EMBEDDED:
         cfg = EMBEDDED[name]
         root = cache_root() / cfg.name

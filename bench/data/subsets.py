@@ -58,18 +58,25 @@ def write_subsets(ann_file, sizes, directory, seed=0):
     return paths
 
 
-def read_subset(path, ann_file):
-    """The image ids of a subset file, after checking it belongs to `ann_file` and is intact."""
+def read_subset(path, ann_file, size=None, seed=None):
+    """The image ids of a subset file, after checking it belongs to `ann_file`, is intact and
+    (when given) has the size and seed the run asks for."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable subset file ({e}); delete it to have it drawn "
-                         f"again (the same seed gives the same ids)") from None
-    if ids_sha256(doc["image_ids"]) != doc["image_ids_sha256"]:
+        ids, recorded = doc["image_ids"], doc["image_ids_sha256"]
+        ann_hash = doc["annotations_sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable subset file ({type(e).__name__}: {e}); delete it "
+                         f"and draw it again with `bench subsets` (the same seed gives the same "
+                         f"ids)") from None
+    if ids_sha256(ids) != recorded:
         raise ValueError(f"{path}: image ids do not match their recorded hash (edited or corrupt); "
                          f"delete it to have it drawn again")
-    if file_sha256(ann_file) != doc["annotations_sha256"]:
+    if (size is not None and len(ids) != size) or (seed is not None and doc.get("seed") != seed):
+        raise ValueError(f"{path}: holds {len(ids)} ids drawn with seed {doc.get('seed')}, but "
+                         f"the run asks for {size} with seed {seed}; delete it and draw it again")
+    if file_sha256(ann_file) != ann_hash:
         raise ValueError(f"{path} was drawn from another {Path(ann_file).name} than {ann_file}; "
                          f"delete it to draw the subset from this annotation file")
-    return doc["image_ids"]
+    return ids

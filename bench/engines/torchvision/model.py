@@ -16,6 +16,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from bench.backbones import build_backbone
@@ -27,13 +28,40 @@ PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
 
 
+def _freeze_batchnorms(module: nn.Module):
+    """Replace every BatchNorm (and SyncBatchNorm) under `module` by FrozenBatchNorm2d: a
+    frozen stage must not normalize with batch statistics or update its running ones."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            if child.affine:
+                frozen.weight.copy_(child.weight.detach())
+                frozen.bias.copy_(child.bias.detach())
+            if child.track_running_stats:
+                frozen.running_mean.copy_(child.running_mean)
+                frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            _freeze_batchnorms(child)
+
+
 def freeze_stages(body: nn.Module, stage_names, freeze_at: int):
-    """Freeze the stem (freeze_at >= 1) and the first freeze_at - 1 stages, as detectron2."""
+    """Freeze the stem (freeze_at >= 1) and the first freeze_at - 1 stages, as detectron2:
+    no gradients, and BN layers there become FrozenBatchNorm2d (GN has no statistics)."""
     if freeze_at <= 0:
         return
-    stem = [m for name, m in body.named_children() if name not in stage_names]
-    frozen = stem + [getattr(body, n) for n in stage_names[:freeze_at - 1]]
-    for module in frozen:
+    frozen = [name for name, _ in body.named_children() if name not in stage_names]
+    frozen += list(stage_names[:freeze_at - 1])
+    for name in frozen:
+        module = getattr(body, name)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):  # e.g. the stem's bn1
+            holder = nn.Module()
+            holder.m = module
+            _freeze_batchnorms(holder)
+            setattr(body, name, holder.m)
+            module = holder.m
+        else:
+            _freeze_batchnorms(module)
         for p in module.parameters():
             p.requires_grad_(False)
 

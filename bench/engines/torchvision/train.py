@@ -46,7 +46,8 @@ def datasets_for(spec):
     ids = None
     if spec.data.train_images is not None:
         path = registry.subset_file(files, spec.data.train_images, spec.data.subset_seed)
-        ids = subsets.read_subset(path, files.train_annotations)
+        ids = subsets.read_subset(path, files.train_annotations, size=spec.data.train_images,
+                                  seed=spec.data.subset_seed)
     masks = spec.model.arch == "mask_rcnn"
     train = CocoDetection(files.train_images, files.train_annotations, ids, train=True, masks=masks)
     val = CocoDetection(files.val_images, files.val_annotations, train=False, masks=masks,

@@ -17,6 +17,11 @@ def load_imagenet_backbone(path: str, model_spec) -> dict:
         raise FileNotFoundError(f"pretrained checkpoint {path} not found at {file}; create it with "
                                 f"`bench pretrain RECIPE` (or `make mini`), or point `pretrained` "
                                 f"at an existing file")
+    if file.suffix == ".pkl":
+        raise ValueError(f"pretrained checkpoint {file} is a Detectron/Caffe2 .pkl, which the "
+                         f"torchvision engine cannot convert yet; point run.pretrained at a "
+                         f"torchvision ResNet state_dict (.pth), or run the scratch half only "
+                         f"(--only=-scratch-)")
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
