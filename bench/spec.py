@@ -3,7 +3,8 @@
 Every field exists because a recipe or the paper needs it. Defaults are the paper's COCO
 baseline (detectron2's Base-RCNN-FPN with the GN/SyncBN settings of its Misc configs);
 the mini recipes override the sizes that make a CPU run affordable. A RunSpec is frozen;
-its hash (over everything but its labels) is its identity: same spec, same run dir.
+its hash (over the values that differ from these defaults, labels aside) is its identity:
+same spec, same run dir. README "Model fidelity" lists each default with its source.
 """
 
 import dataclasses
@@ -14,6 +15,27 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Tuple, Union
 
 Norm = Literal["GN", "SyncBN", "FrozenBN", "BN", "none"]
+
+
+# Bump when a default value changes meaning (see RunSpec.identity); adding a field whose
+# default keeps the old behaviour needs no bump.
+SPEC_VERSION = 1
+
+
+def _non_default(obj) -> dict:
+    """The fields of dataclass `obj` that differ from their defaults, recursively."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            sub = _non_default(value)
+            if sub:
+                out[f.name] = sub
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if value != default:
+            out[f.name] = value
+    return out
 
 
 class SpecError(ValueError):
@@ -42,6 +64,10 @@ class ModelSpec:
     roi_batch_per_image: int = 512
     mask_head_convs: int = 4
     mask_head_dim: int = 256
+    # RoI pooling as detectron2's FPN configs (POOLER_TYPE ROIAlignV2, POOLER_SAMPLING_RATIO 0):
+    # the half-pixel-aligned RoIAlign, adaptive sampling; 7x7 for boxes, 14x14 for masks
+    roi_align_aligned: bool = True
+    roi_sampling_ratio: int = 0
     detections_per_image: int = 100
     score_thresh: float = 0.05
 
@@ -116,11 +142,17 @@ class RunSpec:
         return dataclasses.asdict(self)
 
     def identity(self) -> str:
-        """Hash of everything that changes what is trained (not the labels)."""
-        d = self.to_dict()
+        """Hash of everything that changes what is trained (not the labels).
+
+        Only values that differ from their defaults are hashed, with SPEC_VERSION: a field
+        added later with a default that keeps the old behaviour leaves every run id (and so
+        every run dir) as it was; changing what a default means requires a new SPEC_VERSION.
+        """
+        d = _non_default(self)
         for k in self.LABELS:
-            d.pop(k)
-        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+            d.pop(k, None)
+        blob = json.dumps({"spec_version": SPEC_VERSION, **d}, sort_keys=True,
+                          separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     @property

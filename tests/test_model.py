@@ -137,3 +137,48 @@ def test_frozen_stages_freeze_batchnorm_statistics_as_detectron2():
     body.train()
     body(torch.rand(2, 3, 64, 64))
     assert torch.equal(body.bn1.running_mean, before)
+
+
+def test_r50_fpn_gn_mask_rcnn_has_detectron2s_parameter_count():
+    """detectron2's Misc/scratch_mask_rcnn_R_50_FPN_3x_gn for COCO's 80 classes has
+    45,711,152 parameters (counted from its build); ours must be the same model."""
+    spec = recipe.load(REPO / "recipes/detectron2-zoo/r50_gn_3x.yaml").runs[0]
+    model = build_detector(spec.model, num_classes=80, data=spec.data)
+    assert sum(p.numel() for p in model.parameters()) == 45_711_152
+
+
+def test_predictors_never_train_or_use_a_background_box_or_mask():
+    """The zero background column/channel the predictors add for torchvision's RoI heads
+    gets no gradient and leaves the foreground outputs as they are."""
+    from bench.engines.torchvision.model import BoxPredictor, MaskPredictor
+    box, mask = BoxPredictor(16, 3), MaskPredictor(8, 3)
+    scores, deltas = box(torch.rand(5, 16))
+    assert scores.shape == (5, 4) and deltas.shape == (5, 16)
+    assert torch.equal(deltas[:, :4], torch.zeros(5, 4))
+    logits = mask(torch.rand(5, 8, 14, 14))
+    assert logits.shape == (5, 4, 28, 28) and not logits[:, 0].any()
+    (deltas[:, :4].sum() + logits[:, 0].sum()).backward()
+    assert box.bbox_pred.weight.grad is None or not box.bbox_pred.weight.grad.any()
+
+
+def test_roi_pooler_matches_torchvision_unaligned_and_shifts_half_a_pixel_aligned():
+    """RoIPooler picks the same FPN level per box as torchvision's MultiScaleRoIAlign (so,
+    unaligned with ratio 2, it gives the same features), and aligned=True is RoIAlignV2."""
+    from collections import OrderedDict
+
+    from torchvision.ops import MultiScaleRoIAlign, roi_align
+
+    from bench.engines.torchvision.model import RoIPooler
+    g = torch.Generator().manual_seed(0)
+    feats = OrderedDict((str(i), torch.rand(2, 4, 64 // 2 ** i, 64 // 2 ** i, generator=g))
+                        for i in range(4))
+    boxes = [torch.tensor([[0.0, 0, 20, 20], [10, 10, 250, 250]]),
+             torch.tensor([[5.0, 5, 60, 90], [0, 0, 255, 255], [30, 30, 34, 34]])]
+    shapes = [(256, 256), (256, 256)]
+    ours = RoIPooler(list(feats), 7, 2, aligned=False)(feats, boxes, shapes)
+    theirs = MultiScaleRoIAlign(list(feats), 7, 2)(feats, boxes, shapes)
+    assert torch.allclose(ours, theirs)
+    aligned = RoIPooler(list(feats), 7, 0, aligned=True)(feats, boxes, shapes)
+    small = roi_align(feats["0"], torch.tensor([[0.0, 0, 0, 20, 20]]), 7, spatial_scale=0.25,
+                      sampling_ratio=0, aligned=True)       # a 20 px box is pooled from P2
+    assert torch.allclose(aligned[0], small[0]) and not torch.allclose(aligned, ours)

@@ -78,3 +78,21 @@ def test_unreadable_checkpoints_stop_the_run_instead_of_restarting_it(spec, tmp_
     with pytest.warns(UserWarning), pytest.raises(NoReadableCheckpoint, match="none of the 2"):
         train(spec, rd.path, log=lambda m: None)
     assert rd.metrics_file.read_text() == rows  # nothing already computed is thrown away
+
+
+def test_a_checkpoint_from_another_model_layout_is_one_clear_line(spec, tmp_path):
+    """A run dir trained before a change of the model's layout (e.g. the predictors) must not
+    crash with a state-dict dump, nor restart silently: it says what to do."""
+    rd = train(spec, tmp_path / "run", log=lambda m: None)
+    ckpt = rd.checkpoints / "model_0000018.pth"
+    state = torch.load(ckpt, weights_only=False)
+    w = state["model"]["roi_heads.box_predictor.bbox_pred.weight"]
+    state["model"]["roi_heads.box_predictor.bbox_pred.weight"] = torch.cat([w, w[:4]])
+    torch.save(state, ckpt)
+    rd.write_status("running", iteration=18)
+    rows = rd.metrics_file.read_text()
+    with pytest.raises(ValueError) as e:
+        train(spec, rd.path, log=lambda m: None)
+    msg = str(e.value)
+    assert "does not fit this code's model" in msg and "\n" not in msg and str(rd.path) in msg
+    assert rd.metrics_file.read_text() == rows

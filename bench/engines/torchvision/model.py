@@ -5,6 +5,7 @@ box head 4conv+1fc, mask head 4conv, scratch init MSRA. torchvision provides eve
 this file only wires them to the spec.
 """
 
+import math
 from collections import OrderedDict
 
 import torch
@@ -13,10 +14,11 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d, roi_align
+from torchvision.ops.poolers import LevelMapper, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from bench.backbones import build_backbone
@@ -66,6 +68,80 @@ def freeze_stages(body: nn.Module, stage_names, freeze_at: int):
             p.requires_grad_(False)
 
 
+class RoIPooler(MultiScaleRoIAlign):
+    """Multi-level RoIAlign as detectron2's ROIPooler: each RoI is pooled from the FPN level
+    its size selects (a 224-pixel box from P4, as torchvision's LevelMapper), with the
+    half-pixel alignment of ROIAlignV2 and adaptive sampling (ratio 0) by default.
+    torchvision's MultiScaleRoIAlign does the same but always unaligned (its RoI heads accept
+    only that class, hence the subclass; only forward is ours)."""
+
+    def __init__(self, featmap_names, output_size: int, sampling_ratio: int, aligned: bool):
+        super().__init__(list(featmap_names), output_size, sampling_ratio)
+        self.output_size = (output_size, output_size)
+        self.aligned = aligned
+
+    def forward(self, x, boxes, image_shapes):
+        feats = [x[k] for k in self.featmap_names]
+        height = max(s[0] for s in image_shapes)
+        scales = [2.0 ** round(math.log2(f.shape[-2] / height)) for f in feats]
+        levels = LevelMapper(round(-math.log2(scales[0])), round(-math.log2(scales[-1])))(boxes)
+        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1)
+                          for i, b in enumerate(boxes)])
+        out = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
+        for level, (feat, scale) in enumerate(zip(feats, scales)):
+            idx = torch.where(levels == level)[0]
+            if len(idx):
+                out[idx] = roi_align(feat, rois[idx], self.output_size, spatial_scale=scale,
+                                     sampling_ratio=self.sampling_ratio,
+                                     aligned=self.aligned).to(out.dtype)
+        return out
+
+
+class BoxPredictor(nn.Module):
+    """detectron2's FastRCNNOutputLayers: K+1 class scores, box deltas for the K foreground
+    classes only, initialized N(0, 0.01) and N(0, 0.001) with zero bias.
+
+    torchvision's FastRCNNPredictor also regresses a box for the background class (4 x 1024
+    more weights than the paper's model, and PyTorch's default Linear init). Its RoI heads
+    index deltas by class id, background included, so a zero background column is put in
+    front: it is never trained (only foreground RoIs have a box loss) and never used
+    (inference drops the background column).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, num_classes + 1)
+        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x):
+        x = x.flatten(start_dim=1)
+        deltas = self.bbox_pred(x)
+        return self.cls_score(x), torch.cat([deltas.new_zeros(len(deltas), 4), deltas], dim=1)
+
+
+class MaskPredictor(nn.Module):
+    """detectron2's mask predictor: 2x2 deconvolution (MSRA fill) and a 1x1 conv to K
+    class-specific masks, N(0, 0.001). torchvision's predictor has a background mask too;
+    its RoI heads pick each RoI's mask by class id (never 0), so a zero channel stands in."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.conv5_mask = nn.ConvTranspose2d(in_channels, in_channels, 2, 2)
+        self.mask_fcn_logits = nn.Conv2d(in_channels, num_classes, 1)
+        nn.init.kaiming_normal_(self.conv5_mask.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.conv5_mask.bias)
+        nn.init.normal_(self.mask_fcn_logits.weight, std=0.001)
+        nn.init.zeros_(self.mask_fcn_logits.bias)
+
+    def forward(self, x):
+        logits = self.mask_fcn_logits(torch.relu(self.conv5_mask(x)))
+        return torch.cat([logits.new_zeros(len(logits), 1, *logits.shape[2:]), logits], dim=1)
+
+
 def build_detector(m, num_classes: int, data) -> nn.Module:
     """`m` is a ModelSpec, `data` a DataSpec (input sizes); num_classes excludes background."""
     backbone = build_backbone(m)
@@ -92,8 +168,9 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
         rpn_pre_nms_top_n_train=m.rpn_pre_nms_train, rpn_post_nms_top_n_train=m.rpn_post_nms_train,
         rpn_pre_nms_top_n_test=m.rpn_pre_nms_test, rpn_post_nms_top_n_test=m.rpn_post_nms_test,
         rpn_batch_size_per_image=m.rpn_batch_per_image,
+        box_roi_pool=RoIPooler(["0", "1", "2", "3"], 7, m.roi_sampling_ratio, m.roi_align_aligned),
         box_head=box_head,
-        box_predictor=FastRCNNPredictor(m.box_head_fc_dim, num_classes + 1),
+        box_predictor=BoxPredictor(m.box_head_fc_dim, num_classes),
         box_batch_size_per_image=m.roi_batch_per_image,
         box_detections_per_img=m.detections_per_image,
         box_score_thresh=m.score_thresh,
@@ -104,8 +181,10 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
         mask_head = MaskRCNNHeads(m.fpn_channels, [m.mask_head_dim] * m.mask_head_convs, 1,
                                   norm_layer=norm)
         msra_init_(mask_head)
-        mask_predictor = MaskRCNNPredictor(m.mask_head_dim, m.mask_head_dim, num_classes + 1)
-        model = MaskRCNN(fpn, mask_head=mask_head, mask_predictor=mask_predictor, **common)
+        mask_predictor = MaskPredictor(m.mask_head_dim, num_classes)
+        mask_pool = RoIPooler(["0", "1", "2", "3"], 14, m.roi_sampling_ratio, m.roi_align_aligned)
+        model = MaskRCNN(fpn, mask_roi_pool=mask_pool, mask_head=mask_head,
+                         mask_predictor=mask_predictor, **common)
     model.transform = BatchedPasteTransform(data.train_min_size, data.train_max_size, PIXEL_MEAN,
                                             PIXEL_STD)
     model.input_sizes = {True: (data.train_min_size, data.train_max_size),

@@ -82,7 +82,13 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     window = {"time": 0.0, "data_time": 0.0, "timed": 0, "n": 0}
     losses_sum = {}
     if state is not None:
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:  # e.g. a checkpoint from before a change of model layout
+            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+            raise ValueError(f"{rd.checkpoints}: the checkpoint at iteration {start} does not fit "
+                             f"this code's model ({first}); check out the suite version in "
+                             f"{rd.spec_file.name} to resume, or delete {rd.path} to retrain") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
