@@ -213,6 +213,13 @@ def _preflight(studies, specs, root):
     todo = [s for s in specs if not is_done(run_dir_for(s, root))]
     for dataset in sorted({s.data.dataset for s in specs}):
         registry.resolve(dataset)  # raises DatasetMissing naming the path and the fix
+    if any(s.eval.backend == "faster-coco-eval" for s in todo):
+        try:
+            import faster_coco_eval  # noqa: F401
+        except ImportError:
+            raise PreflightError("eval.backend: faster-coco-eval is not installed; `pip install "
+                                 "faster-coco-eval` (or bench[fast-eval]), or use eval.backend: "
+                                 "pycocotools") from None
     for s in todo:
         if s.gpus > 1:
             raise PreflightError(

@@ -111,6 +111,9 @@ class SolverSpec:
 @dataclass(frozen=True)
 class EvalSpec:
     period: int = 0                     # iterations between evals; 0: only at the end
+    # COCOeval implementation: pycocotools (the reference) or faster-coco-eval (same stats,
+    # C++; an optional package)
+    backend: Literal["pycocotools", "faster-coco-eval"] = "pycocotools"
     # detectron2's EVAL_PERIOD is in iterations too; evals at 0 are skipped.
 
 

@@ -41,6 +41,8 @@ def test_resume_after_kill_matches_uninterrupted_run(spec, tmp_path):
     written = [r for r in rows if json.loads(r)["iteration"] <= 18 and json.loads(r)["type"] == "train"]
     killed.metrics_file.write_text("\n".join(rows[:1] + written) + '\n{"type": "tra')
     killed.write_status("running", iteration=18)
+    # ... and the TensorBoard events it had logged up to the kill
+    shutil.copytree(whole.path / "tensorboard", killed.path / "tensorboard")
 
     train(spec, killed.path, **quiet)
 
@@ -54,6 +56,15 @@ def test_resume_after_kill_matches_uninterrupted_run(spec, tmp_path):
         return [{k: v for k, v in r.items() if k not in TIMING} for r in rd.read_metrics()]
     assert strip(killed) == strip(whole)
     assert killed.read_status()["state"] == "done"
+
+    # TensorBoard holds the same points as metrics.jsonl, each once: the resumed run's
+    # purge step dropped what the killed one had logged after its checkpoint.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(str(killed.path / "tensorboard"))
+    board.Reload()
+    for tag, kind in (("eval/bbox/AP", "eval"), ("train/loss", "train")):
+        steps = [e.step for e in board.Scalars(tag)]
+        assert steps == [r["iteration"] for r in killed.read_metrics() if r["type"] == kind]
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(spec, tmp_path):

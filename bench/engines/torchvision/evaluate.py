@@ -1,10 +1,13 @@
-"""COCO evaluation of a torchvision detector: inference, then pycocotools' COCOeval.
+"""COCO evaluation of a torchvision detector: inference, then COCOeval.
 
 Rows carry all 12 COCO stats per task, in percent as detectron2 reports them:
-`bbox/AP`, `bbox/AP50`, ..., `segm/ARl`.
+`bbox/AP`, `bbox/AP50`, ..., `segm/ARl`. The COCOeval is pycocotools' (the reference), or
+with `eval.backend: faster-coco-eval` that package's C++ re-implementation, which gives the
+same stats (tests/test_evaluate.py).
 """
 
 import contextlib
+import copy
 import io
 import time
 
@@ -50,13 +53,35 @@ def predict(model, dataset, device, batch_size=8, indices=None):
     return boxes_out, segms_out
 
 
-def coco_stats(coco_gt, results, iou_type, image_ids=None) -> dict:
+BACKENDS = ("pycocotools", "faster-coco-eval")
+_FASTER_GT = {}
+
+
+def _faster_coco_eval(coco_gt):
+    """faster-coco-eval's COCO for the same ground truth (built once per val set)."""
+    try:
+        import faster_coco_eval
+    except ImportError:
+        raise ValueError("eval.backend: faster-coco-eval is not installed; `pip install "
+                         "faster-coco-eval`, or use eval.backend: pycocotools") from None
+    key = id(coco_gt)
+    if key not in _FASTER_GT:
+        _FASTER_GT[key] = (coco_gt, faster_coco_eval.COCO(copy.deepcopy(coco_gt.dataset)))
+    return _FASTER_GT[key][1], faster_coco_eval.COCOeval_faster
+
+
+def coco_stats(coco_gt, results, iou_type, image_ids=None, backend="pycocotools") -> dict:
     """The 12 COCOeval stats (percent) for `results`; all zero when there is no detection."""
     if not results:
         return {f"{iou_type}/{n}": 0.0 for n in STAT_NAMES}
+    gt, evaluator = coco_gt, COCOeval
+    if backend == "faster-coco-eval":
+        gt, evaluator = _faster_coco_eval(coco_gt)
+    elif backend != "pycocotools":
+        raise ValueError(f"eval.backend: {backend!r}; allowed: {', '.join(BACKENDS)}")
     with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its tables
-        dt = coco_gt.loadRes(results)
-        ev = COCOeval(coco_gt, dt, iou_type)
+        dt = gt.loadRes(copy.deepcopy(results))     # loadRes adds fields to the dicts
+        ev = evaluator(gt, dt, iou_type)
         if image_ids is not None:
             ev.params.imgIds = list(image_ids)
         ev.evaluate()
@@ -67,12 +92,12 @@ def coco_stats(coco_gt, results, iou_type, image_ids=None) -> dict:
             for n, v in zip(STAT_NAMES, ev.stats)}
 
 
-def evaluate(model, dataset, device, masks=True) -> dict:
+def evaluate(model, dataset, device, masks=True, backend="pycocotools") -> dict:
     t0 = time.time()
     boxes, segms = predict(model, dataset, device)
-    stats = coco_stats(dataset.coco, boxes, "bbox", dataset.ids)
+    stats = coco_stats(dataset.coco, boxes, "bbox", dataset.ids, backend)
     if masks:
-        stats.update(coco_stats(dataset.coco, segms, "segm", dataset.ids))
+        stats.update(coco_stats(dataset.coco, segms, "segm", dataset.ids, backend))
     stats["eval_time"] = time.time() - t0
     stats["detections"] = len(boxes)
     return stats

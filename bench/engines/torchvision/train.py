@@ -1,7 +1,8 @@
 """The torchvision engine's trainer: RunSpec in, trained and evaluated run dir out.
 
 Read top to bottom: build data, model and optimizer; resume from the newest checkpoint;
-loop over iterations (SGD, linear warm-up, step LR); log train rows every 20 iterations;
+loop over iterations (SGD, linear warm-up, step LR); log train rows every 20 iterations
+(metrics.jsonl and TensorBoard);
 evaluate every `eval.period` iterations and at the end; checkpoint every
 `checkpoint.period` iterations and at the end.
 """
@@ -10,6 +11,7 @@ import math
 import time
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from bench import schedule
 from bench.data import registry, subsets
@@ -105,6 +107,17 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
 
     rd.write_status("running", iteration=start, max_iter=solver.max_iter, started=time.time(),
                     train_images_used=len(train_set))
+    # TensorBoard gets the rows metrics.jsonl gets; purge_step drops events a killed run
+    # logged after the checkpoint it resumes from, as truncate_metrics does for the file.
+    board = SummaryWriter(str(rd.path / "tensorboard"), purge_step=start + 1)
+
+    def log_row(row):
+        rd.append_metrics(row)
+        for key, value in row.items():
+            if key not in ("type", "iteration", "wall") and isinstance(value, (int, float)) \
+                    and math.isfinite(value):
+                board.add_scalar(f"{row['type']}/{key}", value, row["iteration"])
+        board.flush()
     stream = TrainStream(train_set, seed=spec.seed, hflip=spec.data.hflip)
     # The loader gets its own generator: creating its iterator would otherwise draw a seed
     # from the global RNG after a resume restored it, shifting every later RoI sampling
@@ -161,7 +174,7 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
                    **{k: v / n for k, v in losses_sum.items()}}
             if device.type == "cuda":
                 row["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-            rd.append_metrics(row)
+            log_row(row)
             rd.write_status("running", iteration=done, max_iter=solver.max_iter,
                             sec_per_iter=row["time"])
             window = {"time": 0.0, "data_time": 0.0, "timed": 0, "n": 0}
@@ -169,13 +182,15 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
 
         is_eval = (spec.eval.period and done % spec.eval.period == 0) or done == solver.max_iter
         if is_eval:
-            stats = evaluate(model, val_set, device, masks=spec.model.arch == "mask_rcnn")
-            rd.append_metrics({"type": "eval", "iteration": done, "images_seen": done * solver.batch,
-                               "wall": time.time(), **{k: _clean(v) for k, v in stats.items()}})
+            stats = evaluate(model, val_set, device, masks=spec.model.arch == "mask_rcnn",
+                             backend=spec.eval.backend)
+            log_row({"type": "eval", "iteration": done, "images_seen": done * solver.batch,
+                     "wall": time.time(), **{k: _clean(v) for k, v in stats.items()}})
         if done % spec.checkpoint.period == 0 or done == solver.max_iter:
             save(done)
         t_data = time.perf_counter()
 
+    board.close()
     rd.write_status("done", iteration=solver.max_iter, max_iter=solver.max_iter, finished=time.time())
     return rd
 
