@@ -11,13 +11,16 @@ RUN_ARGS ?=
 HE2019 ?= recipes/he2019
 COCO_ARG := $(if $(COCO),--coco $(COCO),)
 
-.PHONY: setup mini test figures data pretrain clean-mini help reproduce-he2019
+SPEED_ARGS ?= --iters 20 --warmup 5
+
+.PHONY: setup mini test figures data pretrain clean-mini help reproduce-he2019 speed
 
 help:
 	@echo "make mini     generate data, pre-train, train and evaluate every mini run, write figures"
 	@echo "make test     run the test suite (CPU only)"
 	@echo "make figures  regenerate results/mini from the run dirs"
 	@echo "make setup    create .venv and install the suite (done by the targets above)"
+	@echo "make speed    benchmark: s/iter, images/s, peak memory of the paper's R50-FPN GN model (SPEED_ARGS=...)"
 	@echo "make reproduce-he2019 [COCO=PATH] [DRY_RUN=1]   the paper's study on the local GPUs (DRY_RUN: print the plan)"
 
 setup: $(STAMP)
@@ -53,6 +56,14 @@ ifeq ($(DRY_RUN),1)
 else
 	$(BIN)/bench run $(HE2019) $(COCO_ARG) $(RUN_ARGS)
 endif
+
+# Benchmark: train steps of the paper's R50-FPN GN Mask R-CNN at 800 px on this machine's
+# device, at 2 images per GPU (the paper's 8 x 2) and 16 on one device. Prints s/iter,
+# images/s and peak memory; `bench speed ... --record` adds rows to results/throughput.csv.
+# On a CPU use e.g. SPEED_ARGS="--iters 3 --warmup 1": one step of 16 images takes minutes.
+speed: setup
+	$(BIN)/bench speed recipes/he2019/r50_gn.yaml --only=-scratch-2x- --force $(SPEED_ARGS)
+	$(BIN)/bench speed recipes/he2019/r50_gn.yaml --only=-scratch-2x- --force --set gpus=1 $(SPEED_ARGS)
 
 clean-mini:
 	rm -rf runs/mini

@@ -27,6 +27,7 @@ import torch
 from bench.rundir import code_version
 
 TABLE = Path(__file__).resolve().parent.parent / "results" / "throughput.csv"
+# max_mem_gb: peak GPU memory on a GPU, peak resident memory of the process on a CPU
 COLUMNS = ["speed_key", "device", "engine", "arch", "backbone", "norm", "input", "batch_per_gpu",
            "sec_per_iter", "images_per_sec", "max_mem_gb", "iters_timed", "torch", "commit",
            "date"]
@@ -100,6 +101,12 @@ def _synthetic_batch(spec, n, generator, device):
     return images, targets
 
 
+def _peak_rss_gb() -> float:
+    """Peak resident memory of this process (the CPU's analogue of GPU peak memory)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
+
+
 def measure(spec, device="cpu", warmup=5, iters=20, log=print) -> dict:
     """Time `iters` train steps of `spec`'s model after `warmup` untimed ones."""
     from bench.engines.torchvision.model import build_detector, use_input_sizes
@@ -144,14 +151,14 @@ def measure(spec, device="cpu", warmup=5, iters=20, log=print) -> dict:
            + (f"-freeze{m.freeze_at}" if m.freeze_at else ""),
            "norm": m.norm, "input": f"{d.train_min_size}/{d.train_max_size}",
            "batch_per_gpu": per_gpu, "sec_per_iter": f"{sec:.4f}",
-           "images_per_sec": f"{per_gpu / sec:.1f}",
+           "images_per_sec": f"{per_gpu / sec:.3g}",
            "max_mem_gb": (f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f}"
-                          if device.type == "cuda" else ""),
+                          if device.type == "cuda" else f"{_peak_rss_gb():.2f}"),
            "iters_timed": iters, "torch": torch.__version__.split("+")[0],
            "commit": code_version(), "date": time.strftime("%Y-%m-%d")}
     log(f"{row['arch']} {row['backbone']} {row['norm']} {row['input']} x{per_gpu}/GPU on "
         f"{row['device']}: {sec:.3f} s/iter ({row['images_per_sec']} img/s), "
-        f"peak {row['max_mem_gb'] or '-'} GB")
+        f"peak {'GPU memory' if device.type == 'cuda' else 'process RSS'} {row['max_mem_gb']} GB")
     return row
 
 
