@@ -241,7 +241,7 @@ def _preflight(studies, specs, root):
         checked.add((s.pretrained, s.model))
         study = study_of[s.run_id]
         f = resolve_cache_path(s.pretrained)
-        if not f.is_file():
+        if not f.is_file() and not s.pretrained.startswith("torchvision:"):  # those download
             how = (f"run `bench pretrain {study.path}` first" if study.pretrain else
                    "put the ImageNet checkpoint the recipe names there")
             raise FileNotFoundError(f"{study.path}: pretrained checkpoint {s.pretrained} not "
@@ -249,7 +249,7 @@ def _preflight(studies, specs, root):
         try:  # the checkpoint must load and cover the backbone, once per file and model
             state = load_imagenet_backbone(s.pretrained, s.model)
             load_backbone_weights(build_detector(s.model, 1, s.data), state, log=lambda *_: None)
-        except ValueError as e:
+        except (ValueError, FileNotFoundError) as e:
             raise PreflightError(f"{study.path}: {e}") from None
 
 

@@ -182,3 +182,25 @@ def test_roi_pooler_matches_torchvision_unaligned_and_shifts_half_a_pixel_aligne
     small = roi_align(feats["0"], torch.tensor([[0.0, 0, 0, 20, 20]]), 7, spatial_scale=0.25,
                       sampling_ratio=0, aligned=True)       # a 20 px box is pooled from P2
     assert torch.allclose(aligned[0], small[0]) and not torch.allclose(aligned, ours)
+
+
+def test_torchvision_weights_come_from_torchs_cache_and_say_how_to_get_them(tmp_path,
+                                                                            monkeypatch):
+    """`pretrained: torchvision:resnet18` reads torchvision's own cache file; offline and
+    absent, it fails in one line naming the file and the URL (nothing is downloaded here)."""
+    import torchvision
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("BENCH_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError) as e:
+        load_imagenet_backbone("torchvision:resnet18", SCRATCH.model)
+    msg = str(e.value)
+    target = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert str(target) in msg and "download.pytorch.org" in msg and "\n" not in msg
+
+    state = torchvision.models.resnet18().state_dict()
+    target.parent.mkdir(parents=True)
+    torch.save(state, target)
+    loaded = load_imagenet_backbone("torchvision:resnet18", SCRATCH.model)
+    assert torch.equal(loaded["layer4.1.conv2.weight"], state["layer4.1.conv2.weight"])
+    with pytest.raises(ValueError, match="not torchvision ImageNet weights"):
+        load_imagenet_backbone("torchvision:resnet18/NOPE", SCRATCH.model)

@@ -1,18 +1,45 @@
 """ImageNet (or stand-in) initializations for the backbone.
 
 Accepted: a checkpoint written by `bench pretrain` ({"backbone": state_dict, "meta": ...}),
-or a plain torchvision ResNet state_dict. Paths may start with `cache:` (the data cache).
+or a plain torchvision ResNet state_dict. Paths may start with `cache:` (the data cache) or
+be `torchvision:NAME[/WEIGHTS]`: torchvision's ImageNet weights from torch's hub cache,
+downloaded there first when the network allows (never during training: `bench run` loads
+every checkpoint before it starts) and unless BENCH_OFFLINE=1.
 """
+
+import os
+import socket
 
 import torch
 
-from bench.paths import resolve_cache_path
+from bench.paths import resolve_cache_path, torchvision_weights
+
+
+def _download_torchvision(path: str):
+    url, file = torchvision_weights(path)
+    if os.environ.get("BENCH_OFFLINE") == "1":
+        reason = "BENCH_OFFLINE=1"
+    else:
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(30)  # a blocked network fails in seconds, not hours
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(file), progress=False)
+            return
+        except Exception as e:  # noqa: BLE001 - any network failure: one line below
+            reason = f"{type(e).__name__}: {e}"
+        finally:
+            socket.setdefaulttimeout(old)
+    raise FileNotFoundError(f"pretrained {path}: {file} is not in torch's cache and was not "
+                            f"downloaded ({reason}); fetch {url} to that path")
 
 
 def load_imagenet_backbone(path: str, model_spec) -> dict:
     if not path:
         raise ValueError("init is 'imagenet' but `pretrained` is empty; set pretrained: PATH")
     file = resolve_cache_path(path)
+    if not file.is_file() and path.startswith("torchvision:"):
+        _download_torchvision(path)
     if not file.is_file():
         raise FileNotFoundError(f"pretrained checkpoint {path} not found at {file}; create it with "
                                 f"`bench pretrain RECIPE` (or `make mini`), or point `pretrained` "
