@@ -26,6 +26,24 @@ pretrain: {{source: shapes-cls-tiny, epochs: 1, batch: 16}}
 """
 
 
+def nine_iteration_pair(study, run_extra):
+    """A study of one 1x pair (9 iterations at batch 2, one eval and checkpoint at the end)
+    on the mini model base; `run_extra` adds YAML lines under `run:` (2-space indented)."""
+    return f"""
+study: {study}
+base: {REPO}/recipes/mini/_model.yaml
+run:
+{run_extra.rstrip()}
+  solver: {{batch: 2, ref_batch: 2, unit_iters: 9, drops_from_end: [6, 2], warmup_iters: 3}}
+  eval: {{period: 9}}
+  checkpoint: {{period: 9, keep: 1}}
+vary:
+  schedule: [1x]
+compare:
+  init: [scratch, imagenet]
+"""
+
+
 @pytest.fixture(scope="session", autouse=True)
 def bench_data(tmp_path_factory):
     """Every test writes its datasets and checkpoints into one temporary cache."""

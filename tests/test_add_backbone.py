@@ -9,7 +9,7 @@ import sys
 import torch
 
 from bench import recipe
-from conftest import REPO
+from conftest import REPO, nine_iteration_pair
 
 PLUGIN = '''
 from collections import OrderedDict
@@ -28,21 +28,9 @@ def build(m):
     return Backbone(body, names[4:], [256, 512, 1024, 2048])
 '''
 
-RECIPE = f'''
-study: new-backbone
-plugins: [tiny_resnext.py]
-base: {REPO}/recipes/mini/_model.yaml
-run:
-  model: {{backbone: test_tiny_resnext, depth: 50}}
-  data: {{dataset: shapes-tiny}}
-  solver: {{batch: 2, ref_batch: 2, unit_iters: 9, drops_from_end: [6, 2], warmup_iters: 3}}
-  eval: {{period: 9}}
-  checkpoint: {{period: 9, keep: 1}}
-vary:
-  schedule: [1x]
-compare:
-  init: [scratch, imagenet]
-'''
+RECIPE = "plugins: [tiny_resnext.py]\n" + nine_iteration_pair("new-backbone", """
+  model: {backbone: test_tiny_resnext, depth: 50}
+  data: {dataset: shapes-tiny}""")
 
 
 def _bench(*args, timeout=600):

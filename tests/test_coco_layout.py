@@ -11,21 +11,9 @@ import sys
 import pytest
 
 from bench.data import registry, synthetic
-from conftest import REPO
+from conftest import REPO, nine_iteration_pair
 
-RECIPE = f"""
-study: coco-subsets
-base: {REPO}/recipes/mini/_model.yaml
-run:
-  data: {{dataset: coco, train_images: 16}}
-  solver: {{batch: 2, ref_batch: 2, unit_iters: 9, drops_from_end: [6, 2], warmup_iters: 3}}
-  eval: {{period: 9}}
-  checkpoint: {{period: 9, keep: 1}}
-vary:
-  schedule: [1x]
-compare:
-  init: [scratch, imagenet]
-"""
+RECIPE = nine_iteration_pair("coco-subsets", "  data: {dataset: coco, train_images: 16}")
 
 
 def _bench(*args):
