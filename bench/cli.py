@@ -32,6 +32,14 @@ def _common(ap):
                     help="COCO 2017 root (default: $BENCH_COCO, else $DETECTRON2_DATASETS/coco)")
 
 
+def _device(choice: str) -> str:
+    """--device auto: a GPU when one is visible, else the CPU."""
+    if choice != "auto":
+        return choice
+    from bench.runner import _cuda_count
+    return "cuda" if _cuda_count() else "cpu"
+
+
 def _studies(args):
     from bench import recipe
     return recipe.load_all(args.recipes, recipe.parse_overrides(args.set))
@@ -54,8 +62,6 @@ def cmd_data(args):
 
 
 def cmd_pretrain(args):
-    import torch
-
     from bench import pretrain
     done = set()
     for study in _studies(args):
@@ -69,9 +75,7 @@ def cmd_pretrain(args):
             if not args.force and pretrain.is_done(spec.pretrained, spec.model, study.pretrain):
                 print(f"{spec.pretrained}: already pre-trained, skipped (--force to redo)")
                 continue
-            device = args.device
-            if device == "auto":
-                device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = _device(args.device)
             workers = args.workers if args.workers >= 0 else (4 if device == "cuda" else 0)
             pretrain.pretrain(spec.model, study.pretrain, spec.pretrained, device=device,
                               workers=workers)
@@ -122,7 +126,7 @@ def cmd_plan(args):
                              "iterations", "lr_drops", "lr", "batch", "train_images", "gpus",
                              "GPU-h", "done"])
     if total is not None:
-        cost = f"{total:,.1f} GPU-hours on {args.gpu}"
+        cost = f"{total:,.{1 if total >= 1 else 3}f} GPU-hours on {args.gpu}"
     elif known:
         cost = (f"{sum(known):,.1f} GPU-hours on {args.gpu} for the {len(known)} measured runs; "
                 f"{len(rows) - len(known)} runs have no estimate")
@@ -142,9 +146,7 @@ def cmd_speed(args):
     specs = [s for study in _studies(args) for s in study.runs]
     if args.only:
         specs = [s for s in specs if args.only in s.run_id]
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(args.device)
     rows = []
     here = speed.device_name(torch.device(device))
     table = speed.read_table()
@@ -177,9 +179,7 @@ def cmd_run(args):
         specs = [s for s in specs if args.only in s.run_id]
     root = Path(args.runs_root) if args.runs_root else runs_root()
     _preflight(studies, specs, root)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if runner._cuda_count() else "cpu"
+    device = _device(args.device)
     slot_names = runner.default_slots(device, args.threads, args.per_gpu)
     if args.slots:
         if device == "cuda" and args.slots > len(slot_names):
