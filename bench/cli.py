@@ -220,12 +220,6 @@ def _preflight(studies, specs, root):
             raise PreflightError("eval.backend: faster-coco-eval is not installed; `pip install "
                                  "faster-coco-eval` (or bench[fast-eval]), or use eval.backend: "
                                  "pycocotools") from None
-    for s in todo:
-        if s.gpus > 1:
-            raise PreflightError(
-                f"{study_of[s.run_id].path}: {s.name} asks for gpus={s.gpus}, but multi-GPU "
-                f"training (DDP) is not implemented yet; --set gpus=1 trains the same batch of "
-                f"{s.solver.batch} on one GPU (a new run id)")
     for dataset, n, seed in sorted({(s.data.dataset, s.data.train_images, s.data.subset_seed)
                                     for s in todo if s.data.train_images is not None}):
         files = registry.resolve(dataset)

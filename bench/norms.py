@@ -4,7 +4,10 @@ One factory, `norm_layer(name, groups)`, gives a callable `channels -> nn.Module
 backbone, FPN and heads all take, so "GN in the backbone, FPN and heads" is one recipe key.
 """
 
+import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.nn.functional import all_reduce
 from torchvision.ops import FrozenBatchNorm2d
 
 NORMS = ("GN", "SyncBN", "FrozenBN", "BN", "none")
@@ -18,15 +21,57 @@ class _GroupNorm(nn.GroupNorm):
         super().__init__(min(groups, channels), channels)
 
 
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """torch's SyncBatchNorm, with a cross-process path where torch's has none (CPU, gloo).
+
+    torch synchronizes statistics only for GPU tensors and raises on a CPU one under a
+    process group, so without this the SyncBN runs could not be tested on a CPU. The CPU
+    path all-reduces per-channel (sum, sum of squares, count) with a differentiable
+    all-reduce (gradients flow back across processes), which weights each process by the
+    elements it holds: a process whose head sees zero RoIs contributes nothing, yet still
+    joins the collective so that no process waits forever. Same parameters and buffers as
+    torch's class, so checkpoints are interchangeable.
+    """
+
+    def forward(self, x):
+        if not (self.training and x.device.type == "cpu" and dist.is_available()
+                and dist.is_initialized() and dist.get_world_size(self.process_group) > 1):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        count = x.new_tensor([x.numel() // x.shape[1]], dtype=torch.float32)
+        local = torch.cat([x.float().sum(dims), (x.float() ** 2).sum(dims), count])
+        total = all_reduce(local, group=self.process_group or dist.group.WORLD)
+        c = x.shape[1]
+        n = total[-1]
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        if n.item() == 0:  # every process saw an empty batch: nothing to normalize or track
+            # (still through weight and bias, so that DDP sees their zero gradients)
+            return x * self.weight.view(shape) + self.bias.view(shape) if self.affine else x
+        mean = total[:c] / n
+        var = (total[c:2 * c] / n - mean ** 2).clamp(min=0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else \
+                    1.0 / self.num_batches_tracked.item()
+                unbiased = var * n / (n - 1) if n > 1 else var
+                self.running_mean.mul_(1 - m).add_(m * mean.detach().to(self.running_mean))
+                self.running_var.mul_(1 - m).add_(m * unbiased.detach().to(self.running_var))
+        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out.to(x.dtype)
+
+
 def norm_layer(name: str, groups: int = 32):
     if name == "GN":
         return lambda c: _GroupNorm(c, groups)
     if name == "BN":
         return nn.BatchNorm2d
     if name == "SyncBN":
-        # torch's SyncBatchNorm synchronizes only under an initialized process group on
-        # CUDA; outside one (a single CPU process) it behaves as BatchNorm2d.
-        return nn.SyncBatchNorm
+        # synchronizes under an initialized process group (torch's kernels on a GPU, a
+        # gloo all-reduce on a CPU); in a single process it behaves as BatchNorm2d
+        return SyncBatchNorm
     if name == "FrozenBN":
         return FrozenBatchNorm2d
     if name == "none":

@@ -138,7 +138,7 @@ POSITIVE = ("solver.batch", "solver.ref_batch", "solver.unit_iters", "solver.bas
             "checkpoint.period", "checkpoint.keep", "model.width", "model.norm_groups",
             "model.fpn_channels", "data.train_min_size", "data.train_max_size",
             "data.test_min_size", "data.test_max_size")
-NON_NEGATIVE = ("eval.period", "solver.warmup_iters", "model.freeze_at")
+NON_NEGATIVE = ("eval.period", "solver.warmup_iters", "model.freeze_at", "solver.micro_batch")
 
 
 def _get(spec, dotted):
@@ -194,6 +194,11 @@ def _check_pair_rules(spec: RunSpec, where: str):
     if spec.solver.batch % spec.gpus:
         raise SpecError(f"{where}: solver.batch={spec.solver.batch} does not divide over "
                         f"gpus={spec.gpus}")
+    per_gpu = spec.solver.batch // spec.gpus
+    if spec.solver.micro_batch and per_gpu % spec.solver.micro_batch:
+        raise SpecError(f"{where}: solver.micro_batch={spec.solver.micro_batch} does not divide "
+                        f"the {per_gpu} images per GPU (solver.batch {spec.solver.batch} over "
+                        f"gpus {spec.gpus}); choose a divisor, or 0 for one pass per GPU")
     from bench.backbones import BACKBONES
     if spec.model.backbone not in BACKBONES:
         raise SpecError(f"{where}: model.backbone {spec.model.backbone!r} is not registered; "

@@ -1,7 +1,9 @@
 """The runner only schedules: which run goes on which slot, when, and what after a crash.
 
 Each run is its own process (`python -m bench.worker RUN_DIR`) in its own slot: a GPU, or
-on a machine without one a CPU slot of `threads` threads (how the mini study runs). Runs
+on a machine without one a CPU slot of `threads` threads (how the mini study runs). A run
+of `gpus` > 1 takes that many slots (distinct GPUs) and is started by torchrun, one worker
+process per slot in one process group (bench.distributed). Runs
 already done are skipped; interrupted ones resume from their checkpoint; a failed run is
 reported and the rest of the study goes on. Progress (iterations of all runs together)
 and the ETA come from each run dir's status.json.
@@ -29,7 +31,7 @@ class Job:
     spec: object
     run_dir: Path
     proc: Optional[subprocess.Popen] = None
-    slot: Optional[str] = None
+    slots: List[str] = field(default_factory=list)
     log_file: Optional[object] = None
 
 
@@ -69,6 +71,21 @@ def default_slots(device: str, threads: int, per_gpu: int = 1) -> List[str]:
     return [f"cpu{k}" for k in range(max(1, cores // max(threads, 1)))]
 
 
+def _gpu_of(slot: str) -> str:
+    return slot.split("#")[0]
+
+
+def take_slots(free: List[str], n: int) -> Optional[List[str]]:
+    """n free slots on distinct GPUs (two processes of one run never share a GPU), or None."""
+    taken = []
+    for slot in free:
+        if _gpu_of(slot) not in {_gpu_of(t) for t in taken}:
+            taken.append(slot)
+            if len(taken) == n:
+                return taken
+    return None
+
+
 def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=print,
         progress=True) -> Outcome:
     """Train every spec, `len(slots)` at a time; returns what was done, skipped, failed."""
@@ -76,6 +93,12 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
     if not slots:
         raise NoSlots(f"no slot to run on: device={device} shows no GPU; use --device cpu, "
                            f"or check CUDA_VISIBLE_DEVICES")
+    distinct = len({_gpu_of(s) for s in slots})
+    for spec in specs:
+        if spec.gpus > distinct:
+            raise NoSlots(f"{spec.run_id} asks for gpus={spec.gpus} but {distinct} "
+                          f"{'GPU' if device == 'cuda' else 'CPU slot'}(s) are available; "
+                          f"--set gpus={distinct} with solver.micro_batch keeps its passes")
     outcome = Outcome()
     queue = []
     for spec in specs:
@@ -98,11 +121,13 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
     free, running = list(slots), []
     try:
         while queue or running:
-            while queue and free:
-                job = queue.pop(0)
-                job.slot = free.pop(0)
-                _launch(job, device, threads, workers)
-                running.append(job)
+            for job in list(queue):  # the longest run that fits in the free slots
+                job.slots = take_slots(free, job.spec.gpus) or []
+                if job.slots:
+                    queue.remove(job)
+                    free = [f for f in free if f not in job.slots]
+                    _launch(job, device, threads, workers)
+                    running.append(job)
             time.sleep(0.5)
             still = []
             for job in running:
@@ -111,7 +136,7 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
                     still.append(job)
                     continue
                 job.log_file.close()
-                free.append(job.slot)
+                free += job.slots
                 status = RunDir(job.run_dir).read_status()
                 if rc == 0 and status.get("state") == "done":
                     outcome.done.append(job.spec.run_id)
@@ -144,15 +169,20 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
 def _launch(job, device, threads, workers):
     env = dict(os.environ)
     dev = device
-    if job.slot.startswith("cuda:"):
-        env["CUDA_VISIBLE_DEVICES"] = job.slot.split(":", 1)[1].split("#")[0]
+    if job.slots[0].startswith("cuda:"):
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(_gpu_of(s).split(":", 1)[1] for s in job.slots)
         dev = "cuda"
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "bench.worker", str(job.run_dir), "--device", dev,
            "--threads", str(threads), "--workers", str(workers)]
+    if len(job.slots) > 1:
+        # torchrun picks a free port (--standalone), sets RANK/WORLD_SIZE/LOCAL_RANK, and
+        # stops the other processes when one fails
+        cmd[1:3] = ["-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                    f"--nproc-per-node={len(job.slots)}", "-m", "bench.worker"]
     job.log_file = open(job.run_dir / "log.txt", "a")
-    job.log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} slot {job.slot}: "
+    job.log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} slots {','.join(job.slots)}: "
                        f"{' '.join(cmd)}\n")
     job.log_file.flush()
     job.proc = subprocess.Popen(cmd, stdout=job.log_file, stderr=subprocess.STDOUT, env=env)

@@ -85,6 +85,9 @@ class DataSpec:
     test_min_size: int = 800
     test_max_size: int = 1333
     hflip: bool = True
+    # Batch landscape and portrait images apart (detectron2's ASPECT_RATIO_GROUPING), so a
+    # forward pass pads less; see bench.data.sampler.
+    aspect_grouping: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,11 @@ class SolverSpec:
     # Inputs (set in recipes)
     schedule: str = "1x"                # "1x".."9x", "0.5x", or "<N>iter" for an explicit length
     batch: int = 16                     # images per iteration, all GPUs together
+    # Images per forward pass (detectron2's images per GPU); 0: all of a GPU's share of the
+    # batch at once. A GPU with more than this accumulates gradients over several passes.
+    # Each pass's losses are normalized over its own images (and SyncBN's statistics span
+    # one pass on every GPU), so the paper's 8 GPUs x 2 images equals 1 GPU x 8 passes of 2.
+    micro_batch: int = 0
     base_lr: float = 0.02               # at ref_batch; scaled linearly with batch
     ref_batch: int = 16
     unit_iters: int = 90_000            # length of 1x at ref_batch
@@ -102,6 +110,8 @@ class SolverSpec:
     weight_decay: float = 1e-4
     weight_decay_norm: float = 0.0      # detectron2 default: no decay on norm parameters
     gamma: float = 0.1
+    # Mixed precision on a GPU (torch.autocast): bf16, or fp16 with a gradient scaler.
+    amp: Literal["off", "bf16", "fp16"] = "off"
     # Resolved by bench.schedule at expansion; a recipe may not set them.
     max_iter: int = 0
     steps: Tuple[int, ...] = ()

@@ -29,7 +29,7 @@ from bench.rundir import code_version
 TABLE = Path(__file__).resolve().parent.parent / "results" / "throughput.csv"
 # max_mem_gb: peak GPU memory on a GPU, peak resident memory of the process on a CPU
 COLUMNS = ["speed_key", "device", "engine", "arch", "backbone", "norm", "input", "batch_per_gpu",
-           "sec_per_iter", "images_per_sec", "max_mem_gb", "iters_timed", "torch", "commit",
+           "micro_batch", "amp", "sec_per_iter", "images_per_sec", "max_mem_gb", "iters_timed", "torch", "commit",
            "date"]
 # What the synthetic step images look like for each dataset: (height, width), objects per
 # image, classes. COCO train2017: most images are 640x480 (landscape), 7.3 instances each.
@@ -51,6 +51,12 @@ def speed_key(spec) -> str:
             "input": [d.train_min_size, d.train_max_size],
             "batch_per_gpu": spec.solver.batch // spec.gpus,
             "classes": DATASET_SHAPES.get(d.dataset, (None, None, None))[2]}
+    # a step of several passes, or in mixed precision, costs differently (absent when off,
+    # so rows measured before these options existed keep their keys)
+    if spec.solver.micro_batch and spec.solver.micro_batch != blob["batch_per_gpu"]:
+        blob["micro_batch"] = spec.solver.micro_batch
+    if spec.solver.amp != "off":
+        blob["amp"] = spec.solver.amp
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -110,7 +116,7 @@ def _peak_rss_gb() -> float:
 def measure(spec, device="cpu", warmup=5, iters=20, log=print) -> dict:
     """Time `iters` train steps of `spec`'s model after `warmup` untimed ones."""
     from bench.engines.torchvision.model import build_detector, use_input_sizes
-    from bench.engines.torchvision.train import build_optimizer
+    from bench.engines.torchvision.train import Stepper, build_optimizer
     if spec.engine != "torchvision":
         raise ValueError(f"bench speed measures the torchvision engine; {spec.run_id} asks for "
                          f"engine {spec.engine}")
@@ -125,6 +131,8 @@ def measure(spec, device="cpu", warmup=5, iters=20, log=print) -> dict:
     optimizer = build_optimizer(model, spec.solver)
     for group in optimizer.param_groups:
         group["lr"] = 1e-4  # timing only; keep the random model finite
+    micro = spec.solver.micro_batch or per_gpu
+    step = Stepper(model, optimizer, micro, spec.solver.amp)  # the train loop's own step
     g = torch.Generator().manual_seed(0)
     batches = [_synthetic_batch(spec, per_gpu, g, device) for _ in range(4)]
     if device.type == "cuda":
@@ -135,10 +143,8 @@ def measure(spec, device="cpu", warmup=5, iters=20, log=print) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        step(images, targets, seeds=list(range(i, i + per_gpu // micro)))
+        step.apply()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= warmup:
@@ -150,13 +156,16 @@ def measure(spec, device="cpu", warmup=5, iters=20, log=print) -> dict:
                                                                    else "")
            + (f"-freeze{m.freeze_at}" if m.freeze_at else ""),
            "norm": m.norm, "input": f"{d.train_min_size}/{d.train_max_size}",
-           "batch_per_gpu": per_gpu, "sec_per_iter": f"{sec:.4f}",
+           "batch_per_gpu": per_gpu, "micro_batch": micro, "amp": spec.solver.amp,
+           "sec_per_iter": f"{sec:.4f}",
            "images_per_sec": f"{per_gpu / sec:.3g}",
            "max_mem_gb": (f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f}"
                           if device.type == "cuda" else f"{_peak_rss_gb():.2f}"),
            "iters_timed": iters, "torch": torch.__version__.split("+")[0],
            "commit": code_version(), "date": time.strftime("%Y-%m-%d")}
-    log(f"{row['arch']} {row['backbone']} {row['norm']} {row['input']} x{per_gpu}/GPU on "
+    passes = f" ({per_gpu // micro} passes of {micro})" if micro != per_gpu else ""
+    amp = f" {spec.solver.amp}" if spec.solver.amp != "off" else ""
+    log(f"{row['arch']} {row['backbone']} {row['norm']} {row['input']} x{per_gpu}/GPU{passes}{amp} on "
         f"{row['device']}: {sec:.3f} s/iter ({row['images_per_sec']} img/s), "
         f"peak {'GPU memory' if device.type == 'cuda' else 'process RSS'} {row['max_mem_gb']} GB")
     return row
@@ -166,10 +175,17 @@ def record(rows, path=None):
     """Append rows to the throughput table (created with its header if absent)."""
     path = Path(path or table_path())
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.is_file()
+    exists = path.is_file()
+    if exists:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != COLUMNS:  # a table from before a column was added: rewrite it
+            rows = read_table(path) + list(rows)
+            path.unlink()
+            exists = False
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
+        if not exists:
             w.writeheader()
         for r in rows:
             w.writerow(r)

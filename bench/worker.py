@@ -2,7 +2,8 @@
 
 The runner writes the resolved spec into the run dir and starts this; the worker reads it,
 picks the engine and trains. Exit code 0 means the run is done; anything else, status.json
-says why.
+says why. A multi-GPU run is this module under torchrun (or Slurm), one process per GPU;
+rank 0 holds the run dir's lock (bench.distributed).
 """
 
 import argparse
@@ -14,7 +15,7 @@ import sys
 
 import torch
 
-from bench import engines, plugins
+from bench import distributed, engines, plugins
 from bench.rundir import RunDir
 
 
@@ -39,17 +40,19 @@ def main(argv=None):
     # One process per run dir: a second runner (or an orphan of a killed one) must not
     # interleave appends and truncations of the same metrics file. The OS drops the lock
     # when this process dies, however it dies.
-    lock = open(rd.path / ".lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        print(f"{rd.path}: another process ({lock.read().strip() or 'unknown'}) is training this "
-              f"run; not starting a second one", file=sys.stderr, flush=True)
-        return 3
-    lock.truncate(0)
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
+    # Under DDP rank 0 takes it for the run's processes.
+    if distributed.from_env().main:
+        lock = open(rd.path / ".lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            print(f"{rd.path}: another process ({lock.read().strip() or 'unknown'}) is training "
+                  f"this run; not starting a second one", file=sys.stderr, flush=True)
+            return 3
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
     try:
         plugins.load(spec.plugins)  # e.g. the backbone a recipe registered
         engine = engines.get(spec.engine)
@@ -63,6 +66,8 @@ def main(argv=None):
         if rd.read_status().get("state") != "failed":
             rd.write_status("failed", error=f"{type(e).__name__}: {e}")
         return 1
+    finally:
+        distributed.shutdown()
     return 0
 
 

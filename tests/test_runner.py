@@ -28,11 +28,20 @@ def test_each_run_gets_only_its_gpu(monkeypatch, tmp_path):
             launched.update(cmd=cmd, env=env)
 
     monkeypatch.setattr(runner.subprocess, "Popen", FakePopen)
-    job = runner.Job(spec=None, run_dir=tmp_path, slot="cuda:5#1")
+    job = runner.Job(spec=None, run_dir=tmp_path, slots=["cuda:5#1"])
     runner._launch(job, "cuda", threads=2, workers=4)
     job.log_file.close()
     assert launched["env"]["CUDA_VISIBLE_DEVICES"] == "5"
+    assert launched["cmd"][1:3] == ["-m", "bench.worker"]
     assert launched["cmd"][-6:] == ["--device", "cuda", "--threads", "2", "--workers", "4"]
+
+    # a 2-GPU run: both GPUs visible to it alone, one process each under torchrun
+    job = runner.Job(spec=None, run_dir=tmp_path, slots=["cuda:3#0", "cuda:6#0"])
+    runner._launch(job, "cuda", threads=2, workers=4)
+    job.log_file.close()
+    assert launched["env"]["CUDA_VISIBLE_DEVICES"] == "3,6"
+    assert launched["cmd"][1:3] == ["-m", "torch.distributed.run"]
+    assert "--nproc-per-node=2" in launched["cmd"]
 
 
 def test_no_slot_is_an_error_not_a_hang(tmp_path):

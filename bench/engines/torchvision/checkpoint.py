@@ -1,8 +1,9 @@
 """Checkpoints of a training run: atomic writes, last K kept, fall back when corrupt.
 
 A checkpoint holds everything needed to continue exactly: model, optimizer, LR scheduler,
-iteration and RNG states (the data order is a pure function of the iteration, see
-bench.data.sampler).
+gradient scaler and iteration. No RNG state is needed: the data order is a pure function of
+the iteration (bench.data.sampler), and every forward pass reseeds torch's RNG from the
+iteration (bench.engines.torchvision.train.pass_seed).
 """
 
 import os

@@ -1,6 +1,7 @@
 """COCO evaluation of a torchvision detector: inference, then COCOeval.
 
-Rows carry all 12 COCO stats per task, in percent as detectron2 reports them:
+Inference is sharded over the processes of a DDP run and gathered on rank 0. Rows carry all
+12 COCO stats per task, in percent as detectron2 reports them:
 `bbox/AP`, `bbox/AP50`, ..., `segm/ARl`. The COCOeval is pycocotools' (the reference), or
 with `eval.backend: faster-coco-eval` that package's C++ re-implementation, which gives the
 same stats (tests/test_evaluate.py).
@@ -16,6 +17,7 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
+from bench import distributed
 from bench.engines.torchvision.model import use_input_sizes
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -92,9 +94,16 @@ def coco_stats(coco_gt, results, iou_type, image_ids=None, backend="pycocotools"
             for n, v in zip(STAT_NAMES, ev.stats)}
 
 
-def evaluate(model, dataset, device, masks=True, backend="pycocotools") -> dict:
+def evaluate(model, dataset, device, masks=True, backend="pycocotools",
+             world=distributed.World()):
+    """COCO stats of `model` on `dataset`; under DDP each process predicts every
+    world.size-th image and rank 0 scores them all (the others get None)."""
     t0 = time.time()
-    boxes, segms = predict(model, dataset, device)
+    boxes, segms = predict(model, dataset, device,
+                           indices=range(world.rank, len(dataset), world.size))
+    boxes, segms = distributed.gather(boxes, world), distributed.gather(segms, world)
+    if not world.main:
+        return None
     stats = coco_stats(dataset.coco, boxes, "bbox", dataset.ids, backend)
     if masks:
         stats.update(coco_stats(dataset.coco, segms, "segm", dataset.ids, backend))

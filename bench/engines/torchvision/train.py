@@ -2,18 +2,27 @@
 
 Read top to bottom: build data, model and optimizer; resume from the newest checkpoint;
 loop over iterations (SGD, linear warm-up, step LR); log train rows every 20 iterations
-(metrics.jsonl and TensorBoard);
-evaluate every `eval.period` iterations and at the end; checkpoint every
-`checkpoint.period` iterations and at the end.
+(metrics.jsonl and TensorBoard); evaluate every `eval.period` iterations and at the end;
+checkpoint every `checkpoint.period` iterations and at the end.
+
+A run of `gpus` > 1 is that many processes (bench.distributed) under DDP: each takes its
+slice of every batch (bench.data.sampler), evaluates its slice of the val set, and only
+rank 0 writes the run dir. Every forward pass reseeds torch's RNG from (seed, iteration,
+pass), so RoI sampling draws the same numbers whichever process runs the pass: 2 processes
+train the same model as 1 with the same global batch and passes (tests/test_ddp.py).
 """
 
+import contextlib
 import math
 import time
+import warnings
 
+import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from bench import schedule
+from bench import distributed, schedule
 from bench.data import registry, subsets
 from bench.data.coco import CocoDetection, load_coco
 from bench.data.sampler import PositionSampler, TrainStream, collate
@@ -61,13 +70,82 @@ def _clean(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pass_seed(seed: int, iteration: int, pass_index: int) -> int:
+    """The torch seed of one forward pass: a function of where it is in the run only."""
+    return int(np.random.SeedSequence([seed, iteration, pass_index]).generate_state(1)[0])
+
+
+class Stepper:
+    """One SGD step over this process's images, `micro` images per forward pass.
+
+    Each pass's loss is divided by the number of passes and DDP averages the gradients over
+    processes, so the step follows the mean loss of all passes of the global batch,
+    however they are spread over processes. Returns the loss terms averaged the same way
+    (identical on every process, so a non-finite loss stops every process together).
+    """
+
+    def __init__(self, model, optimizer, micro, amp="off", world=distributed.World()):
+        self.model, self.optimizer, self.micro, self.world = model, optimizer, micro, world
+        self.dtype = AMP_DTYPES[amp]
+        device = next(model.parameters()).device
+        self.device_type = device.type
+        # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+    def __call__(self, images, targets, seeds):
+        passes = len(images) // self.micro
+        self.optimizer.zero_grad(set_to_none=True)
+        total, keys = None, None
+        for k in range(passes):
+            torch.manual_seed(seeds[k])
+            last = k == passes - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") \
+                else self.model.no_sync()  # DDP all-reduces once, after the last pass
+            part = slice(k * self.micro, (k + 1) * self.micro)
+            with sync:
+                with torch.autocast(self.device_type, dtype=self.dtype,
+                                    enabled=self.dtype is not None):
+                    loss_dict = self.model(images[part], targets[part])
+                keys = keys or sorted(loss_dict)
+                loss = sum(loss_dict[key] for key in keys)
+                scaled = loss / passes
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            terms = torch.stack([loss_dict[key].detach().float() for key in keys]
+                                + [loss.detach().float()])
+            total = terms if total is None else total + terms
+        values = distributed.mean(total / passes, self.world).tolist()
+        return dict(zip(keys + ["loss"], values))
+
+    def apply(self):
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+
 def train(spec, run_dir, device="cpu", workers=0, log=print):
     """Train `spec` into `run_dir`, resuming from its newest checkpoint if any."""
+    device = torch.device(device)
+    world = distributed.init(device.type)
+    if world.size != spec.gpus:
+        raise ValueError(f"{spec.run_id} asks for gpus={spec.gpus} but runs in {world.size} "
+                         f"process(es); start it with `bench run` (one process per GPU) or "
+                         f"torchrun --nproc-per-node={spec.gpus}")
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    if not world.main:
+        log = lambda msg: None  # noqa: E731 - rank 0 speaks for the run
     rd = RunDir(run_dir)
-    rd.write_spec(spec)
+    if world.main:
+        rd.write_spec(spec)
     solver = spec.solver
     torch.manual_seed(spec.seed)
-    device = torch.device(device)
+    per_rank = solver.batch // world.size
+    micro = solver.micro_batch or per_rank
 
     train_set, val_set = datasets_for(spec)
     model = build_detector(spec.model, num_classes=len(train_set.cat_ids), data=spec.data)
@@ -76,6 +154,7 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         load_backbone_weights(model, load_imagenet_backbone(spec.pretrained, spec.model), log=log)
     model.to(device).train()
     use_input_sizes(model, train=True)
+    net = model  # what is saved, evaluated, and loaded into; `model` may be its DDP wrapper
     optimizer = build_optimizer(model, solver)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: schedule.lr_factor(solver, it))
 
@@ -85,7 +164,7 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     losses_sum = {}
     if state is not None:
         try:
-            model.load_state_dict(state["model"])
+            net.load_state_dict(state["model"])
         except RuntimeError as e:  # e.g. a checkpoint from before a change of model layout
             first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
             raise ValueError(f"{rd.checkpoints}: the checkpoint at iteration {start} does not fit "
@@ -93,25 +172,38 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
                              f"{rd.spec_file.name} to resume, or delete {rd.path} to retrain") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        # RPN and RoI sampling draw from the CUDA generator when the model is on a GPU
-        if state["rng"].get("cuda") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         logged = state.get("log_window", {"n": 0, "losses": {}})
         window["n"], losses_sum = logged["n"], dict(logged["losses"])
         log(f"resumed {rd.path.name} at iteration {start}")
-    rd.truncate_metrics(start)
+    if world.size > 1:
+        # Every parameter gets a gradient in every pass (torchvision's heads return a zero
+        # loss, not none, when a pass has no positive RoI). Buffers are not broadcast, as in
+        # detectron2: BN statistics are each process's own (SyncBN's are shared anyway).
+        with warnings.catch_warnings():  # torch >= 2.12 renames the option; 2.4 lacks the new name
+            warnings.simplefilter("ignore", FutureWarning)
+            model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False)
+    stepper = Stepper(model, optimizer, micro, solver.amp, world)
+    if state is not None and state.get("grad_scaler") and stepper.scaler:
+        stepper.scaler.load_state_dict(state["grad_scaler"])
     if start >= solver.max_iter:
-        rd.write_status("done", iteration=start, max_iter=solver.max_iter)
+        if world.main:
+            rd.truncate_metrics(start)
+            rd.write_status("done", iteration=start, max_iter=solver.max_iter)
         return rd
 
-    rd.write_status("running", iteration=start, max_iter=solver.max_iter, started=time.time(),
-                    train_images_used=len(train_set))
-    # TensorBoard gets the rows metrics.jsonl gets; purge_step drops events a killed run
-    # logged after the checkpoint it resumes from, as truncate_metrics does for the file.
-    board = SummaryWriter(str(rd.path / "tensorboard"), purge_step=start + 1)
+    if world.main:
+        rd.truncate_metrics(start)
+        rd.write_status("running", iteration=start, max_iter=solver.max_iter,
+                        started=time.time(), train_images_used=len(train_set))
+        # TensorBoard gets the rows metrics.jsonl gets; purge_step drops events a killed run
+        # logged after the checkpoint it resumes from, as truncate_metrics does for the file.
+        board = SummaryWriter(str(rd.path / "tensorboard"), purge_step=start + 1)
 
     def log_row(row):
+        if not world.main:
+            return
         rd.append_metrics(row)
         for key, value in row.items():
             if key not in ("type", "iteration", "wall") and isinstance(value, (int, float)) \
@@ -123,18 +215,21 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     # from the global RNG after a resume restored it, shifting every later RoI sampling
     # draw and breaking exact resume. (The data order itself needs no RNG: bench.data.sampler.)
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=solver.batch, num_workers=workers, collate_fn=collate,
-        sampler=PositionSampler(start, solver.max_iter, solver.batch),
+        stream, batch_size=per_rank, num_workers=workers, collate_fn=collate,
+        sampler=PositionSampler(start, solver.max_iter, solver.batch, world.rank, world.size),
         generator=torch.Generator().manual_seed(spec.seed))
 
     def save(iteration):
+        if not world.main:
+            return
         checkpoint.save(rd.checkpoints, iteration, {
-            "iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "iteration": iteration, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "grad_scaler": stepper.scaler.state_dict() if stepper.scaler else None,
             "log_window": {"n": window["n"], "losses": dict(losses_sum)},
             "run_id": spec.run_id}, keep=spec.checkpoint.keep)
+
+    passes = per_rank // micro
 
     t_data = time.perf_counter()
     for iteration, (images, targets) in enumerate(loader, start=start):
@@ -142,19 +237,17 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         images = [img.to(device, torch.float32, non_blocking=True) / 255 for img in images]
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
                    for t in targets]
-        loss_dict = model(images, targets)
-        loss = sum(loss_dict.values())
-        if not torch.isfinite(loss):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())
+        seeds = [pass_seed(spec.seed, iteration, world.rank * passes + k) for k in range(passes)]
+        loss_terms = stepper(images, targets, seeds)
+        if not math.isfinite(loss_terms["loss"]):
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in loss_terms.items() if k != "loss")
             last = checkpoint.list_checkpoints(rd.checkpoints)
             raise NonFiniteLoss(
-                f"loss is {loss.item()} at iteration {iteration + 1} ({terms}); last good "
+                f"loss is {loss_terms['loss']} at iteration {iteration + 1} ({terms}); last good "
                 f"checkpoint: {last[-1][1] if last else 'none'}; lower solver.base_lr or check "
                 f"the data")
         lr = optimizer.param_groups[0]["lr"]  # the LR this iteration trained with
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        stepper.apply()
         scheduler.step()
 
         done = iteration + 1
@@ -162,9 +255,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         window["data_time"] += t_step - t_data
         window["n"] += 1
         window["timed"] += 1
-        for k, v in loss_dict.items():
-            losses_sum[k] = losses_sum.get(k, 0.0) + v.item()
-        losses_sum["loss"] = losses_sum.get("loss", 0.0) + loss.item()
+        for k, v in loss_terms.items():
+            losses_sum[k] = losses_sum.get(k, 0.0) + v
 
         if done % LOG_PERIOD == 0 or done == solver.max_iter:
             n, timed = window["n"], window["timed"]
@@ -175,23 +267,28 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
             if device.type == "cuda":
                 row["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
             log_row(row)
-            rd.write_status("running", iteration=done, max_iter=solver.max_iter,
-                            sec_per_iter=row["time"])
+            if world.main:
+                rd.write_status("running", iteration=done, max_iter=solver.max_iter,
+                                sec_per_iter=row["time"])
             window = {"time": 0.0, "data_time": 0.0, "timed": 0, "n": 0}
             losses_sum = {}
 
         is_eval = (spec.eval.period and done % spec.eval.period == 0) or done == solver.max_iter
         if is_eval:
-            stats = evaluate(model, val_set, device, masks=spec.model.arch == "mask_rcnn",
-                             backend=spec.eval.backend)
-            log_row({"type": "eval", "iteration": done, "images_seen": done * solver.batch,
-                     "wall": time.time(), **{k: _clean(v) for k, v in stats.items()}})
+            stats = evaluate(net, val_set, device, masks=spec.model.arch == "mask_rcnn",
+                             backend=spec.eval.backend, world=world)
+            if world.main:
+                log_row({"type": "eval", "iteration": done, "images_seen": done * solver.batch,
+                         "wall": time.time(), **{k: _clean(v) for k, v in stats.items()}})
         if done % spec.checkpoint.period == 0 or done == solver.max_iter:
             save(done)
         t_data = time.perf_counter()
 
-    board.close()
-    rd.write_status("done", iteration=solver.max_iter, max_iter=solver.max_iter, finished=time.time())
+    if world.main:
+        board.close()
+        rd.write_status("done", iteration=solver.max_iter, max_iter=solver.max_iter,
+                        finished=time.time())
+    distributed.barrier(world)
     return rd
 
 
@@ -204,7 +301,9 @@ def run(spec, run_dir, device="cpu", workers=0, log=print):
         status = rd.read_status()
         reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
         if isinstance(e, KeyboardInterrupt):
-            rd.write_status("queued", error=None)
+            # torchrun stops the other processes of a run one of them failed: keep its reason
+            if status.get("state") != "failed":
+                rd.write_status("queued", error=None)
         else:
             rd.write_status("failed", error=reason, iteration=status.get("iteration", 0),
                             max_iter=spec.solver.max_iter)

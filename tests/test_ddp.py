@@ -1,0 +1,130 @@
+"""Multi-process training (the paper's 8 GPUs x 2 images) on the CPU, with gloo.
+
+The claim: how a global batch is spread over processes changes nothing. Two processes of
+one image each train the same model as one process doing two passes of one image, and the
+SyncBN of two processes normalizes as BatchNorm over both halves of the batch would,
+even when one process holds no RoI at all.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from bench import recipe, runner
+from bench.engines.torchvision.model import build_detector
+from bench.engines.torchvision.train import datasets_for
+from bench.norms import SyncBatchNorm
+from bench.rundir import RunDir
+from conftest import REPO, write_recipe
+
+TWO_LAYOUTS = f"""
+study: ddp
+base: {REPO}/recipes/mini/_model.yaml
+run:
+  pretrained: cache:pretrained/unused.pth
+  data: {{dataset: shapes-tiny}}
+  solver: {{batch: 2, micro_batch: 1, ref_batch: 2, unit_iters: 9, drops_from_end: [6, 2],
+            warmup_iters: 3}}
+  eval: {{period: 9}}
+  checkpoint: {{period: 9, keep: 1}}
+vary:
+  schedule: [1x]
+  gpus: [1, 2]
+compare:
+  init: [scratch, imagenet]
+"""
+
+
+def test_two_processes_train_the_same_model_as_one_with_the_same_passes(tmp_path):
+    study = recipe.load(write_recipe(tmp_path, TWO_LAYOUTS))
+    one, two = sorted((s for s in study.runs if s.init == "scratch"), key=lambda s: s.gpus)
+    assert (one.gpus, two.gpus) == (1, 2)
+    out = runner.run([one, two], tmp_path / "runs", device="cpu", slots=["cpu0", "cpu1"],
+                     threads=1, progress=False, log=lambda m: None)
+    assert sorted(out.done) == sorted([one.run_id, two.run_id]), out.failed
+    a, b = (RunDir(runner.run_dir_for(s, tmp_path / "runs")) for s in (one, two))
+    assert "torch.distributed.run" in (b.path / "log.txt").read_text()  # really 2 processes
+
+    wa = torch.load(a.checkpoints / "model_0000009.pth", weights_only=False)["model"]
+    wb = torch.load(b.checkpoints / "model_0000009.pth", weights_only=False)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+    torch.manual_seed(one.seed)  # and they trained: not two copies of the same init
+    init = build_detector(one.model, len(datasets_for(one)[0].cat_ids), one.data).state_dict()
+    moved = [k for k in init if not torch.allclose(init[k], wa[k], atol=1e-4)]
+    assert len(moved) > len(init) // 2
+
+    def rows(rd):
+        return [{k: v for k, v in r.items() if k not in ("wall", "time", "data_time", "eval_time")}
+                for r in rd.read_metrics()]
+    ra, rb = rows(a), rows(b)
+    assert [r["type"] for r in ra] == [r["type"] for r in rb] == ["train", "eval"]
+    for x, y in zip(ra, rb):
+        assert x.keys() == y.keys()
+        for k in x:
+            if isinstance(x[k], float):
+                assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), k
+            else:
+                assert x[k] == y[k], k
+    assert ra[1]["detections"] == rb[1]["detections"]  # the sharded eval saw every image
+
+
+def test_a_run_needing_more_gpus_than_the_machine_has_is_refused_in_one_line(tmp_path):
+    study = recipe.load(write_recipe(tmp_path, TWO_LAYOUTS))
+    two = next(s for s in study.runs if s.gpus == 2)
+    with pytest.raises(runner.NoSlots, match="gpus=2 but 1 CPU slot"):
+        runner.run([two], tmp_path / "runs", device="cpu", slots=["cpu0"], progress=False)
+    # processes of one run never share a GPU
+    assert runner.take_slots(["cuda:0#0", "cuda:0#1", "cuda:1#0"], 2) == ["cuda:0#0", "cuda:1#0"]
+    assert runner.take_slots(["cuda:0#0", "cuda:0#1"], 2) is None
+
+
+def _syncbn_rank(rank, init_file, sizes, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    x = torch.randn(sum(sizes), 6, 4, 4) * 3 + 1
+    coef = torch.randn_like(x)
+    bn = SyncBatchNorm(6)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    lo = sum(sizes[:rank])
+    part = x[lo:lo + sizes[rank]].clone().requires_grad_()
+    y = bn(part)
+    (y * coef[lo:lo + sizes[rank]]).sum().backward()
+    torch.save({"y": y.detach(), "dx": part.grad, "dw": bn.weight.grad, "db": bn.bias.grad,
+                "mean": bn.running_mean, "var": bn.running_var}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes", [(3, 2), (4, 0), (0, 0)],
+                         ids=["uneven", "one-process-without-rois", "no-rois-anywhere"])
+def test_syncbn_on_cpu_normalizes_over_all_processes(tmp_path, sizes):
+    mp.spawn(_syncbn_rank, args=(str(tmp_path / "pg"), sizes, str(tmp_path)), nprocs=2)
+    r = [torch.load(tmp_path / f"rank{k}.pt") for k in range(2)]
+
+    torch.manual_seed(0)  # the same data and layer, in one process, as plain BatchNorm
+    x = (torch.randn(sum(sizes), 6, 4, 4) * 3 + 1).requires_grad_()
+    coef = torch.randn_like(x)
+    bn = nn.BatchNorm2d(6)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    if sum(sizes) == 0:  # nothing to normalize: the layer must pass through, stats untouched
+        assert all(k["y"].numel() == 0 for k in r)
+        assert torch.equal(r[0]["mean"], bn.running_mean) and torch.equal(r[0]["var"], bn.running_var)
+        assert torch.equal(r[0]["dw"], torch.zeros(6))  # zero, not None: DDP needs a gradient
+        return
+    y = bn(x)
+    (y * coef).sum().backward()
+    torch.testing.assert_close(torch.cat([k["y"] for k in r]), y.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat([k["dx"] for k in r]), x.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r[0]["dw"] + r[1]["dw"], bn.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(r[0]["db"] + r[1]["db"], bn.bias.grad, rtol=1e-4, atol=1e-4)
+    for k in r:  # every process tracks the global statistics
+        torch.testing.assert_close(k["mean"], bn.running_mean)
+        torch.testing.assert_close(k["var"], bn.running_var)
