@@ -44,6 +44,10 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.ids)
 
+    def landscape(self):
+        """Per image: wider than high (the two groups of aspect-ratio grouping)."""
+        return [self.coco.imgs[i]["width"] > self.coco.imgs[i]["height"] for i in self.ids]
+
     def load_image(self, image_id):
         info = self.coco.imgs[image_id]
         img = Image.open(f"{self.image_dir}/{info['file_name']}").convert("RGB")

@@ -4,6 +4,12 @@ Sample position p = iteration * batch + j. Epoch e = p // n uses its own seeded
 permutation, and the horizontal flip of p is seeded too. Because nothing here keeps state,
 resuming at iteration k replays exactly the samples an uninterrupted run would see, and
 DDP ranks take disjoint slices of every batch without a DistributedSampler.
+
+Aspect-ratio grouping (detectron2's ASPECT_RATIO_GROUPING) is made stateless the same way:
+an epoch's permutation is cut into chunks of `group` images (one forward pass) of one
+orientation, landscape or portrait, and the chunks are shuffled. The few images left over
+in each orientation share the epoch's last chunks, and the epoch is topped up to a whole
+number of chunks with images from its start, so chunks stay aligned with forward passes.
 """
 
 from functools import lru_cache
@@ -15,14 +21,29 @@ import torch
 class TrainStream(torch.utils.data.Dataset):
     """Indexable by sample position: returns (image uint8 CHW, target)."""
 
-    def __init__(self, dataset, seed: int, hflip: bool):
-        self.dataset, self.seed, self.hflip = dataset, seed, hflip
-        self.n = len(dataset)
+    def __init__(self, dataset, seed: int, hflip: bool, group: int = 0):
+        """`group`: images per forward pass to draw from one orientation (0: no grouping);
+        `dataset.landscape()` tells each image's orientation."""
+        self.dataset, self.seed, self.hflip, self.group = dataset, seed, hflip, group
+        self.landscape = np.asarray(dataset.landscape(), dtype=bool) if group else None
+        self.n = -(-len(dataset) // group) * group if group else len(dataset)
 
     @lru_cache(maxsize=4)
     def _epoch(self, epoch):
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
-        return rng.permutation(self.n), rng.random(self.n) < 0.5
+        size = len(self.dataset)
+        order, flips = rng.permutation(size), rng.random(self.n) < 0.5
+        if not self.group:
+            return order, flips
+        g, chunks, rest = self.group, [], []
+        for orientation in (True, False):
+            same = order[self.landscape[order] == orientation]
+            whole = len(same) // g * g
+            chunks += [same[i:i + g] for i in range(0, whole, g)]
+            rest += list(same[whole:])
+        rest = np.concatenate([np.asarray(rest, dtype=order.dtype), order[:(-len(rest)) % g]])
+        chunks += [rest[i:i + g] for i in range(0, len(rest), g)]
+        return np.concatenate([chunks[i] for i in rng.permutation(len(chunks))]), flips
 
     def index(self, position):
         epoch, k = divmod(position, self.n)

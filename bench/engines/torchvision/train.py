@@ -210,7 +210,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
                     and math.isfinite(value):
                 board.add_scalar(f"{row['type']}/{key}", value, row["iteration"])
         board.flush()
-    stream = TrainStream(train_set, seed=spec.seed, hflip=spec.data.hflip)
+    stream = TrainStream(train_set, seed=spec.seed, hflip=spec.data.hflip,
+                         group=micro if spec.data.aspect_grouping else 0)
     # The loader gets its own generator: creating its iterator would otherwise draw a seed
     # from the global RNG after a resume restored it, shifting every later RoI sampling
     # draw and breaking exact resume. (The data order itself needs no RNG: bench.data.sampler.)
