@@ -58,11 +58,13 @@ class ResNet(nn.Module):
     """torchvision's ResNet layout with a configurable stem width (torchvision fixes 64).
 
     Written here only because torchvision's class hard-codes the widths; its blocks are reused.
-    Bottleneck strides in the 3x3 conv (detectron2's STRIDE_IN_1X1=False, as in the GN configs).
+    Bottlenecks stride in the 3x3 conv (detectron2's STRIDE_IN_1X1=False, as in the GN
+    configs) or, with `stride_in_1x1`, in the first 1x1 as MSRA's Caffe2 ResNets do.
     """
 
-    def __init__(self, depth=50, width=64, norm=None):
+    def __init__(self, depth=50, width=64, norm=None, stride_in_1x1=False):
         super().__init__()
+        self.stride_in_1x1 = stride_in_1x1
         block, layers = RESNET_DEPTHS[depth]
         norm = norm or nn.BatchNorm2d
         self.inplanes = width
@@ -82,6 +84,8 @@ class ResNet(nn.Module):
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
                 norm(planes * block.expansion))
         out = [block(self.inplanes, planes, stride, downsample, norm_layer=norm)]
+        if self.stride_in_1x1 and block is Bottleneck and stride != 1:
+            out[0].conv1.stride, out[0].conv2.stride = (stride, stride), (1, 1)
         self.inplanes = planes * block.expansion
         out += [block(self.inplanes, planes, norm_layer=norm) for _ in range(1, blocks)]
         return nn.Sequential(*out)
@@ -96,6 +100,10 @@ def resnet(model_spec) -> Backbone:
     if model_spec.depth not in RESNET_DEPTHS:
         raise ValueError(f"model.depth={model_spec.depth} is not a ResNet depth; allowed: "
                          f"{', '.join(map(str, RESNET_DEPTHS))}")
-    net = ResNet(model_spec.depth, model_spec.width, norm_layer(model_spec.norm, model_spec.norm_groups))
+    if model_spec.stride_in_1x1 and model_spec.depth < 50:
+        raise ValueError(f"model.stride_in_1x1 needs bottleneck blocks (depth >= 50), not "
+                         f"depth {model_spec.depth}")
+    net = ResNet(model_spec.depth, model_spec.width,
+                 norm_layer(model_spec.norm, model_spec.norm_groups), model_spec.stride_in_1x1)
     msra_init_(net)
     return Backbone(net, ["layer1", "layer2", "layer3", "layer4"], net.out_channels)

@@ -178,7 +178,6 @@ def cmd_run(args):
     if args.only:
         specs = [s for s in specs if args.only in s.run_id]
     root = Path(args.runs_root) if args.runs_root else runs_root()
-    _preflight(studies, specs, root)
     device = _device(args.device)
     slot_names = runner.default_slots(device, args.threads, args.per_gpu)
     if args.slots:
@@ -187,6 +186,8 @@ def cmd_run(args):
                              f"are visible; share GPUs between small runs with --per-gpu N")
         slot_names = (slot_names[:args.slots] if device == "cuda"
                       else [f"cpu{k}" for k in range(args.slots)])
+    runner.check_fits(specs, slot_names, device)  # before the slower checks of the preflight
+    _preflight(studies, specs, root)
     print(f"{len(specs)} runs of {', '.join(s.name for s in studies)} -> {root}/ on {device}",
           flush=True)
     outcome = runner.run(specs, root, device=device, slots=slot_names, threads=args.threads,

@@ -17,7 +17,7 @@ from torchvision import datasets, transforms
 
 from bench.backbones import build_backbone
 from bench.data import synthetic
-from bench.engines.torchvision.model import PIXEL_MEAN, PIXEL_STD
+from bench.engines.torchvision.model import pixel_normalization
 from bench.paths import resolve_cache_path
 from bench.rundir import atomic_write_text, code_version
 
@@ -37,9 +37,10 @@ class Classifier(nn.Module):
         return self.head(self.body(x).mean(dim=(2, 3)))
 
 
-def _loader(root, train, batch, seed, workers=0):
+def _loader(root, train, batch, seed, workers, normalization):
+    """`normalization`: the (mean, std) the detector will feed the backbone with."""
     tf = [transforms.RandomHorizontalFlip()] if train else []
-    tf += [transforms.ToTensor(), transforms.Normalize(PIXEL_MEAN, PIXEL_STD)]
+    tf += [transforms.ToTensor(), transforms.Normalize(*normalization)]
     ds = datasets.ImageFolder(str(root / ("train" if train else "val")), transforms.Compose(tf))
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=train, generator=g,
@@ -83,8 +84,9 @@ def pretrain(model_spec, p, out_path: str, device="cpu", workers=0, log=print) -
     GPU fed (the data order and flips come from seeded generators either way)."""
     torch.manual_seed(p.seed)
     root = synthetic.ensure(SOURCES[p.source], log=log)
-    train_loader, num_classes = _loader(root, True, p.batch, p.seed, workers)
-    val_loader, _ = _loader(root, False, 256, p.seed, workers)
+    train_loader, num_classes = _loader(root, True, p.batch, p.seed, workers,
+                                        pixel_normalization(model_spec))
+    val_loader, _ = _loader(root, False, 256, p.seed, workers, pixel_normalization(model_spec))
     model = Classifier(build_backbone(model_spec), num_classes).to(device)
     decay, no_decay = [], []
     for m in model.modules():

@@ -43,8 +43,11 @@ AXIS_ALIASES = {
 INITS = ("scratch", "imagenet")
 # The only fields a pair may set per side: conventions of how a published config fine-tunes
 # (detectron2's pre-trained GN/SyncBN configs freeze the stem and res2, its scratch ones do
-# not). Everything else is shared by construction.
-PER_INIT_FIELDS = ("model.freeze_at",)
+# not) and the input conventions of the checkpoint the pre-trained side loads (Detectron's
+# Caffe2 models expect pixel std 1; MSRA's stride in the 1x1). Everything else is shared by
+# construction.
+PER_INIT_FIELDS = ("model.freeze_at", "model.pixel_mean", "model.pixel_std",
+                   "model.stride_in_1x1")
 
 
 @dataclass
@@ -349,8 +352,9 @@ def _per_init_overrides(compare, init, where) -> dict:
             raise SpecError(f"{where}: compare.{init}.{key}: a pair may differ only in its init "
                             f"and these fine-tuning conventions: {', '.join(PER_INIT_FIELDS)}")
         head, field_name = key.split(".")
-        from_dict(type(getattr(RunSpec(), head)), {field_name: value},
-                  f"{where}: compare.{init}.{head}")
+        typed = from_dict(type(getattr(RunSpec(), head)), {field_name: value},
+                          f"{where}: compare.{init}.{head}")
+        flat[key] = getattr(typed, field_name)  # e.g. a YAML list as the field's tuple
     return flat
 
 

@@ -86,6 +86,17 @@ def take_slots(free: List[str], n: int) -> Optional[List[str]]:
     return None
 
 
+def check_fits(specs, slots, device):
+    """Every run must fit on this machine: gpus <= its distinct GPUs (or CPU slots)."""
+    distinct = len({_gpu_of(s) for s in slots})
+    for spec in specs:
+        if spec.gpus > distinct:
+            raise NoSlots(f"{spec.name} asks for gpus={spec.gpus} but this machine has {distinct} "
+                          f"{'GPU' if device == 'cuda' else 'CPU slot'}(s); --set gpus={distinct} "
+                          f"runs its batch in more passes per GPU (solver.micro_batch keeps the "
+                          f"paper's 2 images per pass; a new run id)")
+
+
 def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=print,
         progress=True) -> Outcome:
     """Train every spec, `len(slots)` at a time; returns what was done, skipped, failed."""
@@ -93,12 +104,7 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
     if not slots:
         raise NoSlots(f"no slot to run on: device={device} shows no GPU; use --device cpu, "
                            f"or check CUDA_VISIBLE_DEVICES")
-    distinct = len({_gpu_of(s) for s in slots})
-    for spec in specs:
-        if spec.gpus > distinct:
-            raise NoSlots(f"{spec.run_id} asks for gpus={spec.gpus} but {distinct} "
-                          f"{'GPU' if device == 'cuda' else 'CPU slot'}(s) are available; "
-                          f"--set gpus={distinct} with solver.micro_batch keeps its passes")
+    check_fits(specs, slots, device)
     outcome = Outcome()
     queue = []
     for spec in specs:

@@ -50,6 +50,14 @@ class ModelSpec:
     width: int = 64                     # stem width; stage widths double from it
     norm: Norm = "GN"                   # in backbone, FPN and heads (the paper's switch)
     norm_groups: int = 32               # GN groups (paper: 32)
+    # Bottlenecks stride in their first 1x1 conv (MSRA's Caffe2 ResNets, detectron2's
+    # STRIDE_IN_1X1 True) or in the 3x3 (torchvision, FAIR's GN ResNets, every scratch config)
+    stride_in_1x1: bool = False
+    # Input normalization, RGB order, 0-255 units: (image - mean) / std. The default is
+    # ImageNet's, which is detectron2's scratch pixel std [57.375, 57.12, 58.395] in BGR.
+    # Detectron's Caffe2 ImageNet checkpoints (R-50.pkl, R-50-GN.pkl) expect std [1, 1, 1].
+    pixel_mean: Tuple[float, ...] = (123.675, 116.28, 103.53)
+    pixel_std: Tuple[float, ...] = (58.395, 57.12, 57.375)
     freeze_at: int = 0                  # 0: nothing frozen (required for scratch)
     fpn_channels: int = 256
     anchor_sizes: Tuple[int, ...] = (32, 64, 128, 256, 512)   # one per FPN level P2..P6

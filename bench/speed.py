@@ -37,6 +37,10 @@ DATASET_SHAPES = {"coco": ((480, 640), 7, 80), "shapes": ((128, 128), 4, 8),
                   "shapes-tiny": ((128, 128), 4, 8)}
 
 
+# ModelSpec fields that change what a step computes but not what it costs
+COST_FREE = ("pixel_mean", "pixel_std")
+
+
 def table_path() -> Path:
     return Path(os.environ.get("BENCH_THROUGHPUT", TABLE))
 
@@ -46,7 +50,8 @@ def speed_key(spec) -> str:
     their default are left out, so a field added to ModelSpec later keeps old rows valid."""
     d = spec.data
     defaults = asdict(type(spec.model)())
-    model = {k: v for k, v in asdict(spec.model).items() if v != defaults[k]}
+    model = {k: v for k, v in asdict(spec.model).items()
+             if v != defaults[k] and k not in COST_FREE}
     blob = {"engine": spec.engine, "model": model,
             "input": [d.train_min_size, d.train_max_size],
             "batch_per_gpu": spec.solver.batch // spec.gpus,

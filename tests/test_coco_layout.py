@@ -70,9 +70,9 @@ def test_he2019_preflight_names_what_blocks_a_run_before_any_training(coco_root,
     r50_gn = str(REPO / "recipes/he2019/r50_gn.yaml")
     common = ["--coco", str(coco_root), "--runs-root", str(tmp_path / "runs")]
 
-    out = _bench("run", r50_gn, *common)
+    out = _bench("run", r50_gn, *common, "--slots", "2")  # a machine of 2 GPUs (or CPU slots)
     (line,) = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and "asks for gpus=8" in line and "--set gpus=1" in line
+    assert out.returncode == 2 and "asks for gpus=8" in line and "--set gpus=2" in line
 
     one_gpu = [*common, "--set", "gpus=1", "--only=-imagenet-2x-"]
     out = _bench("run", r50_gn, *one_gpu)
@@ -88,5 +88,5 @@ def test_he2019_preflight_names_what_blocks_a_run_before_any_training(coco_root,
     finally:
         pkl.unlink()
     (line,) = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and "is a Detectron/Caffe2 .pkl" in line
+    assert out.returncode == 2 and "R-50-GN.pkl is not a readable pickle" in line
     assert not (tmp_path / "runs").exists()

@@ -76,7 +76,7 @@ def test_two_processes_train_the_same_model_as_one_with_the_same_passes(tmp_path
 def test_a_run_needing_more_gpus_than_the_machine_has_is_refused_in_one_line(tmp_path):
     study = recipe.load(write_recipe(tmp_path, TWO_LAYOUTS))
     two = next(s for s in study.runs if s.gpus == 2)
-    with pytest.raises(runner.NoSlots, match="gpus=2 but 1 CPU slot"):
+    with pytest.raises(runner.NoSlots, match="gpus=2 but this machine has 1 CPU slot"):
         runner.run([two], tmp_path / "runs", device="cpu", slots=["cpu0"], progress=False)
     # processes of one run never share a GPU
     assert runner.take_slots(["cuda:0#0", "cuda:0#1", "cuda:1#0"], 2) == ["cuda:0#0", "cuda:1#0"]

@@ -95,7 +95,8 @@ def test_pairs_differ_only_in_init_and_declared_fine_tuning_conventions():
                 a, b = scratch.to_dict(), imagenet.to_dict()
                 assert {k for k in a if a[k] != b[k]} <= {"init", "pretrained", "name", "model"}
                 ma, mb = a["model"], b["model"]
-                assert {k for k in ma if ma[k] != mb[k]} <= {"freeze_at"}
+                assert {k for k in ma if ma[k] != mb[k]} <= {"freeze_at", "pixel_mean",
+                                                             "pixel_std", "stride_in_1x1"}
 
 
 def test_every_recipe_plans_and_the_plan_json_is_stable(tmp_path):

@@ -24,10 +24,11 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from bench.backbones import build_backbone
 from bench.norms import msra_init_, norm_layer
 
-# torchvision's normalization on [0, 1] images: ImageNet mean and std. Scratch runs use the
-# same (the paper's scratch pixel std [57.375, 57.12, 58.395] is this std times 255).
-PIXEL_MEAN = (0.485, 0.456, 0.406)
-PIXEL_STD = (0.229, 0.224, 0.225)
+
+def pixel_normalization(m):
+    """ModelSpec's pixel mean and std (RGB, 0-255) as torchvision's transform takes them, for
+    images scaled to [0, 1]."""
+    return tuple(v / 255 for v in m.pixel_mean), tuple(v / 255 for v in m.pixel_std)
 
 
 def _freeze_batchnorms(module: nn.Module):
@@ -161,9 +162,10 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
     box_head = FastRCNNConvFCHead((m.fpn_channels, 7, 7), [m.box_head_conv_dim] * m.box_head_convs,
                                   [m.box_head_fc_dim], norm_layer=norm)
     msra_init_(box_head)
+    mean, std = pixel_normalization(m)
     common = dict(
         min_size=data.train_min_size, max_size=data.train_max_size,
-        image_mean=PIXEL_MEAN, image_std=PIXEL_STD,
+        image_mean=mean, image_std=std,
         rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=m.rpn_pre_nms_train, rpn_post_nms_top_n_train=m.rpn_post_nms_train,
         rpn_pre_nms_top_n_test=m.rpn_pre_nms_test, rpn_post_nms_top_n_test=m.rpn_post_nms_test,
@@ -185,8 +187,7 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
         mask_pool = RoIPooler(["0", "1", "2", "3"], 14, m.roi_sampling_ratio, m.roi_align_aligned)
         model = MaskRCNN(fpn, mask_roi_pool=mask_pool, mask_head=mask_head,
                          mask_predictor=mask_predictor, **common)
-    model.transform = BatchedPasteTransform(data.train_min_size, data.train_max_size, PIXEL_MEAN,
-                                            PIXEL_STD)
+    model.transform = BatchedPasteTransform(data.train_min_size, data.train_max_size, mean, std)
     model.input_sizes = {True: (data.train_min_size, data.train_max_size),
                          False: (data.test_min_size, data.test_max_size)}
     return model
@@ -257,7 +258,8 @@ def load_backbone_weights(model: nn.Module, state: dict, log=print) -> dict:
                 matched[k] = v
             else:
                 shape_mismatch.append(k)
-    missing = [k for k in own if k not in matched]
+    # BatchNorm's batch counter is bookkeeping, not a weight (FrozenBN has none)
+    missing = [k for k in own if k not in matched and not k.endswith("num_batches_tracked")]
     unused = [k for k in state if k not in own]
     body.load_state_dict({**own, **matched})
     log(f"pretrained backbone: {len(matched)} keys matched, {len(unused)} unused in checkpoint "

@@ -151,7 +151,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     model = build_detector(spec.model, num_classes=len(train_set.cat_ids), data=spec.data)
     start, state = checkpoint.load_latest(rd.checkpoints, log=log)
     if spec.init == "imagenet" and state is None:  # a resumed run needs only its checkpoint
-        load_backbone_weights(model, load_imagenet_backbone(spec.pretrained, spec.model), log=log)
+        load_backbone_weights(model, load_imagenet_backbone(spec.pretrained, spec.model, log=log),
+                              log=log)
     model.to(device).train()
     use_input_sizes(model, train=True)
     net = model  # what is saved, evaluated, and loaded into; `model` may be its DDP wrapper

@@ -1,7 +1,8 @@
 """ImageNet (or stand-in) initializations for the backbone.
 
 Accepted: a checkpoint written by `bench pretrain` ({"backbone": state_dict, "meta": ...}),
-or a plain torchvision ResNet state_dict. Paths may start with `cache:` (the data cache) or
+a plain torchvision ResNet state_dict, or one of Detectron's Caffe2 ImageNet `.pkl` models
+(converted by bench.engines.torchvision.caffe2). Paths may start with `cache:` (the data cache) or
 be `torchvision:NAME[/WEIGHTS]`: torchvision's ImageNet weights from torch's hub cache,
 downloaded there first when the network allows (never during training: `bench run` loads
 every checkpoint before it starts) and unless BENCH_OFFLINE=1.
@@ -12,6 +13,7 @@ import socket
 
 import torch
 
+from bench.engines.torchvision import caffe2
 from bench.paths import resolve_cache_path, torchvision_weights
 
 
@@ -34,7 +36,7 @@ def _download_torchvision(path: str):
                             f"downloaded ({reason}); fetch {url} to that path")
 
 
-def load_imagenet_backbone(path: str, model_spec) -> dict:
+def load_imagenet_backbone(path: str, model_spec, log=print) -> dict:
     if not path:
         raise ValueError("init is 'imagenet' but `pretrained` is empty; set pretrained: PATH")
     file = resolve_cache_path(path)
@@ -44,11 +46,14 @@ def load_imagenet_backbone(path: str, model_spec) -> dict:
         raise FileNotFoundError(f"pretrained checkpoint {path} not found at {file}; create it with "
                                 f"`bench pretrain RECIPE` (or `make mini`), or point `pretrained` "
                                 f"at an existing file")
-    if file.suffix == ".pkl":
-        raise ValueError(f"pretrained checkpoint {file} is a Detectron/Caffe2 .pkl, which the "
-                         f"torchvision engine cannot convert yet; point run.pretrained at a "
-                         f"torchvision ResNet state_dict (.pth), or run the scratch half only "
-                         f"(--only=-scratch-)")
+    if file.suffix == ".pkl":  # Detectron's Caffe2 ImageNet models
+        blobs = caffe2.read_blobs(file)
+        caffe2.check_conventions(path, blobs, model_spec, log=log)
+        state, unused = caffe2.convert(blobs, model_spec)
+        log(f"pretrained {path}: Caffe2 {caffe2.norm_style(blobs)} ResNet, {len(state)} "
+            f"tensors converted (BGR->RGB first conv), {len(unused)} blobs unused "
+            f"({', '.join(unused[:4])}{'...' if len(unused) > 4 else ''})")
+        return state
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
