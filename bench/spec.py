@@ -19,7 +19,7 @@ Norm = Literal["GN", "SyncBN", "FrozenBN", "BN", "none"]
 
 # Bump when a default value changes meaning (see RunSpec.identity); adding a field whose
 # default keeps the old behaviour needs no bump.
-SPEC_VERSION = 1
+SPEC_VERSION = 2   # 2: box losses became L1 (model.box_loss_beta 0, was torchvision's 1/9)
 
 
 def _non_default(obj) -> dict:
@@ -70,6 +70,9 @@ class ModelSpec:
     box_head_conv_dim: int = 256
     box_head_fc_dim: int = 1024
     roi_batch_per_image: int = 512
+    # Box regression loss of the RPN and the box head: smooth L1 with this beta; 0 is L1,
+    # detectron2's default (SMOOTH_L1_BETA 0.0). torchvision's own models use 1/9.
+    box_loss_beta: float = 0.0
     mask_head_convs: int = 4
     mask_head_dim: int = 256
     # RoI pooling as detectron2's FPN configs (POOLER_TYPE ROIAlignV2, POOLER_SAMPLING_RATIO 0):

@@ -38,7 +38,7 @@ DATASET_SHAPES = {"coco": ((480, 640), 7, 80), "shapes": ((128, 128), 4, 8),
 
 
 # ModelSpec fields that change what a step computes but not what it costs
-COST_FREE = ("pixel_mean", "pixel_std")
+COST_FREE = ("pixel_mean", "pixel_std", "box_loss_beta")
 
 
 def table_path() -> Path:

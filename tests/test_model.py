@@ -204,3 +204,34 @@ def test_torchvision_weights_come_from_torchs_cache_and_say_how_to_get_them(tmp_
     assert torch.equal(loaded["layer4.1.conv2.weight"], state["layer4.1.conv2.weight"])
     with pytest.raises(ValueError, match="not torchvision ImageNet weights"):
         load_imagenet_backbone("torchvision:resnet18/NOPE", SCRATCH.model)
+
+
+def test_box_losses_are_detectron2s_l1_and_torchvisions_smooth_l1_at_beta_one_ninth():
+    """The RPN and box-head box losses take model.box_loss_beta: 0 (L1, detectron2) by
+    default; at 1/9 they are exactly torchvision's own losses."""
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+    from bench.engines.torchvision import model as model_mod
+
+    torch.manual_seed(0)
+    images = [torch.rand(3, 96, 96)]
+    targets = [{"boxes": torch.tensor([[10., 12., 60., 70.], [30., 5., 90., 40.]]),
+                "labels": torch.tensor([1, 2]), "masks": torch.zeros(2, 96, 96, dtype=torch.uint8)}]
+
+    def losses(beta, torchvision_own=False):
+        m = replace(SCRATCH.model, box_loss_beta=beta)
+        torch.manual_seed(1)
+        det = build_detector(m, 3, SCRATCH.data).train()
+        model_mod.use_input_sizes(det, train=True)
+        if torchvision_own:
+            det.rpn.__class__, det.roi_heads.__class__ = RegionProposalNetwork, RoIHeads
+        torch.manual_seed(2)  # the same RPN and RoI sampling
+        return {k: v.item() for k, v in det(images, targets).items()}
+
+    l1, smooth, torchvision = losses(0.0), losses(1 / 9), losses(1 / 9, torchvision_own=True)
+    assert smooth == torchvision
+    for k in ("loss_classifier", "loss_objectness", "loss_mask"):
+        assert l1[k] == smooth[k]
+    for k in ("loss_box_reg", "loss_rpn_box_reg"):   # |x| > smooth-L1(x) for small errors
+        assert l1[k] > smooth[k] > 0
+    assert SCRATCH.model.box_loss_beta == 0.0

@@ -6,6 +6,7 @@ this file only wires them to the spec.
 """
 
 import math
+import types
 from collections import OrderedDict
 
 import torch
@@ -15,7 +16,10 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection import roi_heads as tv_roi_heads
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, roi_align
 from torchvision.ops.poolers import LevelMapper, MultiScaleRoIAlign
@@ -143,6 +147,69 @@ class MaskPredictor(nn.Module):
         return torch.cat([logits.new_zeros(len(logits), 1, *logits.shape[2:]), logits], dim=1)
 
 
+def box_regression_loss(pred, target, beta: float):
+    """Summed smooth-L1 with transition `beta`; beta 0 is plain L1, detectron2's default for
+    the RPN and the box head (torchvision fixes beta at 1/9 for both)."""
+    if beta == 0:
+        return F.l1_loss(pred, target, reduction="sum")
+    return F.smooth_l1_loss(pred, target, beta=beta, reduction="sum")
+
+
+class RPN(RegionProposalNetwork):
+    """torchvision's RPN with the box loss's beta from the ModelSpec; normalization as
+    torchvision's and detectron2's (the sampled anchors of the batch)."""
+
+    box_loss_beta = 1 / 9
+
+    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        pos, neg = self.fg_bg_sampler(labels)
+        pos = torch.where(torch.cat(pos, dim=0))[0]
+        sampled = torch.cat([pos, torch.where(torch.cat(neg, dim=0))[0]])
+        labels, regression_targets = torch.cat(labels, dim=0), torch.cat(regression_targets, dim=0)
+        box_loss = box_regression_loss(pred_bbox_deltas[pos], regression_targets[pos],
+                                       self.box_loss_beta) / sampled.numel()
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled],
+                                                             labels[sampled])
+        return objectness_loss, box_loss
+
+
+def _fastrcnn_loss(beta):
+    def loss(class_logits, box_regression, labels, regression_targets):
+        """torchvision's fastrcnn_loss (cross-entropy, box loss over the sampled RoIs) with
+        the box loss's beta as a parameter."""
+        labels, regression_targets = torch.cat(labels, 0), torch.cat(regression_targets, 0)
+        pos = torch.where(labels > 0)[0]
+        box_regression = box_regression.reshape(len(class_logits), -1, 4)
+        box_loss = box_regression_loss(box_regression[pos, labels[pos]], regression_targets[pos],
+                                       beta) / labels.numel()
+        return F.cross_entropy(class_logits, labels), box_loss
+    return loss
+
+
+class BoxLossRoIHeads(RoIHeads):
+    """torchvision's RoIHeads whose box loss takes the ModelSpec's beta.
+
+    RoIHeads.forward calls the module function `fastrcnn_loss` by name, so this runs
+    torchvision's own forward code with that one name bound to our loss, rather than
+    copying the forward (tests/test_model.py checks the loss is ours)."""
+
+    def set_box_loss_beta(self, beta: float):
+        names = dict(vars(tv_roi_heads), fastrcnn_loss=_fastrcnn_loss(beta))
+        self._forward = types.FunctionType(RoIHeads.forward.__code__, names, "forward",
+                                           RoIHeads.forward.__defaults__)
+
+    def forward(self, *args, **kwargs):
+        return self._forward(self, *args, **kwargs)
+
+
+def use_box_loss_beta(model, beta: float):
+    """Swap the detector's RPN and RoI heads for the subclasses above (same parameters)."""
+    model.rpn.__class__ = RPN
+    model.rpn.box_loss_beta = beta
+    model.roi_heads.__class__ = BoxLossRoIHeads
+    model.roi_heads.set_box_loss_beta(beta)
+
+
 def build_detector(m, num_classes: int, data) -> nn.Module:
     """`m` is a ModelSpec, `data` a DataSpec (input sizes); num_classes excludes background."""
     backbone = build_backbone(m)
@@ -187,6 +254,7 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
         mask_pool = RoIPooler(["0", "1", "2", "3"], 14, m.roi_sampling_ratio, m.roi_align_aligned)
         model = MaskRCNN(fpn, mask_roi_pool=mask_pool, mask_head=mask_head,
                          mask_predictor=mask_predictor, **common)
+    use_box_loss_beta(model, m.box_loss_beta)
     model.transform = BatchedPasteTransform(data.train_min_size, data.train_max_size, mean, std)
     model.input_sizes = {True: (data.train_min_size, data.train_max_size),
                          False: (data.test_min_size, data.test_max_size)}
