@@ -186,8 +186,7 @@ def cmd_run(args):
                              f"are visible; share GPUs between small runs with --per-gpu N")
         slot_names = (slot_names[:args.slots] if device == "cuda"
                       else [f"cpu{k}" for k in range(args.slots)])
-    runner.check_fits(specs, slot_names, device)  # before the slower checks of the preflight
-    _preflight(studies, specs, root)
+    _preflight(studies, specs, root, slots=slot_names, device=device)
     print(f"{len(specs)} runs of {', '.join(s.name for s in studies)} -> {root}/ on {device}",
           flush=True)
     outcome = runner.run(specs, root, device=device, slots=slot_names, threads=args.threads,
@@ -203,7 +202,7 @@ class PreflightError(RuntimeError):
     """What would fail a run hours in, found before it starts."""
 
 
-def _preflight(studies, specs, root):
+def _preflight(studies, specs, root, slots=None, device="cpu"):
     """Fail in seconds, before any training, on what would fail hours later."""
     from bench.data import registry, subsets
     from bench.engines.torchvision.model import build_detector, load_backbone_weights
@@ -214,6 +213,9 @@ def _preflight(studies, specs, root):
     todo = [s for s in specs if not is_done(run_dir_for(s, root))]
     for dataset in sorted({s.data.dataset for s in specs}):
         registry.resolve(dataset)  # raises DatasetMissing naming the path and the fix
+    if slots is not None:  # each run fits on this machine's GPUs (or CPU slots)
+        from bench.runner import check_fits
+        check_fits(specs, slots, device)
     if any(s.eval.backend == "faster-coco-eval" for s in todo):
         try:
             import faster_coco_eval  # noqa: F401
