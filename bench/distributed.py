@@ -62,13 +62,20 @@ def mean(values: torch.Tensor, world: World) -> torch.Tensor:
     return values / world.size
 
 
-def gather(items: list, world: World) -> list:
-    """Every process's list, concatenated in rank order, on every process."""
+def gather(items: list, world: World):
+    """Every process's list, concatenated in rank order, on rank 0 (None elsewhere)."""
     if world.size == 1:
         return items
-    out = [None] * world.size
-    dist.all_gather_object(out, items)
-    return [x for part in out for x in part]
+    out = [None] * world.size if world.main else None
+    dist.gather_object(items, out, dst=0)
+    return [x for part in out for x in part] if world.main else None
+
+
+def broadcast_buffers(module, world: World):
+    """Rank 0's buffers (e.g. BN running statistics) on every process."""
+    if world.size > 1:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
 
 
 def barrier(world: World):

@@ -93,8 +93,8 @@ def check_fits(specs, slots, device):
         if spec.gpus > distinct:
             raise NoSlots(f"{spec.name} asks for gpus={spec.gpus} but this machine has {distinct} "
                           f"{'GPU' if device == 'cuda' else 'CPU slot'}(s); --set gpus={distinct} "
-                          f"runs its batch in more passes per GPU (solver.micro_batch keeps the "
-                          f"paper's 2 images per pass; a new run id)")
+                          f"runs its batch in more passes per GPU (same losses with GN; SyncBN's "
+                          f"statistics then span fewer images; a new run id)")
 
 
 def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=print,

@@ -63,7 +63,8 @@ def main(argv=None):
         return 130
     except Exception as e:  # noqa: BLE001 - the runner reads the reason from status.json
         print(f"{rd.path.name}: failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        if rd.read_status().get("state") != "failed":
+        in_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if (distributed.from_env().main or in_group) and rd.read_status().get("state") != "failed":
             rd.write_status("failed", error=f"{type(e).__name__}: {e}")
         return 1
     finally:

@@ -1,7 +1,8 @@
 """Detectron's Caffe2 ImageNet checkpoints load into our backbone and compute what they
-computed in Caffe2: MSRA's affine-BN R-50 (stride in the 1x1) and FAIR's R-50-GN, fed BGR
-0-255 images there and RGB here. The test writes both kinds of file with the real blob
-names from a network whose outputs it knows."""
+computed in Caffe2: MSRA's R-50 (stride in the 1x1; BN folded into scale and bias, or
+unfused with its statistics as detectron2 re-hosts it) and FAIR's R-50-GN, fed BGR 0-255
+images there and RGB here. The test writes each kind of file with the real blob names from
+a network whose outputs it knows."""
 
 import pickle
 
@@ -21,21 +22,27 @@ BRANCH = {"conv1": "branch2a", "conv2": "branch2b", "conv3": "branch2c"}
 
 
 def caffe2_blobs(net: ResNet, style: str) -> dict:
-    """The blobs Detectron would have saved for `net`, a network fed BGR images: BN folded
-    into a scale and a bias (MSRA) or GN scale and bias (FAIR); a classifier; momenta."""
+    """The blobs Detectron would have saved for `net`, a network fed BGR images: GN scale and
+    bias (FAIR, "gn"), BN folded into a scale and a bias (MSRA, "bn"), or BN unfused with its
+    statistics ("bn-stats"); a classifier; solver momenta."""
     eps = 1e-5
 
     def norm(prefix, module):
         if style == "gn":
             return {f"{prefix}_gn_s": module.weight.detach().numpy(),
                     f"{prefix}_gn_b": module.bias.detach().numpy()}
+        if style == "bn-stats":
+            return {f"{prefix}_bn_s": module.weight.detach().numpy(),
+                    f"{prefix}_bn_b": module.bias.detach().numpy(),
+                    f"{prefix}_bn_rm": module.running_mean.numpy(),
+                    f"{prefix}_bn_riv": module.running_var.numpy()}
         scale = module.weight / torch.sqrt(module.running_var + eps)
         return {f"{prefix}_bn_s": scale.detach().numpy(),
                 f"{prefix}_bn_b": (module.bias - module.running_mean * scale).detach().numpy()}
 
     blobs = {"conv1_w": net.conv1.weight.detach().numpy(),
              "conv1_w_momentum": net.conv1.weight.detach().numpy() * 0}
-    blobs.update(norm("res_conv1" if style == "bn" else "conv1", net.bn1))
+    blobs.update(norm("conv1" if style == "gn" else "res_conv1", net.bn1))
     for stage in range(1, 5):
         for i, block in enumerate(getattr(net, f"layer{stage}")):
             p = f"res{stage + 1}_{i}"
@@ -53,7 +60,7 @@ def caffe2_blobs(net: ResNet, style: str) -> dict:
 def reference_net(style: str) -> ResNet:
     torch.manual_seed(0)
     net = ResNet(50, width=8, norm=norm_layer("GN", 4) if style == "gn" else nn.BatchNorm2d,
-                 stride_in_1x1=style == "bn")
+                 stride_in_1x1=style != "gn")
     for m in net.modules():  # trained-looking norms, not the identity init
         if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.uniform_(m.weight, 0.5, 1.5)
@@ -64,19 +71,23 @@ def reference_net(style: str) -> ResNet:
     return net.eval()
 
 
-def write_pkl(path, blobs, wrap=True):
+def write_pkl(path, blobs, wrap="blobs"):
+    """Detectron wraps blobs in "blobs"; detectron2's re-hosted copies in "model"."""
     with open(path, "wb") as f:
-        pickle.dump({"blobs": blobs} if wrap else blobs, f)
+        pickle.dump({wrap: blobs, "__author__": "test"} if wrap else blobs, f)
     return path
 
 
-@pytest.mark.parametrize("style,norm,wrap", [("bn", "FrozenBN", True), ("bn", "SyncBN", False),
-                                             ("gn", "GN", True)],
-                         ids=["msra-frozenbn", "msra-syncbn-bare-dict", "fair-gn"])
+@pytest.mark.parametrize("style,norm,wrap", [("bn", "FrozenBN", "blobs"),
+                                             ("bn-stats", "SyncBN", "model"),
+                                             ("bn-stats", "FrozenBN", None),
+                                             ("gn", "GN", "blobs")],
+                         ids=["msra-folded-frozenbn", "msra-unfused-syncbn-detectron2-wrapper",
+                              "msra-unfused-frozenbn-bare-dict", "fair-gn"])
 def test_a_caffe2_checkpoint_computes_what_it_computed_in_caffe2(tmp_path, style, norm, wrap):
     net = reference_net(style)
     path = write_pkl(tmp_path / "R-50.pkl", caffe2_blobs(net, style), wrap)
-    spec = ModelSpec(depth=50, width=8, norm=norm, norm_groups=4, stride_in_1x1=style == "bn",
+    spec = ModelSpec(depth=50, width=8, norm=norm, norm_groups=4, stride_in_1x1=style != "gn",
                      **CAFFE2_INPUT)
     messages = []
     state = load_imagenet_backbone(str(path), spec, log=messages.append)
@@ -104,16 +115,19 @@ def test_wrong_conventions_are_one_line_errors_naming_the_fix(tmp_path):
         (gn, ModelSpec(**base, norm="GN"), "pixel_std: [1, 1, 1]"),      # ImageNet std kept
         (gn, ModelSpec(**base, norm="SyncBN", **CAFFE2_INPUT), "model.norm is SyncBN"),
         (msra, ModelSpec(**base, norm="GN", **CAFFE2_INPUT), "GN checkpoint such as R-50-GN"),
+        (msra, ModelSpec(**base, norm="none", **CAFFE2_INPUT), "FrozenBN, BN or SyncBN"),
+        # folded BN is FrozenBN exactly; batch statistics would change what it computes
+        (msra, ModelSpec(**base, norm="SyncBN", **CAFFE2_INPUT), "right only for frozen BN"),
     ]
     for path, spec, fix in cases:
         with pytest.raises(NotACaffe2Checkpoint) as e:
             load_imagenet_backbone(str(path), spec, log=lambda m: None)
-        assert fix in str(e.value) and "\n" not in str(e.value)
+        assert fix in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
 
     broken = tmp_path / "broken.pkl"
     broken.write_bytes(msra.read_bytes()[:1000])
-    d2 = write_pkl(tmp_path / "d2.pkl", {"model": {}, "__author__": "Detectron2"}, wrap=False)
-    for path, fix in ((broken, "download it again"), (d2, "detectron2-format")):
+    d2 = write_pkl(tmp_path / "d2.pkl", {"stem.conv1.weight": torch.zeros(1).numpy()}, "model")
+    for path, fix in ((broken, "download it again"), (d2, "torchvision:resnet50")):
         with pytest.raises(NotACaffe2Checkpoint, match=fix):
             load_imagenet_backbone(str(path), ModelSpec(**base, norm="FrozenBN", **CAFFE2_INPUT))
 

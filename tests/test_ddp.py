@@ -128,3 +128,25 @@ def test_syncbn_on_cpu_normalizes_over_all_processes(tmp_path, sizes):
     for k in r:  # every process tracks the global statistics
         torch.testing.assert_close(k["mean"], bn.running_mean)
         torch.testing.assert_close(k["var"], bn.running_var)
+
+
+def test_the_first_failure_of_a_run_keeps_its_reason(tmp_path, monkeypatch):
+    """When one process fails, the others fail after it (a closed connection, torchrun's
+    SIGTERM); status.json must keep the first, real reason."""
+    from bench.engines.torchvision import train as train_mod
+    study = recipe.load(write_recipe(tmp_path, TWO_LAYOUTS))
+    spec = next(s for s in study.runs if s.gpus == 1)
+    rd = RunDir(tmp_path / "run")
+    rd.write_spec(spec)
+    rd.write_status("failed", error="ValueError: the real reason (rank 1)")
+
+    def peer_gone(*a, **k):
+        raise RuntimeError("Connection closed by peer")
+    monkeypatch.setattr(train_mod, "train", peer_gone)
+    with pytest.raises(RuntimeError):
+        train_mod.run(spec, rd.path, log=lambda m: None)
+    assert rd.read_status()["error"] == "ValueError: the real reason (rank 1)"
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.run(spec, rd.path, log=lambda m: None)
+    assert rd.read_status()["state"] == "failed"

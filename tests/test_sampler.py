@@ -53,3 +53,8 @@ def test_aspect_grouping_gives_every_pass_one_orientation_but_a_few():
     ungrouped = TrainStream(ds, seed=0, hflip=False)
     chunks = [landscape[[ungrouped[p][0] for p in range(i, i + g)]] for i in range(0, 100, g)]
     assert sum(c.any() and not c.all() for c in chunks) > 10   # what grouping avoids
+
+
+def test_grouping_works_on_a_set_smaller_than_a_pass():
+    stream = TrainStream(Shapes([True]), seed=0, hflip=False, group=3)
+    assert stream.n == 3 and [stream[p][0] for p in range(6)] == [0] * 6

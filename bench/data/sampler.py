@@ -41,7 +41,9 @@ class TrainStream(torch.utils.data.Dataset):
             whole = len(same) // g * g
             chunks += [same[i:i + g] for i in range(0, whole, g)]
             rest += list(same[whole:])
-        rest = np.concatenate([np.asarray(rest, dtype=order.dtype), order[:(-len(rest)) % g]])
+        # np.resize repeats the order when the set is smaller than the top-up
+        rest = np.concatenate([np.asarray(rest, dtype=order.dtype),
+                               np.resize(order, (-len(rest)) % g)])
         chunks += [rest[i:i + g] for i in range(0, len(rest), g)]
         return np.concatenate([chunks[i] for i in rng.permutation(len(chunks))]), flips
 

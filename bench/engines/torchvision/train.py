@@ -277,6 +277,9 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
 
         is_eval = (spec.eval.period and done % spec.eval.period == 0) or done == solver.max_iter
         if is_eval:
+            # plain BN's running statistics drift apart per process (buffers are not
+            # broadcast while training): evaluate everywhere with rank 0's, the saved ones
+            distributed.broadcast_buffers(net, world)
             stats = evaluate(net, val_set, device, masks=spec.model.arch == "mask_rcnn",
                              backend=spec.eval.backend, world=world)
             if world.main:
@@ -297,16 +300,24 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
 def run(spec, run_dir, device="cpu", workers=0, log=print):
     """train() that records a failure in status.json before re-raising it."""
     rd = RunDir(run_dir)
+    world = distributed.from_env()
     try:
         return train(spec, run_dir, device=device, workers=workers, log=log)
     except BaseException as e:
+        # Rank 0 holds the run dir's lock; another rank may write only once it has joined
+        # rank 0's process group (a second launch of a live run must not touch its status).
+        import torch.distributed as dist
+        if not (world.main or (dist.is_available() and dist.is_initialized())):
+            raise
         status = rd.read_status()
-        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        # The first failure is the reason; the others' errors (a peer that closed its
+        # connection, torchrun's SIGTERM) follow from it and must not overwrite it.
+        if status.get("state") == "failed":
+            raise
         if isinstance(e, KeyboardInterrupt):
-            # torchrun stops the other processes of a run one of them failed: keep its reason
-            if status.get("state") != "failed":
+            if world.main:
                 rd.write_status("queued", error=None)
         else:
-            rd.write_status("failed", error=reason, iteration=status.get("iteration", 0),
-                            max_iter=spec.solver.max_iter)
+            rd.write_status("failed", error=f"{type(e).__name__}: {e}",
+                            iteration=status.get("iteration", 0), max_iter=spec.solver.max_iter)
         raise

@@ -49,8 +49,8 @@ def load_imagenet_backbone(path: str, model_spec, log=print) -> dict:
     if file.suffix == ".pkl":  # Detectron's Caffe2 ImageNet models
         blobs = caffe2.read_blobs(file)
         caffe2.check_conventions(path, blobs, model_spec, log=log)
-        state, unused = caffe2.convert(blobs, model_spec)
-        log(f"pretrained {path}: Caffe2 {caffe2.norm_style(blobs)} ResNet, {len(state)} "
+        state, unused = caffe2.convert(blobs, model_spec, path)
+        log(f"pretrained {path}: Caffe2 {caffe2.norm_style(blobs, path)} ResNet, {len(state)} "
             f"tensors converted (BGR->RGB first conv), {len(unused)} blobs unused "
             f"({', '.join(unused[:4])}{'...' if len(unused) > 4 else ''})")
         return state
