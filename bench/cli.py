@@ -186,11 +186,14 @@ def cmd_run(args):
                              f"are visible; share GPUs between small runs with --per-gpu N")
         slot_names = (slot_names[:args.slots] if device == "cuda"
                       else [f"cpu{k}" for k in range(args.slots)])
-    _preflight(studies, specs, root, slots=slot_names, device=device)
+    nodes = runner.Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    if not 0 <= nodes.node_rank < nodes.nnodes:
+        raise SystemExit(f"bench run: --node-rank {nodes.node_rank} is not in 0..{nodes.nnodes - 1}")
+    _preflight(studies, specs, root, slots=slot_names, device=device, nodes=nodes)
     print(f"{len(specs)} runs of {', '.join(s.name for s in studies)} -> {root}/ on {device}",
           flush=True)
     outcome = runner.run(specs, root, device=device, slots=slot_names, threads=args.threads,
-                         workers=args.workers)
+                         workers=args.workers, nodes=nodes)
     print(f"done {len(outcome.done)}, skipped (already done) {len(outcome.skipped)}, "
           f"failed {len(outcome.failed)}")
     for run_id, reason in outcome.failed:
@@ -202,7 +205,7 @@ class PreflightError(RuntimeError):
     """What would fail a run hours in, found before it starts."""
 
 
-def _preflight(studies, specs, root, slots=None, device="cpu"):
+def _preflight(studies, specs, root, slots=None, device="cpu", nodes=None):
     """Fail in seconds, before any training, on what would fail hours later."""
     from bench.data import registry, subsets
     from bench.engines.torchvision.model import build_detector, load_backbone_weights
@@ -214,8 +217,8 @@ def _preflight(studies, specs, root, slots=None, device="cpu"):
     for dataset in sorted({s.data.dataset for s in specs}):
         registry.resolve(dataset)  # raises DatasetMissing naming the path and the fix
     if slots is not None:  # each run fits on this machine's GPUs (or CPU slots)
-        from bench.runner import check_fits
-        check_fits(specs, slots, device)
+        from bench.runner import Nodes, check_fits
+        check_fits(specs, slots, device, nodes or Nodes())
     if any(s.eval.backend == "faster-coco-eval" for s in todo):
         try:
             import faster_coco_eval  # noqa: F401
@@ -342,6 +345,13 @@ def main(argv=None):
                    help="runs sharing one GPU (small models such as the mini study's)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes per run")
     p.add_argument("--only", default=None, help="only runs whose id contains this text")
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="nodes of a multi-node launch: start the same command on each, with "
+                        "its --node-rank; runs then span all nodes, one at a time")
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--master-addr", default="127.0.0.1", help="node 0's address")
+    p.add_argument("--master-port", type=int, default=29500,
+                   help="base port on node 0 (each run uses base + a number from its id)")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("subsets", help="draw nested training subsets (1k in 10k in 35k) of a "

@@ -25,7 +25,8 @@ STATES = ("queued", "running", "done", "failed")
 
 def atomic_write_text(path: Path, text: str):
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # host and pid: the nodes of a multi-node launch may write the same spec on shared storage
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

@@ -26,6 +26,24 @@ class NoSlots(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class Nodes:
+    """A multi-node launch: the same `bench run` command on every node, each with its rank.
+
+    Runs then go one at a time, each spanning every node (gpus / nnodes processes per
+    node), in the same order on every node; run dirs must be on storage every node sees.
+    """
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    def port_for(self, spec) -> int:
+        # a port per run (from its id, the same on every node), so that a run never
+        # rendezvouses on the socket its predecessor is still closing
+        return self.master_port + int(spec.identity(), 16) % 1000
+
+
 @dataclass
 class Job:
     spec: object
@@ -86,10 +104,18 @@ def take_slots(free: List[str], n: int) -> Optional[List[str]]:
     return None
 
 
-def check_fits(specs, slots, device):
-    """Every run must fit on this machine: gpus <= its distinct GPUs (or CPU slots)."""
+def check_fits(specs, slots, device, nodes=Nodes()):
+    """Every run must fit: gpus <= the distinct GPUs (or CPU slots) of this machine, or of
+    all the nodes of a multi-node launch together (spread evenly over them)."""
     distinct = len({_gpu_of(s) for s in slots})
     for spec in specs:
+        if nodes.nnodes > 1:
+            if spec.gpus % nodes.nnodes or spec.gpus // nodes.nnodes > distinct:
+                raise NoSlots(f"{spec.name} asks for gpus={spec.gpus}, which does not spread "
+                              f"over {nodes.nnodes} nodes of {distinct} "
+                              f"{'GPU' if device == 'cuda' else 'CPU slot'}(s) each; use a "
+                              f"node count that divides it (--nnodes)")
+            continue
         if spec.gpus > distinct:
             raise NoSlots(f"{spec.name} asks for gpus={spec.gpus} but this machine has {distinct} "
                           f"{'GPU' if device == 'cuda' else 'CPU slot'}(s); --set gpus={distinct} "
@@ -98,13 +124,14 @@ def check_fits(specs, slots, device):
 
 
 def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=print,
-        progress=True) -> Outcome:
-    """Train every spec, `len(slots)` at a time; returns what was done, skipped, failed."""
+        progress=True, nodes=Nodes()) -> Outcome:
+    """Train every spec, `len(slots)` at a time (one at a time over `nodes`); returns what
+    was done, skipped, failed."""
     slots = list(slots or default_slots(device, threads))
     if not slots:
         raise NoSlots(f"no slot to run on: device={device} shows no GPU; use --device cpu, "
                            f"or check CUDA_VISIBLE_DEVICES")
-    check_fits(specs, slots, device)
+    check_fits(specs, slots, device, nodes)
     outcome = Outcome()
     queue = []
     for spec in specs:
@@ -115,7 +142,8 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
         else:
             queue.append(Job(spec, rd.path))
     # Longest first: the slots finish together instead of one long run trailing alone.
-    queue.sort(key=lambda j: -j.spec.solver.max_iter)
+    # (The order is the same on every node of a multi-node launch.)
+    queue.sort(key=lambda j: (-j.spec.solver.max_iter, j.spec.run_id))
     jobs = list(queue)
     total = sum(j.spec.solver.max_iter for j in queue)
     already = sum(RunDir(j.run_dir).read_status().get("iteration", 0) for j in queue)
@@ -128,11 +156,13 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
     try:
         while queue or running:
             for job in list(queue):  # the longest run that fits in the free slots
-                job.slots = take_slots(free, job.spec.gpus) or []
+                if nodes.nnodes > 1 and running:
+                    break  # across nodes, one run at a time, in the same order everywhere
+                job.slots = take_slots(free, job.spec.gpus // nodes.nnodes) or []
                 if job.slots:
                     queue.remove(job)
                     free = [f for f in free if f not in job.slots]
-                    _launch(job, device, threads, workers)
+                    _launch(job, device, threads, workers, nodes)
                     running.append(job)
             time.sleep(0.5)
             still = []
@@ -172,7 +202,7 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
     return outcome
 
 
-def _launch(job, device, threads, workers):
+def _launch(job, device, threads, workers, nodes=Nodes()):
     env = dict(os.environ)
     dev = device
     if job.slots[0].startswith("cuda:"):
@@ -182,7 +212,13 @@ def _launch(job, device, threads, workers):
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "bench.worker", str(job.run_dir), "--device", dev,
            "--threads", str(threads), "--workers", str(workers)]
-    if len(job.slots) > 1:
+    if nodes.nnodes > 1:
+        # every node starts its share; torchrun's static rendezvous at node 0's address
+        cmd[1:3] = ["-m", "torch.distributed.run", f"--nnodes={nodes.nnodes}",
+                    f"--node-rank={nodes.node_rank}", f"--master-addr={nodes.master_addr}",
+                    f"--master-port={nodes.port_for(job.spec)}",
+                    f"--nproc-per-node={len(job.slots)}", "-m", "bench.worker"]
+    elif len(job.slots) > 1:
         # torchrun picks a free port (--standalone), sets RANK/WORLD_SIZE/LOCAL_RANK, and
         # stops the other processes when one fails
         cmd[1:3] = ["-m", "torch.distributed.run", "--standalone", "--nnodes=1",

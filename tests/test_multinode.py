@@ -1,0 +1,67 @@
+"""A run across nodes: the same `bench run` command on each node with its rank, tested as
+two gloo "nodes" over loopback on one machine. The two-node run trains the model one
+process trains, and a rerun on both nodes skips it."""
+
+import socket
+import subprocess
+import sys
+
+import torch
+
+from bench import recipe, runner
+from bench.rundir import RunDir
+from bench.spec import RunSpec
+from conftest import write_recipe
+from test_ddp import TWO_LAYOUTS
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _both_nodes(recipe_path, runs, port, *extra):
+    cmd = [sys.executable, "-m", "bench.cli", "run", str(recipe_path), "--device", "cpu",
+           "--runs-root", str(runs), "--only=-scratch-", "--set", "vary.gpus=[2]",
+           "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+           "--slots", "1", *extra]
+    nodes = [subprocess.Popen(cmd + ["--node-rank", str(r)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    return [(p.wait(timeout=600), p.stdout.read()) for p in nodes]
+
+
+def test_two_nodes_train_the_model_one_process_trains_and_a_rerun_skips_it(tmp_path):
+    path = write_recipe(tmp_path, TWO_LAYOUTS)
+    study = recipe.load(path)
+    one, two = sorted((s for s in study.runs if s.init == "scratch"), key=lambda s: s.gpus)
+    port = _free_port() - 1000  # runs use base + (id % 1000)
+
+    outs = _both_nodes(path, tmp_path / "runs", port)
+    for rc, out in outs:
+        assert rc == 0 and "done 1" in out, out
+    b = RunDir(runner.run_dir_for(two, tmp_path / "runs"))
+    assert "--nnodes=2" in (b.path / "log.txt").read_text()
+    assert b.read_status()["state"] == "done"
+
+    a = runner.run([one], tmp_path / "runs", device="cpu", slots=["cpu0"], progress=False,
+                   log=lambda m: None)
+    assert a.done == [one.run_id]
+    wa = torch.load(RunDir(runner.run_dir_for(one, tmp_path / "runs")).checkpoints /
+                    "model_0000009.pth", weights_only=False)["model"]
+    wb = torch.load(b.checkpoints / "model_0000009.pth", weights_only=False)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+    for rc, out in _both_nodes(path, tmp_path / "runs", port):   # idempotent on every node
+        assert rc == 0 and "skipped (already done) 1" in out, out
+
+
+def test_a_run_that_does_not_spread_over_the_nodes_is_refused():
+    spec = RunSpec(name="x", gpus=3)
+    try:
+        runner.check_fits([spec], ["cpu0", "cpu1"], "cpu", runner.Nodes(nnodes=2))
+    except runner.NoSlots as e:
+        assert "does not spread over 2 nodes" in str(e) and "\n" not in str(e)
+    else:
+        raise AssertionError("gpus=3 over 2 nodes was accepted")
