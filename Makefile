@@ -45,8 +45,29 @@ mini: pretrain
 figures: setup
 	$(BIN)/bench figures --study mini
 
-test: setup
+test: setup slurm-deps
 	$(BIN)/python -m pytest -q
+
+# A real single-node Slurm (with munge and slurmdbd on a private MariaDB) for the tests that
+# submit jobs (tests/slurm_cluster.py starts it on loopback). Installed from Debian's packages
+# when running as root with apt-get; otherwise those tests skip.
+SLURM_BINS := slurmctld slurmd sbatch sacct munged mungekey slurmdbd mariadb-install-db mariadb
+SLURM_PKGS := slurmctld slurmd slurm-client slurmdbd munge mariadb-server mariadb-client
+SLURM_APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SLURM_PKGS)
+
+.PHONY: slurm-deps
+slurm-deps:
+	@PATH="$$PATH:/usr/local/sbin:/usr/sbin:/sbin"; missing=""; \
+	for b in $(SLURM_BINS); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	command -v mariadbd >/dev/null 2>&1 || command -v mysqld >/dev/null 2>&1 || missing="$$missing mariadbd"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "slurm-deps: missing$$missing; installing $(SLURM_PKGS)"; \
+	  if ! apt-cache show slurmctld mariadb-server >/dev/null 2>&1; then apt-get update -qq; fi; \
+	  $(SLURM_APT) || { apt-get update -qq && $(SLURM_APT); }; \
+	else \
+	  echo "slurm-deps: missing$$missing: the Slurm tests will skip (install Debian's $(SLURM_PKGS) as root)"; \
+	fi
 
 # The paper's study on this machine's GPUs. Without COCO it stops in seconds naming the path
 # it looked at; DRY_RUN=1 prints the plan (runs, iterations, GPU-hours) instead.

@@ -15,6 +15,7 @@ Errors in recipes, data or checkpoints end with one line naming the file, the ke
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -186,6 +187,17 @@ def cmd_run(args):
                              f"are visible; share GPUs between small runs with --per-gpu N")
         slot_names = (slot_names[:args.slots] if device == "cuda"
                       else [f"cpu{k}" for k in range(args.slots)])
+    if args.slurm:
+        return _run_on_slurm(args, studies, specs, root)
+    if runner.under_torchrun():
+        _preflight(studies, specs, root)
+        outcome = runner.run_in_group(specs, root, device=device, workers=args.workers)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"done {len(outcome.done)}, skipped (already done) {len(outcome.skipped)}, "
+                  f"failed {len(outcome.failed)}")
+            for run_id, reason in outcome.failed:
+                print(f"  failed {run_id}: {reason}")
+        return 1 if outcome.failed else 0
     nodes = runner.Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port)
     if not 0 <= nodes.node_rank < nodes.nnodes:
         raise SystemExit(f"bench run: --node-rank {nodes.node_rank} is not in 0..{nodes.nnodes - 1}")
@@ -199,6 +211,49 @@ def cmd_run(args):
     for run_id, reason in outcome.failed:
         print(f"  failed {run_id}: {reason}")
     return 1 if outcome.failed else 0
+
+
+def _run_on_slurm(args, studies, specs, root):
+    """One Slurm job per unfinished run (bench.slurm); then follow them unless --no-wait."""
+    from bench import slurm
+    from bench.rundir import RunDir
+    from bench.runner import is_done, run_dir_for
+    why = slurm.missing()
+    if why:
+        raise PreflightError(f"--slurm: {why}")
+    cli = {k: getattr(args, f"slurm_{k}") for k in slurm.SlurmOptions.fields()
+           if getattr(args, f"slurm_{k}", None) is not None}
+    options_of = {}
+    for study in studies:  # defaults < the recipe's slurm: < the command line
+        try:
+            opts = slurm.SlurmOptions().updated(study.slurm, str(study.path)).updated(cli, "--slurm")
+            for s in study.runs:
+                opts.layout(s)
+        except ValueError as e:
+            raise PreflightError(str(e)) from None
+        options_of.update({s.run_id: opts for s in study.runs})
+    _preflight(studies, specs, root)
+    jobs, skipped = {}, 0
+    for spec in specs:
+        rd = RunDir(run_dir_for(spec, root))
+        rd.write_spec(spec)
+        if is_done(rd.path):
+            skipped += 1
+            continue
+        try:
+            job_id = slurm.submit(spec, rd.path, options_of[spec.run_id])
+        except slurm.SubmitError as e:
+            raise PreflightError(f"--slurm: {e}") from None
+        jobs[rd.path] = (spec, job_id)
+        print(f"{spec.run_id}: slurm job {job_id}", flush=True)
+    print(f"{len(jobs)} run(s) in Slurm, {skipped} already done, runs in {root}/", flush=True)
+    if args.no_wait or not jobs:
+        return 0
+    done, failed = slurm.follow(jobs)
+    print(f"done {len(done)}, skipped (already done) {skipped}, failed {len(failed)}")
+    for run_id, reason in failed:
+        print(f"  failed {run_id}: {reason}")
+    return 1 if failed else 0
 
 
 class PreflightError(RuntimeError):
@@ -251,6 +306,42 @@ def _preflight(studies, specs, root, slots=None, device="cpu", nodes=None):
             load_backbone_weights(build_detector(s.model, 1, s.data), state, log=lambda *_: None)
         except (ValueError, FileNotFoundError) as e:
             raise PreflightError(f"{study.path}: {e}") from None
+    _check_storage(Path(root), todo, parallel=len(todo) if slots is None else len(slots))
+
+
+def _checkpoint_bytes(spec, _cache={}):
+    """A checkpoint's size: fp32 weights and SGD momentum, plus a little for the rest."""
+    key = (spec.model, spec.data)
+    if key not in _cache:
+        from bench.engines.torchvision.model import build_detector
+        params = sum(p.numel() for p in build_detector(spec.model, 80, spec.data).parameters())
+        _cache[key] = 2 * 4 * params + 2 ** 20
+    return _cache[key]
+
+
+def _check_storage(root: Path, todo, parallel):
+    """The runs root takes files and has room for the checkpoints of the runs about to start
+    (each keeps checkpoint.keep, plus the one being written): a full disk found hours into a
+    run costs that run's work since its last checkpoint, found here it costs nothing."""
+    import shutil
+    if not todo:
+        return
+    where = "; choose another with --runs-root or $BENCH_RUNS"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_bytes(bytes(4096))
+        probe.unlink()
+    except OSError as e:
+        raise PreflightError(f"runs root {root} is not writable ({e.strerror or e}){where}") from None
+    need = sorted(((s.checkpoint.keep + 1) * _checkpoint_bytes(s) for s in todo),
+                  reverse=True)[:max(parallel, 1)]
+    free = shutil.disk_usage(root).free
+    if free < sum(need):
+        gib = 2 ** 30
+        raise PreflightError(f"runs root {root}: {free / gib:.2f} GiB free but the {len(need)} "
+                             f"run(s) about to start need about {sum(need) / gib:.2f} GiB for "
+                             f"checkpoints (checkpoint.keep + 1 each); free some space{where}")
 
 
 def cmd_subsets(args):
@@ -271,25 +362,20 @@ def cmd_subsets(args):
 
 
 def cmd_status(args):
-    from bench.rundir import RunDir
+    from bench import status
     from bench.runner import run_dir_for
     root = Path(args.runs_root) if args.runs_root else runs_root()
-    rows = []
-    for study in _studies(args):
-        for s in study.runs:
-            rd = RunDir(run_dir_for(s, root))
-            st = rd.read_status()
-            evals = [r for r in rd.read_metrics() if r.get("type") == "eval"]
-            last = evals[-1] if evals else {}
-            rows.append({"run_id": s.run_id, "state": st.get("state", "queued"),
-                         "iteration": f"{st.get('iteration', 0)}/{s.solver.max_iter}",
-                         "box AP": _fmt(last.get("bbox/AP")), "mask AP": _fmt(last.get("segm/AP")),
-                         "error": (st.get("error") or "")[:60]})
-    _print_table(rows, ["run_id", "state", "iteration", "box AP", "mask AP", "error"])
-
-
-def _fmt(v):
-    return "-" if v is None else f"{v:.1f}"
+    specs = [s for study in _studies(args) for s in study.runs]
+    rows = status.table(specs, lambda s: run_dir_for(s, root))
+    _print_table(rows, status.COLUMNS)
+    counts = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    print(f"{len(rows)} runs: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+          + f"; {sum(r['gpu_hours'] for r in rows):.2f} GPU-hours used")
+    for r in rows:
+        if r["error"]:
+            print(f"  failed {r['run']}: {r['error']}")
 
 
 def cmd_figures(args):
@@ -352,6 +438,21 @@ def main(argv=None):
     p.add_argument("--master-addr", default="127.0.0.1", help="node 0's address")
     p.add_argument("--master-port", type=int, default=29500,
                    help="base port on node 0 (each run uses base + a number from its id)")
+    g = p.add_argument_group("Slurm (also settable in a recipe's slurm: section)")
+    g.add_argument("--slurm", action="store_true",
+                   help="submit each unfinished run as a Slurm job (submitit) instead")
+    g.add_argument("--partition", dest="slurm_partition")
+    g.add_argument("--account", dest="slurm_account")
+    g.add_argument("--qos", dest="slurm_qos")
+    g.add_argument("--constraint", dest="slurm_constraint")
+    g.add_argument("--time", dest="slurm_time", type=int, metavar="MINUTES",
+                   help="per job (default 4320); a run that needs longer requeues itself")
+    g.add_argument("--gpus-per-node", dest="slurm_gpus_per_node", type=int,
+                   help="default 8; 0 for CPU nodes")
+    g.add_argument("--cpus-per-gpu", dest="slurm_cpus_per_gpu", type=int, help="default 8")
+    g.add_argument("--mem-gb", dest="slurm_mem_gb", type=int, help="per node")
+    g.add_argument("--no-wait", action="store_true",
+                   help="return once submitted (`bench status` follows the runs)")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("subsets", help="draw nested training subsets (1k in 10k in 35k) of a "
@@ -381,10 +482,13 @@ def main(argv=None):
     from bench.engines import EngineUnavailable
     from bench.runner import NoSlots
     from bench.spec import SpecError
+    # `kill` or a scheduler's SIGTERM stops a runner the way Ctrl-C does: its runs save a
+    # checkpoint where they are (bench.interrupt) and the next call resumes them
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return args.fn(args) or 0
-    except (SpecError, DatasetMissing, EngineUnavailable, FileNotFoundError, NoSlots,
-            PreflightError) as e:
+    except (SpecError, DatasetMissing, EngineUnavailable, OSError, NoSlots,
+            PreflightError) as e:  # OSError: a path that cannot be read or written, named
         print(f"bench {args.cmd}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -33,7 +33,7 @@ from bench import plugins, schedule
 from bench.spec import PretrainSpec, RunSpec, SpecError, from_dict, replace
 
 TOP_KEYS = ("study", "description", "base", "run", "vary", "compare", "pretrain", "unsupported",
-            "plugins")
+            "plugins", "slurm")
 # The paper's words for the axes a study varies -> RunSpec fields.
 AXIS_ALIASES = {
     "schedule": "solver.schedule", "train_images": "data.train_images", "norm": "model.norm",
@@ -60,6 +60,8 @@ class Study:
     pretrain: Optional[PretrainSpec] = None
     axes: dict = field(default_factory=dict)
     unsupported: Optional[str] = None  # why this experiment has no runs yet
+    # where `bench run --slurm` puts the runs (bench.slurm.SlurmOptions); not part of any run
+    slurm: dict = field(default_factory=dict)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -130,7 +132,8 @@ def load_doc(path, overrides=None) -> dict:
         doc["_base"] = str(doc_base_name(path, base_path))
     for key, value in (overrides or {}).items():
         head = key.split(".")[0]
-        target = key if head in ("vary", "compare", "pretrain", "study") else f"run.{key}"
+        target = (key if head in ("vary", "compare", "pretrain", "study", "slurm")
+                  else f"run.{key}")
         if doc.get(target.split(".")[0]) is None:
             doc[target.split(".")[0]] = {}
         _set_dotted(doc, target, value)
@@ -224,7 +227,7 @@ def run_name(spec: RunSpec) -> str:
 def load(path, overrides=None) -> Study:
     path = Path(path)
     doc = load_doc(path, overrides)
-    overridden = {key if key.split(".")[0] in ("vary", "compare", "pretrain", "study")
+    overridden = {key if key.split(".")[0] in ("vary", "compare", "pretrain", "study", "slurm")
                   else f"run.{key}" for key in (overrides or {})}
     where = str(path) + (f" (with base {doc['_base']})" if doc.get("_base") else "")
     name = doc.get("study")
@@ -328,7 +331,19 @@ def load(path, overrides=None) -> Study:
     if doc.get("pretrain") is not None:
         pretrain = from_dict(PretrainSpec, doc["pretrain"], f"{where}: pretrain")
     return Study(name=name, path=path, description=doc.get("description", ""), runs=runs,
-                 pairs=pairs, pretrain=pretrain, axes=axes)
+                 pairs=pairs, pretrain=pretrain, axes=axes, slurm=_slurm_section(doc, where))
+
+
+def _slurm_section(doc, where) -> dict:
+    from bench.slurm import SlurmOptions
+    section = doc.get("slurm") or {}
+    if not isinstance(section, dict):
+        raise SpecError(f"{where}: slurm: must be a mapping of {', '.join(SlurmOptions.fields())}")
+    try:
+        SlurmOptions().updated(section, where)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+    return dict(section)
 
 
 def _per_init_overrides(compare, init, where) -> dict:

@@ -10,6 +10,7 @@ leaves either the old or the new file, never half of one. Analysis reads these f
 only; it never imports an engine.
 """
 
+import fcntl
 import json
 import os
 import platform
@@ -57,6 +58,10 @@ def package_versions() -> dict:
             "numpy": str(numpy.__version__)}
 
 
+class RunBusy(RuntimeError):
+    """Another process holds the run dir's lock."""
+
+
 class RunDir:
     def __init__(self, path):
         self.path = Path(path)
@@ -93,6 +98,25 @@ class RunDir:
         from bench.spec import RunSpec
         return RunSpec.from_dict(self.read_spec_doc()["spec"], where=str(self.spec_file))
 
+    # -- lock -------------------------------------------------------------------------
+    def lock(self):
+        """Hold the run's lock (until the returned file is closed or the process dies, however
+        it dies): a second runner, or an orphan of a killed one, must not interleave appends
+        and truncations of the same metrics file. RunBusy names the holder."""
+        f = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise RunBusy(f"{self.path}: another process ({holder}) is training this run; not "
+                          f"starting a second one") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        return f
+
     # -- status -----------------------------------------------------------------------
     def read_status(self) -> dict:
         try:
@@ -108,6 +132,12 @@ class RunDir:
             doc.pop("error", None)
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.status_file, json.dumps(doc, sort_keys=True, indent=1))
+
+    def update_status(self, **fields):
+        """Add fields (where the run is, its Slurm jobs) without changing its state."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.status_file, json.dumps({**self.read_status(), **fields},
+                                                       sort_keys=True, indent=1))
 
     # -- metrics ----------------------------------------------------------------------
     def read_metrics(self) -> list:

@@ -10,6 +10,8 @@ and the ETA come from each run dir's status.json.
 """
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +22,11 @@ from typing import List, Optional
 from tqdm import tqdm
 
 from bench.rundir import RunDir
+
+
+# How long a stopping runner waits for its runs to checkpoint the iteration they are on
+# (an evaluation in progress finishes first); Slurm's own grace period bounds it there.
+STOP_GRACE = 300.0
 
 
 class NoSlots(RuntimeError):
@@ -51,6 +58,7 @@ class Job:
     proc: Optional[subprocess.Popen] = None
     slots: List[str] = field(default_factory=list)
     log_file: Optional[object] = None
+    torchrun: bool = False
 
 
 @dataclass
@@ -188,18 +196,130 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
                 bar.update(progress_now - bar.n)
     finally:
         # Whatever ends the loop (Ctrl-C, SIGTERM, an error here), no worker is orphaned: each
-        # gets SIGTERM, marks its run queued and exits; the next call resumes it.
-        for job in running:
-            job.proc.terminate()
+        # gets SIGTERM, saves a checkpoint at the iteration it is on, marks its run queued
+        # and exits; the next call resumes it there. Ctrl-C again stops them at once.
+        bar.close()
+        _stop(running, log)
+    return outcome
+
+
+def under_torchrun() -> bool:
+    """`torchrun … -m bench.cli run RECIPE`: this process is one of a group torchrun started."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def run_in_group(specs, runs_root, device="cpu", workers=0, log=print) -> Outcome:
+    """Train every spec with all the processes torchrun started (its nodes, its GPUs), one
+    run after another in the same order in every process, in one process group.
+
+    Each run must ask for exactly that many processes (`gpus`). A run that fails the same way
+    everywhere (a non-finite loss) is reported and the study goes on; any other failure ends
+    this process, and torchrun then stops the others; the next launch resumes."""
+    import torch
+    from bench import distributed, interrupt, worker
+    world = distributed.from_env()
+    for spec in specs:
+        if spec.gpus != world.size:
+            raise NoSlots(f"{spec.name} asks for gpus={spec.gpus} but torchrun started "
+                          f"{world.size} processes; launch --nproc-per-node x --nnodes = "
+                          f"{spec.gpus}, or --set gpus={world.size} (a new run id)")
+    interrupt.install()
+    distributed.init(device)
+    outcome = Outcome()
+    try:
+        for spec in sorted(specs, key=lambda s: (-s.solver.max_iter, s.run_id)):
+            rd = RunDir(run_dir_for(spec, runs_root))
+            if world.main:
+                rd.write_spec(spec)
+            distributed.barrier(world)
+            if is_done(rd.path):
+                outcome.skipped.append(spec.run_id)
+                continue
+            lock = None
+            if world.main:
+                try:
+                    lock = rd.lock()
+                except Exception as e:  # noqa: BLE001 - RunBusy, or the lock file unwritable
+                    log(str(e))
+            # every process learns whether rank 0 holds the run before any trains it
+            held = distributed.mean(torch.tensor([float(lock is not None or not world.main)]),
+                                    world)
+            if held.item() < 1:
+                outcome.failed.append((spec.run_id, "another process is training it"))
+                continue
+            try:
+                if world.main:
+                    rd.update_status(where=f"torchrun: {world.size} processes, rank 0 on "
+                                           f"{socket.gethostname()}")
+                code = worker.train_run(rd, device, workers, take_lock=False)
+            finally:
+                if lock is not None:
+                    lock.close()
+            if code == worker.DONE:
+                outcome.done.append(spec.run_id)
+            elif code == worker.STOPPED:
+                raise KeyboardInterrupt
+            else:
+                outcome.failed.append((spec.run_id, rd.read_status().get("error") or
+                                       f"exit code {code}"))
+                if code != worker.FAILED_EVERYWHERE:
+                    break  # the group may be out of step: end here, torchrun ends the rest
+    finally:
+        distributed.shutdown()
+    return outcome
+
+
+def _stop(running, log, grace=STOP_GRACE):
+    if not running:
+        return
+    log(f"stopping {len(running)} run(s) after their current iteration's checkpoint "
+        f"(up to {grace:.0f} s; Ctrl-C again to stop at once)")
+    for job in running:
+        stop_workers(job.proc.pid, torchrun=job.torchrun)
+    deadline = time.time() + grace
+    try:
         for job in running:
             try:
-                job.proc.wait(timeout=60)
+                job.proc.wait(timeout=max(deadline - time.time(), 0.1))
             except subprocess.TimeoutExpired:
-                job.proc.kill()
+                pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for job in running:
+            if job.proc.poll() is None:  # resumes from its previous checkpoint instead
+                kill_tree(job.proc.pid)
                 job.proc.wait()
             job.log_file.close()
-        bar.close()
-    return outcome
+
+
+def children(pid) -> list:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:  # not Linux, or gone already
+        return []
+
+
+def stop_workers(pid, torchrun):
+    """Ask a run's worker processes to stop after a checkpoint (SIGTERM, bench.interrupt).
+
+    Under torchrun the workers themselves: torchrun passes SIGTERM on but SIGKILLs them 30 s
+    later, and an evaluation in progress may need longer to end."""
+    for target in (children(pid) if torchrun else [pid]):
+        try:
+            os.kill(target, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def kill_tree(pid):
+    """SIGKILL a process and its descendants (torchrun's workers)."""
+    for child in children(pid):
+        kill_tree(child)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _launch(job, device, threads, workers, nodes=Nodes()):
@@ -223,6 +343,11 @@ def _launch(job, device, threads, workers, nodes=Nodes()):
         # stops the other processes when one fails
         cmd[1:3] = ["-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                     f"--nproc-per-node={len(job.slots)}", "-m", "bench.worker"]
+    job.torchrun = cmd[2] == "torch.distributed.run"
+    if nodes.node_rank == 0:  # for `bench status`
+        RunDir(job.run_dir).update_status(where=f"{socket.gethostname()} {','.join(job.slots)}"
+                                          + (f" (+{nodes.nnodes - 1} nodes)" if nodes.nnodes > 1
+                                             else ""))
     job.log_file = open(job.run_dir / "log.txt", "a")
     job.log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} slots {','.join(job.slots)}: "
                        f"{' '.join(cmd)}\n")

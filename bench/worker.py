@@ -7,20 +7,13 @@ rank 0 holds the run dir's lock (bench.distributed).
 """
 
 import argparse
-import fcntl
 import os
-import signal
-import socket
 import sys
 
 import torch
 
-from bench import distributed, engines, plugins
-from bench.rundir import RunDir
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+from bench import distributed, engines, interrupt, plugins
+from bench.rundir import RunBusy, RunDir
 
 
 def main(argv=None):
@@ -32,44 +25,50 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # SIGTERM (runner stopping, Slurm preemption) becomes KeyboardInterrupt: the run is marked
-    # queued again and resumes from its last checkpoint next time.
-    signal.signal(signal.SIGTERM, _interrupt)
-    rd = RunDir(args.run_dir)
+    # SIGTERM (runner stopping, preemption) or Ctrl-C: checkpoint the current iteration, exit
+    # as queued; the next call resumes there.
+    interrupt.install()
+    try:
+        return train_run(RunDir(args.run_dir), args.device, args.workers)
+    finally:
+        distributed.shutdown()
+
+
+# train_run's results: the runner (or the group loop of bench.runner) acts on them
+DONE, FAILED, BUSY, FAILED_EVERYWHERE, STOPPED = 0, 1, 3, 4, 130
+
+
+def train_run(rd: RunDir, device: str, workers: int, take_lock: bool = True) -> int:
+    """Train one run dir in this process (one of its processes under DDP); one of the codes
+    above. FAILED_EVERYWHERE is a failure every process of the run met at the same point (a
+    non-finite mean loss), after which their process group is still in step."""
     spec = rd.read_spec()
-    # One process per run dir: a second runner (or an orphan of a killed one) must not
-    # interleave appends and truncations of the same metrics file. The OS drops the lock
-    # when this process dies, however it dies.
-    # Under DDP rank 0 takes it for the run's processes.
-    if distributed.from_env().main:
-        lock = open(rd.path / ".lock", "a+")
+    lock = None
+    if take_lock and distributed.from_env().main:  # under DDP rank 0 holds it for them all
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            print(f"{rd.path}: another process ({lock.read().strip() or 'unknown'}) is training "
-                  f"this run; not starting a second one", file=sys.stderr, flush=True)
-            return 3
-        lock.truncate(0)
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        lock.flush()
+            lock = rd.lock()
+        except RunBusy as e:
+            print(e, file=sys.stderr, flush=True)
+            return BUSY
     try:
         plugins.load(spec.plugins)  # e.g. the backbone a recipe registered
         engine = engines.get(spec.engine)
-        engine.run(spec, rd.path, device=args.device, workers=args.workers,
+        engine.run(spec, rd.path, device=device, workers=workers,
                    log=lambda msg: print(msg, flush=True))
-    except KeyboardInterrupt:
-        print(f"{rd.path.name}: interrupted; rerun to resume from its last checkpoint", flush=True)
-        return 130
+    except KeyboardInterrupt as e:
+        where = "there" if isinstance(e, interrupt.Stopped) else "its last checkpoint"
+        print(f"{rd.path.name}: interrupted; rerun to resume from {where}", flush=True)
+        return STOPPED
     except Exception as e:  # noqa: BLE001 - the runner reads the reason from status.json
         print(f"{rd.path.name}: failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         in_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         if (distributed.from_env().main or in_group) and rd.read_status().get("state") != "failed":
             rd.write_status("failed", error=f"{type(e).__name__}: {e}")
-        return 1
+        return FAILED_EVERYWHERE if getattr(e, "every_process", False) else FAILED
     finally:
-        distributed.shutdown()
-    return 0
+        if lock is not None:
+            lock.close()
+    return DONE
 
 
 if __name__ == "__main__":

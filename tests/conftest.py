@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from slurm_cluster import slurm_cluster  # noqa: F401 - the real-Slurm fixture, for every test
+
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_RECIPE = f"""

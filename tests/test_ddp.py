@@ -6,7 +6,6 @@ SyncBN of two processes normalizes as BatchNorm over both halves of the batch wo
 even when one process holds no RoI at all.
 """
 
-import json
 
 import pytest
 import torch

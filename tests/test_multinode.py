@@ -65,3 +65,38 @@ def test_a_run_that_does_not_spread_over_the_nodes_is_refused():
         assert "does not spread over 2 nodes" in str(e) and "\n" not in str(e)
     else:
         raise AssertionError("gpus=3 over 2 nodes was accepted")
+
+
+def test_bench_run_under_torchrun_trains_each_run_with_all_its_processes(tmp_path):
+    """`torchrun --nproc-per-node 2 -m bench.cli run RECIPE`: every process runs the study,
+    each run spans both in one process group, and ends with the weights of the same run
+    launched by the runner; a second launch skips it."""
+    path = write_recipe(tmp_path, TWO_LAYOUTS)
+    two = next(s for s in recipe.load(path, recipe.parse_overrides(["vary.gpus=[2]"])).runs
+               if s.init == "scratch")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+           "--nproc-per-node=2", "-m", "bench.cli", "run", str(path), "--device", "cpu",
+           "--only=-scratch-", "--set", "vary.gpus=[2]"]
+    out = subprocess.run(cmd + ["--runs-root", str(tmp_path / "group")], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0 and "done 1, skipped (already done) 0, failed 0" in out.stdout, \
+        out.stdout + out.stderr
+    grouped = RunDir(runner.run_dir_for(two, tmp_path / "group"))
+    assert grouped.read_status()["where"].startswith("torchrun: 2 processes")
+
+    launched = runner.run([two], tmp_path / "runner", device="cpu", slots=["cpu0", "cpu1"],
+                          progress=False, log=lambda m: None)
+    assert launched.done == [two.run_id]
+    ref = RunDir(runner.run_dir_for(two, tmp_path / "runner"))
+    wa = torch.load(ref.checkpoints / "model_0000009.pth", weights_only=False)["model"]
+    wb = torch.load(grouped.checkpoints / "model_0000009.pth", weights_only=False)["model"]
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    def untimed(rd):
+        return [{k: v for k, v in r.items() if not k.endswith("time") and k != "wall"}
+                for r in rd.read_metrics()]
+    assert untimed(grouped) == untimed(ref)
+
+    again = subprocess.run(cmd + ["--runs-root", str(tmp_path / "group")], capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0 and "skipped (already done) 1" in again.stdout, again.stderr

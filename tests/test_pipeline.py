@@ -129,6 +129,40 @@ def test_killed_study_rerun_resumes_and_loses_nothing(tmp_path, finished_study):
     assert "resumed" in log
 
 
+def test_sigterm_stops_the_study_after_a_checkpoint_where_it_is(tmp_path, finished_study):
+    """`kill RUNNER` (or a scheduler's SIGTERM) mid-run: the run checkpoints the iteration
+    it is on, between periodic checkpoints, is left queued there, and the rerun resumes it."""
+    path, _, _ = finished_study
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "bench.cli", "run", str(path), "--slots", "1",
+           "--only=scratch-2x-allimg", "--runs-root", str(runs)]
+    longer = ["solver.unit_iters=90", "eval.period=180", "checkpoint.period=180"]
+    cmd += [a for o in longer for a in ("--set", o)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    spec = next(s for s in recipe.load(path, recipe.parse_overrides(longer)).runs
+                if "scratch-2x-allimg" in s.run_id)
+    rd = RunDir(run_dir_for(spec, runs))
+    deadline = time.time() + 300
+    while rd.read_status().get("state") != "running" and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    time.sleep(3)  # into the 180 iterations, far from the periodic checkpoint at 180
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    status = rd.read_status()
+    stop = status["iteration"]
+    assert status["state"] == "queued" and 0 < stop < spec.solver.max_iter, status
+    assert f"stopped at iteration {stop}" in (rd.path / "log.txt").read_text()
+    assert (rd.checkpoints / f"model_{stop:07d}.pth").exists()
+
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"resumed {rd.path.name} at iteration {stop}" in (rd.path / "log.txt").read_text()
+    its = [r["iteration"] for r in rd.read_metrics() if r["type"] == "train"]
+    assert its == list(range(20, spec.solver.max_iter + 1, 20))
+
+
 def test_missing_pretrained_checkpoint_stops_before_training(tmp_path, bench_data):
     from conftest import TINY_RECIPE
     path = tmp_path / "tiny.yaml"

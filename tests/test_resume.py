@@ -3,6 +3,8 @@ the same metrics as the run trained in one go, with no duplicated or missing row
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -106,3 +108,56 @@ def test_a_checkpoint_from_another_model_layout_is_one_clear_line(spec, tmp_path
     msg = str(e.value)
     assert "does not fit this code's model" in msg and "\n" not in msg and str(rd.path) in msg
     assert rd.metrics_file.read_text() == rows
+
+
+def test_a_stop_request_checkpoints_the_iteration_it_is_on_and_resumes_there(spec, tmp_path,
+                                                                             monkeypatch):
+    """SIGTERM/Ctrl-C (bench.interrupt) mid-period: the run saves iteration 5, before its
+    first periodic checkpoint at 9, stops as queued, and resumes there to the same end."""
+    from bench import interrupt
+    from bench.engines.torchvision import train as train_mod
+    quiet = dict(log=lambda m: None)
+    whole = train(spec, tmp_path / "whole", **quiet)
+
+    calls = {"n": 0}
+    step = train_mod.Stepper.__call__
+
+    def asked_to_stop_in_iteration_5(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            interrupt.request()
+        return step(self, *args)
+    monkeypatch.setattr(train_mod.Stepper, "__call__", asked_to_stop_in_iteration_5)
+    stopped = RunDir(tmp_path / "stopped")
+    try:
+        with pytest.raises(interrupt.Stopped):
+            train_mod.run(spec, stopped.path, **quiet)
+    finally:
+        interrupt.clear()
+    assert [p.name for p in sorted(stopped.checkpoints.glob("model_*.pth"))] == ["model_0000005.pth"]
+    status = stopped.read_status()
+    assert (status["state"], status["iteration"]) == ("queued", 5)
+
+    monkeypatch.setattr(train_mod.Stepper, "__call__", step)
+    messages = []
+    train(spec, stopped.path, log=messages.append)
+    assert any("resumed" in m and "at iteration 5" in m for m in messages)
+    a = torch.load(whole.checkpoints / "model_0000018.pth", weights_only=False)["model"]
+    b = torch.load(stopped.checkpoints / "model_0000018.pth", weights_only=False)["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    def strip(rd):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in rd.read_metrics()]
+    assert strip(stopped) == strip(whole)
+
+
+def test_processes_forked_by_a_stoppable_worker_still_die_on_sigterm():
+    # The worker routes SIGTERM to a stop request; a pool it forks (the dataset generator's)
+    # must not inherit that, or Pool.terminate() waits forever for a child that only set a flag.
+    code = ("import multiprocessing as mp, time; from bench import interrupt; interrupt.install()\n"
+            "pool = mp.get_context('fork').Pool(2); pool.map_async(time.sleep, [60, 60])\n"
+            "time.sleep(2); t = time.time(); pool.terminate(); pool.join()\n"
+            "print(round(time.time() - t))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() and int(out.stdout) < 20, out.stdout + out.stderr

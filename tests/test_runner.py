@@ -70,3 +70,23 @@ def test_a_run_dir_is_trained_by_one_process_at_a_time(tmp_path):
     assert out.returncode == 3
     assert "another process (pid 1 on elsewhere) is training this run" in out.stderr
     assert not rd.metrics_file.exists()
+
+
+def test_a_run_that_does_not_stop_in_time_is_killed_with_its_children():
+    """The last resort of a stopping runner reaches torchrun's workers, not only torchrun."""
+    import os
+    import subprocess
+    import time
+    proc = subprocess.Popen(["sh", "-c", "sleep 300 & echo $!; wait"], stdout=subprocess.PIPE,
+                            text=True)
+    child = int(proc.stdout.readline())
+    runner.kill_tree(proc.pid)
+    proc.wait(timeout=10)
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the child outlived the kill")

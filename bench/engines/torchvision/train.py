@@ -22,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from bench import distributed, schedule
+from bench import distributed, interrupt, schedule
 from bench.data import registry, subsets
 from bench.data.coco import CocoDetection, load_coco
 from bench.data.sampler import PositionSampler, TrainStream, collate
@@ -37,7 +37,9 @@ LOG_PERIOD = 20
 
 
 class NonFiniteLoss(FloatingPointError):
-    pass
+    # The loss checked is the mean over processes, so every process raises this at the same
+    # iteration and their process group stays usable (bench.worker.FAILED_EVERYWHERE).
+    every_process = True
 
 
 def build_optimizer(model, solver):
@@ -84,7 +86,8 @@ class Stepper:
     Each pass's loss is divided by the number of passes and DDP averages the gradients over
     processes, so the step follows the mean loss of all passes of the global batch,
     however they are spread over processes. Returns the loss terms averaged the same way
-    (identical on every process, so a non-finite loss stops every process together).
+    (identical on every process, so a non-finite loss stops every process together), and
+    sets `stop` when any process was asked to stop (bench.interrupt) in the same exchange.
     """
 
     def __init__(self, model, optimizer, micro, amp="off", world=distributed.World()):
@@ -94,6 +97,7 @@ class Stepper:
         self.device_type = device.type
         # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        self.stop = False
 
     def __call__(self, images, targets, seeds):
         passes = len(images) // self.micro
@@ -116,7 +120,9 @@ class Stepper:
             terms = torch.stack([loss_dict[key].detach().float() for key in keys]
                                 + [loss.detach().float()])
             total = terms if total is None else total + terms
-        values = distributed.mean(total / passes, self.world).tolist()
+        flag = torch.tensor([float(interrupt.requested())], device=total.device)
+        values = distributed.mean(torch.cat([total / passes, flag]), self.world).tolist()
+        self.stop = values.pop() > 0
         return dict(zip(keys + ["loss"], values))
 
     def apply(self):
@@ -194,10 +200,18 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
             rd.write_status("done", iteration=start, max_iter=solver.max_iter)
         return rd
 
+    # Wall-clock time of every session of this run (work a crash threw away included): what
+    # `bench status` counts as GPU-hours spent.
+    spent_before, session_start = rd.read_status().get("train_seconds", 0.0), time.time()
+
+    def spent():
+        return spent_before + time.time() - session_start
+
     if world.main:
         rd.truncate_metrics(start)
         rd.write_status("running", iteration=start, max_iter=solver.max_iter,
-                        started=time.time(), train_images_used=len(train_set))
+                        started=time.time(), train_images_used=len(train_set),
+                        train_seconds=spent())
         # TensorBoard gets the rows metrics.jsonl gets; purge_step drops events a killed run
         # logged after the checkpoint it resumes from, as truncate_metrics does for the file.
         board = SummaryWriter(str(rd.path / "tensorboard"), purge_step=start + 1)
@@ -219,7 +233,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     loader = torch.utils.data.DataLoader(
         stream, batch_size=per_rank, num_workers=workers, collate_fn=collate,
         sampler=PositionSampler(start, solver.max_iter, solver.batch, world.rank, world.size),
-        generator=torch.Generator().manual_seed(spec.seed))
+        generator=torch.Generator().manual_seed(spec.seed),
+        worker_init_fn=interrupt.loader_worker_init if workers else None)
 
     def save(iteration):
         if not world.main:
@@ -271,7 +286,7 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
             log_row(row)
             if world.main:
                 rd.write_status("running", iteration=done, max_iter=solver.max_iter,
-                                sec_per_iter=row["time"])
+                                sec_per_iter=row["time"], train_seconds=spent())
             window = {"time": 0.0, "data_time": 0.0, "timed": 0, "n": 0}
             losses_sum = {}
 
@@ -287,12 +302,21 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
                          "wall": time.time(), **{k: _clean(v) for k, v in stats.items()}})
         if done % spec.checkpoint.period == 0 or done == solver.max_iter:
             save(done)
+        elif stepper.stop:
+            save(done)
+        if stepper.stop and done < solver.max_iter:
+            log(f"stopped at iteration {done} on request, checkpoint saved; rerun to resume")
+            if world.main:
+                rd.write_status("queued", iteration=done, max_iter=solver.max_iter,
+                                train_seconds=spent())
+            distributed.barrier(world)  # the others wait for rank 0's checkpoint
+            raise interrupt.Stopped(f"stopped at iteration {done}")
         t_data = time.perf_counter()
 
     if world.main:
         board.close()
         rd.write_status("done", iteration=solver.max_iter, max_iter=solver.max_iter,
-                        finished=time.time())
+                        finished=time.time(), train_seconds=spent())
     distributed.barrier(world)
     return rd
 

@@ -1,0 +1,64 @@
+"""A study survives its faults: a run that fails leaves the others finishing, and storage that
+cannot take the runs is reported before any training starts."""
+
+import subprocess
+import sys
+from collections import namedtuple
+
+import pytest
+
+from bench import cli, recipe
+from bench.rundir import RunDir
+from bench.runner import run_dir_for
+from conftest import write_recipe
+from test_slurm import scratch_study
+
+
+def bench_run(path, runs, *extra):
+    return subprocess.run([sys.executable, "-m", "bench.cli", "run", str(path), "--only=scratch",
+                           "--runs-root", str(runs), *extra],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_run_that_diverges_fails_alone_and_the_study_goes_on(tmp_path):
+    path = write_recipe(tmp_path, scratch_study(9).replace(
+        "  schedule: [1x]", "  schedule: [1x]\n  solver.base_lr: [0.02, 1.0e+30]"))
+    runs = tmp_path / "runs"
+    out = bench_run(path, runs)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "done 1, skipped (already done) 0, failed 1" in out.stdout
+    good, bad = sorted((s for s in recipe.load(path).runs if s.init == "scratch"),
+                       key=lambda s: s.solver.base_lr)
+    assert RunDir(run_dir_for(good, runs)).read_status()["state"] == "done"
+    status = RunDir(run_dir_for(bad, runs)).read_status()
+    assert status["state"] == "failed"
+    assert status["error"].startswith("NonFiniteLoss: loss is ") and "last good checkpoint" in \
+        status["error"]
+    assert f"failed {bad.run_id}: NonFiniteLoss" in out.stdout
+
+    again = bench_run(path, runs)  # the rerun retries the failed run only
+    assert "skipped (already done) 1, failed 1" in again.stdout
+
+
+def test_an_unwritable_runs_root_is_one_line_before_training(tmp_path):
+    path = write_recipe(tmp_path, scratch_study(9))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = bench_run(path, blocker / "runs")
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"bench run: runs root {blocker / 'runs'} is not writable (")
+    assert "--runs-root" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_disk_without_room_for_the_checkpoints_is_one_line_before_training(tmp_path,
+                                                                             monkeypatch):
+    spec = next(s for s in recipe.load(write_recipe(tmp_path, scratch_study(9))).runs
+                if s.init == "scratch")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda _: usage(2 ** 30, 2 ** 30 - 2 ** 20, 2 ** 20))
+    with pytest.raises(cli.PreflightError, match=r"runs root .*: 0\.00 GiB free but the 1 run\(s\) "
+                                                 r"about to start need about 0\.\d\d GiB"):
+        cli._check_storage(tmp_path / "runs", [spec], parallel=2)
+    monkeypatch.undo()
+    cli._check_storage(tmp_path / "runs", [spec], parallel=2)  # this disk has the room
