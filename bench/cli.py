@@ -85,13 +85,16 @@ def cmd_pretrain(args):
 def plan_rows(studies, root, gpu="H100"):
     """One row per run: what it trains, and its GPU-hours from the measured throughput table
     (None when this model was never measured on a `gpu`: no estimate, never a guess)."""
-    from bench import speed
+    from bench import fork, speed
     from bench.runner import is_done, run_dir_for
     table = speed.read_table()
     rows = []
     for study in studies:
+        parents = fork.parent_of(study.runs) if study.fork else {}
         for s in study.runs:
             measured = speed.lookup(s, gpu, table)
+            parent, fork_at = parents.get(s.run_id, (None, 0))
+            hours = speed.gpu_hours(s, measured) if measured else None
             rows.append({
                 "study": study.name, "run_id": s.run_id, "arch": s.model.arch,
                 "backbone": f"{s.model.backbone}{s.model.depth}", "norm": s.model.norm,
@@ -99,8 +102,12 @@ def plan_rows(studies, root, gpu="H100"):
                 "lr_drops": list(s.solver.steps), "lr": s.solver.lr, "batch": s.solver.batch,
                 "train_images": s.data.train_images or "all", "dataset": s.data.dataset,
                 "gpus": s.gpus, "sec_per_iter": float(measured["sec_per_iter"]) if measured
-                else None, "gpu_hours": round(speed.gpu_hours(s, measured), 2) if measured
-                else None, "measured_on": measured["device"] if measured else None,
+                else None, "gpu_hours": round(hours, 2) if measured else None,
+                "measured_on": measured["device"] if measured else None,
+                # a shorter schedule trains only past its parent's checkpoint (bench.fork)
+                "forks_from": parent.run_id if parent else None, "fork_at": fork_at,
+                "gpu_hours_forked": round(hours * (1 - fork_at / s.solver.max_iter), 2)
+                if measured else None,
                 "done": is_done(run_dir_for(s, root))})
     return rows
 
@@ -115,19 +122,29 @@ def cmd_plan(args):
                    for st in studies if st.unsupported]
     known = [r["gpu_hours"] for r in rows if r["gpu_hours"] is not None]
     total = round(sum(known), 2) if len(known) == len(rows) and rows else None
+    forked = (round(sum(r["gpu_hours_forked"] for r in rows), 2) if total is not None else None)
     if args.json:
         print(json.dumps({"gpu": args.gpu, "runs": rows, "total_gpu_hours": total,
+                          "total_gpu_hours_forked": forked,
                           "runs_without_estimate": len(rows) - len(known),
                           "unsupported": unsupported}, indent=1))
         return
-    shown = [{**r, "GPU-h": "no estimate" if r["gpu_hours"] is None else f"{r['gpu_hours']:.1f}"}
+    names = {r["run_id"]: r["schedule"] for r in rows}
+    shown = [{**r, "GPU-h": "no estimate" if r["gpu_hours"] is None else f"{r['gpu_hours']:.1f}",
+              "forked": "-" if r["gpu_hours_forked"] is None else f"{r['gpu_hours_forked']:.1f}",
+              "fork": f"{names[r['forks_from']]} @{r['fork_at']}" if r["forks_from"] else "-"}
              for r in rows]
     if rows:
         _print_table(shown, ["run_id", "arch", "backbone", "norm", "init", "schedule",
                              "iterations", "lr_drops", "lr", "batch", "train_images", "gpus",
-                             "GPU-h", "done"])
+                             "fork", "GPU-h", "forked", "done"])
     if total is not None:
-        cost = f"{total:,.{1 if total >= 1 else 3}f} GPU-hours on {args.gpu}"
+        digits = 1 if total >= 1 else 3
+        cost = f"{total:,.{digits}f} GPU-hours on {args.gpu}"
+        if forked < total:
+            cost += (f" trained separately, {forked:,.{digits}f} with shorter schedules forked "
+                     f"from the longest ({total / forked:.2f}x cheaper; --no-fork trains "
+                     f"each separately)")
     elif known:
         cost = (f"{sum(known):,.1f} GPU-hours on {args.gpu} for the {len(known)} measured runs; "
                 f"{len(rows) - len(known)} runs have no estimate")
@@ -204,8 +221,10 @@ def cmd_run(args):
     _preflight(studies, specs, root, slots=slot_names, device=device, nodes=nodes)
     print(f"{len(specs)} runs of {', '.join(s.name for s in studies)} -> {root}/ on {device}",
           flush=True)
+    no_fork = {st.name for st in studies if not st.fork}
     outcome = runner.run(specs, root, device=device, slots=slot_names, threads=args.threads,
-                         workers=args.workers, nodes=nodes)
+                         workers=args.workers, nodes=nodes,
+                         forking=(lambda s: not args.no_fork and s.study not in no_fork))
     print(f"done {len(outcome.done)}, skipped (already done) {len(outcome.skipped)}, "
           f"failed {len(outcome.failed)}")
     for run_id, reason in outcome.failed:
@@ -431,6 +450,10 @@ def main(argv=None):
                    help="runs sharing one GPU (small models such as the mini study's)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes per run")
     p.add_argument("--only", default=None, help="only runs whose id contains this text")
+    p.add_argument("--no-fork", action="store_true",
+                   help="train every run from iteration 0 (default: a shorter schedule starts "
+                        "from the longest run's checkpoint at its first LR drop; the recipe "
+                        "key fork: false does the same)")
     p.add_argument("--nnodes", type=int, default=1,
                    help="nodes of a multi-node launch: start the same command on each, with "
                         "its --node-rank; runs then span all nodes, one at a time")

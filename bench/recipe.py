@@ -33,7 +33,7 @@ from bench import plugins, schedule
 from bench.spec import PretrainSpec, RunSpec, SpecError, from_dict, replace
 
 TOP_KEYS = ("study", "description", "base", "run", "vary", "compare", "pretrain", "unsupported",
-            "plugins", "slurm")
+            "plugins", "slurm", "fork")
 # The paper's words for the axes a study varies -> RunSpec fields.
 AXIS_ALIASES = {
     "schedule": "solver.schedule", "train_images": "data.train_images", "norm": "model.norm",
@@ -62,6 +62,9 @@ class Study:
     unsupported: Optional[str] = None  # why this experiment has no runs yet
     # where `bench run --slurm` puts the runs (bench.slurm.SlurmOptions); not part of any run
     slurm: dict = field(default_factory=dict)
+    # shorter schedules start from the longest run's checkpoints (bench.fork); false: each
+    # run trains from iteration 0. Either way the same runs, the same run ids.
+    fork: bool = True
 
 
 def _read_yaml(path: Path) -> dict:
@@ -132,7 +135,7 @@ def load_doc(path, overrides=None) -> dict:
         doc["_base"] = str(doc_base_name(path, base_path))
     for key, value in (overrides or {}).items():
         head = key.split(".")[0]
-        target = (key if head in ("vary", "compare", "pretrain", "study", "slurm")
+        target = (key if head in ("vary", "compare", "pretrain", "study", "slurm", "fork")
                   else f"run.{key}")
         if doc.get(target.split(".")[0]) is None:
             doc[target.split(".")[0]] = {}
@@ -227,7 +230,8 @@ def run_name(spec: RunSpec) -> str:
 def load(path, overrides=None) -> Study:
     path = Path(path)
     doc = load_doc(path, overrides)
-    overridden = {key if key.split(".")[0] in ("vary", "compare", "pretrain", "study", "slurm")
+    overridden = {key if key.split(".")[0] in ("vary", "compare", "pretrain", "study", "slurm",
+                                               "fork")
                   else f"run.{key}" for key in (overrides or {})}
     where = str(path) + (f" (with base {doc['_base']})" if doc.get("_base") else "")
     name = doc.get("study")
@@ -330,8 +334,13 @@ def load(path, overrides=None) -> Study:
     pretrain = None
     if doc.get("pretrain") is not None:
         pretrain = from_dict(PretrainSpec, doc["pretrain"], f"{where}: pretrain")
+    forking = doc.get("fork", True)
+    if not isinstance(forking, bool):
+        raise SpecError(f"{where}: fork: must be true (shorter schedules start from the longest "
+                        f"run's checkpoint at their first LR drop) or false, got {forking!r}")
     return Study(name=name, path=path, description=doc.get("description", ""), runs=runs,
-                 pairs=pairs, pretrain=pretrain, axes=axes, slurm=_slurm_section(doc, where))
+                 pairs=pairs, pretrain=pretrain, axes=axes, slurm=_slurm_section(doc, where),
+                 fork=forking)
 
 
 def _slurm_section(doc, where) -> dict:

@@ -21,6 +21,7 @@ from typing import List, Optional
 
 from tqdm import tqdm
 
+from bench import fork
 from bench.rundir import RunDir
 
 
@@ -59,6 +60,8 @@ class Job:
     slots: List[str] = field(default_factory=list)
     log_file: Optional[object] = None
     torchrun: bool = False
+    parent: Optional[object] = None     # the run it forks from (bench.fork)
+    fork_iteration: int = 0
 
 
 @dataclass
@@ -132,9 +135,13 @@ def check_fits(specs, slots, device, nodes=Nodes()):
 
 
 def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=print,
-        progress=True, nodes=Nodes()) -> Outcome:
+        progress=True, nodes=Nodes(), forking=True) -> Outcome:
     """Train every spec, `len(slots)` at a time (one at a time over `nodes`); returns what
-    was done, skipped, failed."""
+    was done, skipped, failed.
+
+    With `forking` (one node; a bool, or a test of a spec), a shorter schedule of a family
+    waits for the longest run's checkpoint at its first LR drop and starts from there
+    (bench.fork)."""
     slots = list(slots or default_slots(device, threads))
     if not slots:
         raise NoSlots(f"no slot to run on: device={device} shows no GPU; use --device cpu, "
@@ -152,9 +159,18 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
     # Longest first: the slots finish together instead of one long run trailing alone.
     # (The order is the same on every node of a multi-node launch.)
     queue.sort(key=lambda j: (-j.spec.solver.max_iter, j.spec.run_id))
-    jobs = list(queue)
-    total = sum(j.spec.solver.max_iter for j in queue)
-    already = sum(RunDir(j.run_dir).read_status().get("iteration", 0) for j in queue)
+    allowed = forking if callable(forking) else (lambda spec: bool(forking))
+    waiting = _plan_forks(queue, [s for s in specs if allowed(s)], runs_root, log) \
+        if nodes.nnodes == 1 else []
+    queue = [j for j in queue if j not in waiting]
+    jobs = queue + waiting
+    # progress counts the iterations still to train: a child's start at its fork point is free
+    total = sum(j.spec.solver.max_iter - j.fork_iteration for j in jobs)
+
+    def trained():
+        return sum(max(min(RunDir(j.run_dir).read_status().get("iteration", 0),
+                           j.spec.solver.max_iter) - j.fork_iteration, 0) for j in jobs)
+    already = trained()
     # Off a terminal (CI, nohup, Slurm logs) redraw rarely instead of flooding the log.
     bar = tqdm(total=total, initial=already, unit="it", desc="study", disable=not progress,
                dynamic_ncols=True, smoothing=0.05, mininterval=0.5 if sys.stderr.isatty() else 30)
@@ -162,7 +178,15 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
         log(f"{len(outcome.skipped)} run(s) already done, skipped")
     free, running = list(slots), []
     try:
-        while queue or running:
+        while queue or running or waiting:
+            for job in list(waiting):  # a child starts once its parent saved the fork point
+                parent_dir = run_dir_for(job.parent, runs_root)
+                parent_busy = any(j.spec.run_id == job.parent.run_id for j in queue + running)
+                if fork.ready(parent_dir, job.fork_iteration) or not parent_busy:
+                    waiting.remove(job)
+                    _fork_or_start(job, parent_dir, log)
+                    queue.append(job)
+                    queue.sort(key=lambda j: (-j.spec.solver.max_iter, j.spec.run_id))
             for job in list(queue):  # the longest run that fits in the free slots
                 if nodes.nnodes > 1 and running:
                     break  # across nodes, one run at a time, in the same order everywhere
@@ -189,8 +213,7 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
                     outcome.failed.append((job.spec.run_id, reason))
                     tqdm.write(f"FAILED {job.spec.run_id}: {reason}")
             running = still
-            progress_now = sum(min(RunDir(j.run_dir).read_status().get("iteration", 0),
-                                   j.spec.solver.max_iter) for j in jobs)
+            progress_now = trained()
             if progress_now > bar.n:
                 bar.set_postfix_str(", ".join(j.spec.name for j in running)[:80], refresh=False)
                 bar.update(progress_now - bar.n)
@@ -201,6 +224,45 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
         bar.close()
         _stop(running, log)
     return outcome
+
+
+def _plan_forks(queue, specs, runs_root, log) -> list:
+    """Mark the queued children that will start from their parent's checkpoint; returns
+    those that must wait for it (the parent saves it on its way: fork.request)."""
+    from bench.engines.torchvision.checkpoint import list_checkpoints
+    parents = fork.parent_of(specs)  # a finished parent still forks from its kept checkpoints
+    queued = {j.spec.run_id for j in queue}
+    waiting = []
+    for job in queue:
+        link = parents.get(job.spec.run_id)
+        if link is None or fork.has_started(job.run_dir):
+            continue
+        parent, f = link
+        parent_dir = run_dir_for(parent, runs_root)
+        job.parent, job.fork_iteration = parent, f
+        if fork.ready(parent_dir, f):
+            waiting.append(job)  # forks on the first pass of the loop
+            continue
+        done = [it for it, _ in list_checkpoints(RunDir(parent_dir).checkpoints)]
+        if parent.run_id in queued and not (done and max(done) > f):
+            fork.request(parent_dir, [f])
+            waiting.append(job)
+        else:
+            job.parent, job.fork_iteration = None, 0
+            log(f"{job.spec.run_id}: no checkpoint of {parent.run_id} at its fork point {f} "
+                f"(trained without forking); training from the start")
+    return waiting
+
+
+def _fork_or_start(job, parent_dir, log):
+    try:
+        fork.fork(job.parent, parent_dir, job.spec, job.run_dir, job.fork_iteration)
+        log(f"{job.spec.run_id}: forked from {job.parent.run_id} at iteration "
+            f"{job.fork_iteration}")
+    except fork.ForkUnavailable as e:
+        log(f"{job.spec.run_id}: cannot fork from {job.parent.run_id} ({e}); training from the "
+            f"start")
+        job.fork_iteration = 0
 
 
 def under_torchrun() -> bool:

@@ -179,3 +179,27 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_where_it_stopped(slurm
         states = slurm_cluster.run("sacct", "-j", job, "-D", "-X", "-n", "-o",
                                    "State").stdout.split()
     assert states == ["PREEMPTED", "COMPLETED"] or states == ["REQUEUED", "COMPLETED"], states
+
+
+@needs_slurm
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_job_at_its_time_limit_requeues_itself_until_the_run_is_done(slurm_cluster, tmp_path):
+    """A run longer than its job's time limit goes on in pieces: Slurm warns the job
+    (USR2, `signal_delay_s` before the limit), the run saves where it is, and the job
+    requeues itself, counted against `max_timeouts`."""
+    unit = 360
+    path = write_recipe(tmp_path, scratch_study(unit, "slurm: {time: 2, signal_delay_s: 90}"))
+    runs = tmp_path / "runs"
+    out = bench_run(path, runs, "--time", "2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    spec = next(s for s in recipe.load(path).runs if s.init == "scratch")
+    rd = RunDir(run_dir_for(spec, runs))
+    status = rd.read_status()
+    assert status["state"] == "done" and status["slurm_restarts"] >= 1, status
+    log = (rd.path / "log.txt").read_text()
+    assert "stopped at iteration" in log or "interrupted" in log, log
+    submitit_log = "".join(p.read_text() for p in (rd.path / "slurm").glob("*_log.out"))
+    assert "this job is timed-out" in submitit_log and "remaining timeouts" in submitit_log
+    its = [r["iteration"] for r in rd.read_metrics() if r["type"] == "train"]
+    assert its == list(range(20, spec.solver.max_iter + 1, 20))

@@ -22,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from bench import distributed, interrupt, schedule
+from bench import distributed, fork, interrupt, schedule
 from bench.data import registry, subsets
 from bench.data.coco import CocoDetection, load_coco
 from bench.data.sampler import PositionSampler, TrainStream, collate
@@ -179,6 +179,12 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
                              f"{rd.spec_file.name} to resume, or delete {rd.path} to retrain") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        # The LR of the next iteration is a function of the iteration and *this* spec: a
+        # shorter schedule forked from a longer run (bench.fork) drops here, where the
+        # checkpoint's optimizer still holds the longer run's LR.
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * schedule.lr_factor(solver, start)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         logged = state.get("log_window", {"n": 0, "losses": {}})
         window["n"], losses_sum = logged["n"], dict(logged["losses"])
         log(f"resumed {rd.path.name} at iteration {start}")
@@ -236,6 +242,10 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         generator=torch.Generator().manual_seed(spec.seed),
         worker_init_fn=interrupt.loader_worker_init if workers else None)
 
+    # Shorter schedules of this run's family start from its checkpoints at their first LR
+    # drop (bench.fork): save those too, and keep them.
+    fork_points = set(fork.requested(rd.path))
+
     def save(iteration):
         if not world.main:
             return
@@ -244,7 +254,7 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
             "scheduler": scheduler.state_dict(),
             "grad_scaler": stepper.scaler.state_dict() if stepper.scaler else None,
             "log_window": {"n": window["n"], "losses": dict(losses_sum)},
-            "run_id": spec.run_id}, keep=spec.checkpoint.keep)
+            "run_id": spec.run_id}, keep=spec.checkpoint.keep, protect=fork_points)
 
     passes = per_rank // micro
 
@@ -300,9 +310,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
             if world.main:
                 log_row({"type": "eval", "iteration": done, "images_seen": done * solver.batch,
                          "wall": time.time(), **{k: _clean(v) for k, v in stats.items()}})
-        if done % spec.checkpoint.period == 0 or done == solver.max_iter:
-            save(done)
-        elif stepper.stop:
+        if (done % spec.checkpoint.period == 0 or done == solver.max_iter or done in fork_points
+                or stepper.stop):
             save(done)
         if stepper.stop and done < solver.max_iter:
             log(f"stopped at iteration {done} on request, checkpoint saved; rerun to resume")

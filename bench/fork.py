@@ -1,0 +1,151 @@
+"""A learning-curve family for the price of its longest run.
+
+Under the paper's schedule rule the LR is constant (after the shared warm-up) until a
+schedule's first drop, so a shorter schedule is the same run as a longer one up to that
+drop: same weights, same data order (a function of the iteration, bench.data.sampler),
+same RNG draws (reseeded per pass from the iteration). Runs that differ only in schedule
+length form a family; its longest run is the parent, and every other member (a child) can
+start from the parent's checkpoint at the child's first LR drop (its fork point) instead
+of from iteration 0. Families come from the resolved RunSpecs, never from names.
+
+The parent saves a checkpoint at every child's fork point and keeps it (`forks.json` in its
+run dir lists them; keep-K never deletes them). A child forked from it is a complete run
+dir: the parent's checkpoint at the fork point, the parent's metrics rows up to it (marked
+`forked_from`), and a status at that iteration; training resumes there as after any stop.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from bench.rundir import RunDir, atomic_write_text
+
+FORKS_FILE = "forks.json"
+
+
+def family_key(spec) -> str:
+    """The identity of a run with its schedule length taken out (within its study): equal
+    for family members."""
+    solver = dataclasses.replace(spec.solver, schedule="1x", max_iter=0, steps=())
+    return f"{spec.study}/{dataclasses.replace(spec, solver=solver).identity()}"
+
+
+def fork_point(parent, child) -> Optional[int]:
+    """The iteration up to which `child` trains exactly as `parent` (its first LR drop), or
+    None when it does not (not a shorter member of the same family)."""
+    if family_key(parent) != family_key(child) or child.solver.max_iter >= parent.solver.max_iter:
+        return None
+    f = min(child.solver.steps) if child.solver.steps else child.solver.max_iter
+    # identical LR up to f: the parent drops no earlier (warm-up and base LR are shared)
+    if parent.solver.steps and min(parent.solver.steps) < f:
+        return None
+    return f
+
+
+def families(specs) -> Dict[str, List[Tuple[object, int]]]:
+    """{parent run id: [(child spec, fork iteration), ...]} over `specs`; the parent of a
+    family is its longest run (a family whose two longest runs tie has none)."""
+    groups: Dict[str, list] = {}
+    for spec in specs:
+        groups.setdefault(family_key(spec), []).append(spec)
+    out = {}
+    for members in groups.values():
+        members = sorted(members, key=lambda s: -s.solver.max_iter)
+        if len(members) < 2 or members[0].solver.max_iter == members[1].solver.max_iter:
+            continue
+        parent = members[0]
+        children = [(c, fork_point(parent, c)) for c in members[1:]]
+        children = [(c, f) for c, f in children if f]
+        if children:
+            out[parent.run_id] = children
+    return out
+
+
+def parent_of(specs) -> Dict[str, Tuple[object, int]]:
+    """{child run id: (parent spec, fork iteration)}."""
+    by_id = {s.run_id: s for s in specs}
+    return {c.run_id: (by_id[p], f) for p, kids in families(specs).items() for c, f in kids}
+
+
+# -- the parent's side ------------------------------------------------------------------------
+
+def request(parent_dir, iterations):
+    """Ask the parent run to save (and keep) checkpoints at these iterations."""
+    rd = RunDir(parent_dir)
+    rd.path.mkdir(parents=True, exist_ok=True)
+    wanted = sorted(set(requested(parent_dir)) | set(int(i) for i in iterations))
+    atomic_write_text(rd.path / FORKS_FILE, json.dumps(wanted) + "\n")
+
+
+def requested(run_dir) -> List[int]:
+    """The fork points a run must save and keep ([] when it is nobody's parent)."""
+    try:
+        return [int(i) for i in json.loads((Path(run_dir) / FORKS_FILE).read_text())]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+# -- the child's side -------------------------------------------------------------------------
+
+class ForkUnavailable(RuntimeError):
+    """The parent's checkpoint at the fork point cannot be used; train from the start."""
+
+
+def has_started(child_dir) -> bool:
+    rd = RunDir(child_dir)
+    return rd.checkpoints.is_dir() and any(rd.checkpoints.glob("model_*.pth"))
+
+
+def ready(parent_dir, f) -> bool:
+    """Has the parent saved its checkpoint at the fork point (its rows up to f are written
+    before it)?"""
+    from bench.engines.torchvision.checkpoint import checkpoint_path
+    return checkpoint_path(RunDir(parent_dir).checkpoints, f).is_file()
+
+
+def fork(parent_spec, parent_dir, child_spec, child_dir, f):
+    """Make the child's run dir start at the parent's iteration f. Raises ForkUnavailable
+    (one line) when the parent's run dir or checkpoint cannot be used."""
+    import torch
+
+    from bench.engines.torchvision.checkpoint import checkpoint_path
+    prd, crd = RunDir(parent_dir), RunDir(child_dir)
+    if fork_point(parent_spec, child_spec) != f:
+        raise ForkUnavailable(f"{parent_spec.run_id} is not a parent of {child_spec.run_id}")
+    try:
+        on_disk = prd.read_spec()
+    except Exception as e:  # noqa: BLE001 - missing, unreadable or another spec version
+        raise ForkUnavailable(f"parent spec {prd.spec_file} unreadable ({e})") from None
+    if on_disk.identity() != parent_spec.identity() or fork_point(on_disk, child_spec) != f:
+        raise ForkUnavailable(f"{prd.spec_file} holds another run than the child's parent")
+    source = checkpoint_path(prd.checkpoints, f)
+    if not source.is_file():
+        raise ForkUnavailable(f"parent checkpoint {source} is missing")
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=False)
+        if state.get("iteration") != f:
+            raise ValueError(f"it holds iteration {state.get('iteration')}")
+    except Exception as e:  # noqa: BLE001 - a torn or corrupt file
+        raise ForkUnavailable(f"parent checkpoint {source} is unreadable ({e})") from None
+    rows = [r for r in prd.read_metrics() if r["iteration"] <= f]
+    if not rows or max(r["iteration"] for r in rows) < f - 20:
+        raise ForkUnavailable(f"parent metrics {prd.metrics_file} lack the rows up to {f}")
+
+    crd.write_spec(child_spec)
+    crd.checkpoints.mkdir(parents=True, exist_ok=True)
+    target = checkpoint_path(crd.checkpoints, f)
+    tmp = target.with_name(f".{target.name}.fork-{os.getpid()}")
+    try:  # a hard link when the file system allows (no copy of a large file), else a copy
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    marked = [{**r, "forked_from": parent_spec.run_id} for r in rows]
+    atomic_write_text(crd.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                                for r in marked))
+    crd.write_status("queued", iteration=f, max_iter=child_spec.solver.max_iter,
+                     forked_from=parent_spec.run_id, fork_iteration=f,
+                     train_seconds=0.0)
