@@ -325,7 +325,14 @@ def _preflight(studies, specs, root, slots=None, device="cpu", nodes=None):
             load_backbone_weights(build_detector(s.model, 1, s.data), state, log=lambda *_: None)
         except (ValueError, FileNotFoundError) as e:
             raise PreflightError(f"{study.path}: {e}") from None
-    _check_storage(Path(root), todo, parallel=len(todo) if slots is None else len(slots))
+    one_at_a_time = (nodes is not None and nodes.nnodes > 1) or runner_under_torchrun()
+    parallel = 1 if one_at_a_time else len(todo) if slots is None else len(slots)
+    _check_storage(Path(root), todo, parallel)
+
+
+def runner_under_torchrun():
+    from bench.runner import under_torchrun
+    return under_torchrun()
 
 
 def _checkpoint_bytes(spec, _cache={}):
@@ -353,14 +360,17 @@ def _check_storage(root: Path, todo, parallel):
         probe.unlink()
     except OSError as e:
         raise PreflightError(f"runs root {root} is not writable ({e.strerror or e}){where}") from None
-    need = sorted(((s.checkpoint.keep + 1) * _checkpoint_bytes(s) for s in todo),
-                  reverse=True)[:max(parallel, 1)]
+    from bench import fork
+    kept = {p: len(kids) for p, kids in fork.families(todo).items()}  # a parent's fork points
+    need = sorted(((s.checkpoint.keep + 1 + kept.get(s.run_id, 0)) * _checkpoint_bytes(s)
+                   for s in todo), reverse=True)[:max(parallel, 1)]
     free = shutil.disk_usage(root).free
     if free < sum(need):
         gib = 2 ** 30
         raise PreflightError(f"runs root {root}: {free / gib:.2f} GiB free but the {len(need)} "
                              f"run(s) about to start need about {sum(need) / gib:.2f} GiB for "
-                             f"checkpoints (checkpoint.keep + 1 each); free some space{where}")
+                             f"checkpoints (checkpoint.keep + 1 each, and a parent's fork "
+                             f"points); free some space{where}")
 
 
 def cmd_subsets(args):
@@ -505,9 +515,10 @@ def main(argv=None):
     from bench.engines import EngineUnavailable
     from bench.runner import NoSlots
     from bench.spec import SpecError
-    # `kill` or a scheduler's SIGTERM stops a runner the way Ctrl-C does: its runs save a
-    # checkpoint where they are (bench.interrupt) and the next call resumes them
+    # `kill`, a scheduler's SIGTERM or a Slurm job's USR2 stop a runner the way Ctrl-C does:
+    # its runs save a checkpoint where they are (bench.interrupt); the next call resumes them
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGUSR2, signal.default_int_handler)  # a Slurm job's warning
     try:
         return args.fn(args) or 0
     except (SpecError, DatasetMissing, EngineUnavailable, OSError, NoSlots,

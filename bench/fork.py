@@ -38,9 +38,11 @@ def fork_point(parent, child) -> Optional[int]:
     None when it does not (not a shorter member of the same family)."""
     if family_key(parent) != family_key(child) or child.solver.max_iter >= parent.solver.max_iter:
         return None
-    f = min(child.solver.steps) if child.solver.steps else child.solver.max_iter
+    if not child.solver.steps:
+        return None  # nothing of its own to train past the parent (and no final eval to do)
+    f = min(child.solver.steps)
     # identical LR up to f: the parent drops no earlier (warm-up and base LR are shared)
-    if parent.solver.steps and min(parent.solver.steps) < f:
+    if f >= child.solver.max_iter or (parent.solver.steps and min(parent.solver.steps) < f):
         return None
     return f
 
@@ -135,17 +137,34 @@ def fork(parent_spec, parent_dir, child_spec, child_dir, f):
         raise ForkUnavailable(f"parent metrics {prd.metrics_file} lack the rows up to {f}")
 
     crd.write_spec(child_spec)
-    crd.checkpoints.mkdir(parents=True, exist_ok=True)
-    target = checkpoint_path(crd.checkpoints, f)
-    tmp = target.with_name(f".{target.name}.fork-{os.getpid()}")
-    try:  # a hard link when the file system allows (no copy of a large file), else a copy
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    # The child's rows and status first, its checkpoint last: a fork cut short leaves no
+    # checkpoint, so the child is not "started" and the next call forks it again (a
+    # checkpoint without the rows before it would resume with the start of its curve lost).
+    with crd.lock():  # nobody trains the child while its run dir is being written
+        try:
+            _write_child(crd, parent_spec, child_spec, rows, source, f)
+        except BaseException:
+            # what a child that has not started holds is ours to undo: it trains from 0
+            crd.metrics_file.unlink(missing_ok=True)
+            crd.status_file.unlink(missing_ok=True)
+            raise
+
+
+def _write_child(crd, parent_spec, child_spec, rows, source, f):
+    from bench.engines.torchvision.checkpoint import checkpoint_path
     marked = [{**r, "forked_from": parent_spec.run_id} for r in rows]
     atomic_write_text(crd.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n"
                                                 for r in marked))
     crd.write_status("queued", iteration=f, max_iter=child_spec.solver.max_iter,
-                     forked_from=parent_spec.run_id, fork_iteration=f,
-                     train_seconds=0.0)
+                     forked_from=parent_spec.run_id, fork_iteration=f, train_seconds=0.0)
+    crd.checkpoints.mkdir(parents=True, exist_ok=True)
+    target = checkpoint_path(crd.checkpoints, f)
+    tmp = target.with_name(f".{target.name}.fork-{os.getpid()}")
+    try:
+        try:  # a hard link where the file system allows (no copy of a large file)
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -21,20 +21,36 @@ class Stopped(KeyboardInterrupt):
     """Raised by the training loop once the checkpoint of the stop is saved."""
 
 
+_interrupts = 0
+
+
 def requested() -> bool:
     return _requested
 
 
 def request(signum=None, frame=None):
-    global _requested
-    if _requested and signum == signal.SIGINT:
-        raise KeyboardInterrupt  # the impatient second Ctrl-C
+    global _requested, _interrupts
     _requested = True
+    if signum == signal.SIGINT:
+        # Only a second Ctrl-C is impatience: the runner's SIGTERM that follows the first one
+        # (a worker gets both, in either order) must not turn the stop into a kill.
+        _interrupts += 1
+        if _interrupts > 1:
+            raise KeyboardInterrupt
 
 
 def clear():
-    global _requested
-    _requested = False
+    global _requested, _interrupts
+    _requested, _interrupts = False, 0
+
+
+def quiet_launcher():
+    """preexec_fn of a torchrun that launches workers: it ignores the stop signals, which
+    reach the workers themselves (the same process group, or bench's SIGTERM to each), so
+    that torchrun never SIGKILLs them 30 s into a checkpoint or an evaluation. Its workers
+    install their own handlers (install())."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)

@@ -10,6 +10,7 @@ leaves either the old or the new file, never half of one. Analysis reads these f
 only; it never imports an engine.
 """
 
+import errno
 import fcntl
 import json
 import os
@@ -106,7 +107,12 @@ class RunDir:
         f = open(self.path / ".lock", "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                f.close()
+                raise OSError(e.errno, f"cannot lock {self.path / '.lock'} ({e.strerror}): the "
+                                       f"runs root's file system must support flock (Lustre: "
+                                       f"mount with -o flock); choose another runs root") from None
             f.seek(0)
             holder = f.read().strip() or "unknown"
             f.close()

@@ -21,8 +21,8 @@ from typing import List, Optional
 
 from tqdm import tqdm
 
-from bench import fork
-from bench.rundir import RunDir
+from bench import fork, interrupt
+from bench.rundir import RunBusy, RunDir
 
 
 # How long a stopping runner waits for its runs to checkpoint the iteration they are on
@@ -259,7 +259,7 @@ def _fork_or_start(job, parent_dir, log):
         fork.fork(job.parent, parent_dir, job.spec, job.run_dir, job.fork_iteration)
         log(f"{job.spec.run_id}: forked from {job.parent.run_id} at iteration "
             f"{job.fork_iteration}")
-    except fork.ForkUnavailable as e:
+    except (fork.ForkUnavailable, OSError, RunBusy) as e:  # OSError: a full disk, say
         log(f"{job.spec.run_id}: cannot fork from {job.parent.run_id} ({e}); training from the "
             f"start")
         job.fork_iteration = 0
@@ -304,8 +304,9 @@ def run_in_group(specs, runs_root, device="cpu", workers=0, log=print) -> Outcom
                 except Exception as e:  # noqa: BLE001 - RunBusy, or the lock file unwritable
                     log(str(e))
             # every process learns whether rank 0 holds the run before any trains it
-            held = distributed.mean(torch.tensor([float(lock is not None or not world.main)]),
-                                    world)
+            on = torch.device("cuda", world.local_rank) if device == "cuda" else None
+            held = distributed.mean(torch.tensor([float(lock is not None or not world.main)],
+                                                 device=on), world)
             if held.item() < 1:
                 outcome.failed.append((spec.run_id, "another process is training it"))
                 continue
@@ -414,4 +415,5 @@ def _launch(job, device, threads, workers, nodes=Nodes()):
     job.log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} slots {','.join(job.slots)}: "
                        f"{' '.join(cmd)}\n")
     job.log_file.flush()
-    job.proc = subprocess.Popen(cmd, stdout=job.log_file, stderr=subprocess.STDOUT, env=env)
+    job.proc = subprocess.Popen(cmd, stdout=job.log_file, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=interrupt.quiet_launcher if job.torchrun else None)

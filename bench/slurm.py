@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from bench.rundir import RunDir
-from bench.runner import kill_tree, stop_workers
+from bench import interrupt
+from bench.rundir import RunBusy, RunDir
+from bench.runner import children, kill_tree, stop_workers
 
 # How long a job gets between the warning signal and Slurm's SIGKILL at its time limit:
 # time for the iteration in progress (or an evaluation) to end and its checkpoint to be saved.
@@ -96,10 +97,6 @@ def missing() -> Optional[str]:
     return None
 
 
-def _ignore_usr2():
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-
-
 class RunJob:
     """The callable a Slurm job runs: one run's worker(s) on this node; requeued on preemption."""
 
@@ -137,24 +134,21 @@ class RunJob:
         env = submitit.JobEnvironment()
         rd = RunDir(self.run_dir)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        lock = None
         if env.global_rank == 0:
+            # The job's first task holds the run (its worker is told so): a duplicate job of
+            # a run that is already training ends here, before it touches the run's status.
+            try:
+                lock = rd.lock()
+            except RunBusy as e:
+                raise RuntimeError(str(e)) from None
             rd.update_status(slurm_job=env.job_id, slurm_restarts=restarts,
                              where=f"slurm job {env.job_id} on {','.join(env.hostnames)}")
-        cmd = self._command(env)
-        with open(rd.path / "log.txt", "a") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} slurm job {env.job_id} "
-                      f"(restart {restarts}) node {env.node}: {' '.join(cmd)}\n")
-            log.flush()
-            env_vars = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
-            # Slurm's USR2 reaches every process of the job; torchrun has no handler for it
-            # and would die of it. Ignored from the start (the worker handles it itself).
-            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env_vars,
-                                          preexec_fn=_ignore_usr2)
-            # poll, not wait(): submitit's USR2 handler (checkpoint) runs in this thread and
-            # waits for the worker itself, which it could not while wait() held its lock
-            while self._proc.poll() is None:
-                time.sleep(1)
-            rc = self._proc.returncode
+        try:
+            rc = self._train(env, rd, restarts)
+        finally:
+            if lock is not None:
+                lock.close()
         status = rd.read_status()
         if rc == 0 and status.get("state") == "done":
             return {"state": "done", "iteration": status.get("iteration")}
@@ -162,28 +156,70 @@ class RunJob:
             raise RuntimeError(f"{rd.path.name} failed: {status.get('error')}")
         if env.global_rank != 0:
             return None  # the job's first task reports and requeues
-        if rc == 130:
-            # Stopped by a signal: Slurm's SIGTERM of a preemption or time limit comes with
-            # our USR2, which requeues this job from checkpoint() while we wait here.
+        if status.get("state") == "queued":
+            # Stopped on a signal (torchrun reports it as a failure of its workers): Slurm's
+            # SIGTERM of a preemption or time limit comes with our USR2, which requeues this
+            # job from checkpoint() while we wait here.
             time.sleep(self.stop_wait_s)
             raise RuntimeError(f"{rd.path.name} stopped at iteration {status.get('iteration')} "
                                f"without a requeue (scancel?); `bench run --slurm` resubmits it")
         raise RuntimeError(f"{rd.path.name}: worker exit code {rc}, see {rd.path / 'log.txt'}")
 
+    def _train(self, env, rd, restarts) -> int:
+        cmd = self._command(env)
+        if env.global_rank == 0:
+            cmd.append("--lock-held")
+        with open(rd.path / "log.txt", "a") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} slurm job {env.job_id} "
+                      f"(restart {restarts}) node {env.node}: {' '.join(cmd)}\n")
+            log.flush()
+            env_vars = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+            # Slurm's USR2 and SIGTERM reach every process of the job: torchrun would die of
+            # USR2 and SIGKILL its workers 30 s after a SIGTERM. Ignored from the start (the
+            # worker installs its own handlers).
+            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env_vars,
+                                          preexec_fn=interrupt.quiet_launcher)
+            # poll, not wait(): submitit's USR2 handler (checkpoint) runs in this thread
+            while self._proc.poll() is None:
+                time.sleep(1)
+            return self._proc.returncode
+
     def checkpoint(self, *args, **kwargs):
         """submitit calls this on preemption or at the time limit, then requeues what it returns."""
         import submitit
         proc = self._proc
-        if proc is not None and proc.poll() is None:
-            stop_workers(proc.pid, torchrun=self.nnodes > 1 or self.nproc_per_node > 1)
-            try:
-                proc.wait(timeout=self.stop_wait_s)
-            except subprocess.TimeoutExpired:
+        # This runs in a signal handler that may have interrupted Popen.poll() holding its
+        # lock: wait on the process id, never through Popen.
+        if proc is not None and _running(proc.pid):
+            torchrun = self.nnodes > 1 or self.nproc_per_node > 1
+            if torchrun and not children(proc.pid):
+                torchrun = False  # its workers are not started yet: torchrun itself ends
+                os.kill(proc.pid, signal.SIGKILL)
+            stop_workers(proc.pid, torchrun=torchrun)
+            if not _exited(proc.pid, self.stop_wait_s):
                 kill_tree(proc.pid)  # the requeued job resumes from the previous checkpoint
-                proc.wait()
+                _exited(proc.pid, 30)
         fresh = type(self).__new__(type(self))
         fresh.__setstate__(self.__getstate__())
         return submitit.helpers.DelayedSubmission(fresh)
+
+
+def _running(pid) -> bool:
+    """Alive and not a zombie (an exited child nobody has reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _exited(pid, timeout) -> bool:
+    deadline = time.monotonic() + timeout
+    while _running(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 # -- submitting and following, on the login node ------------------------------------------
@@ -192,14 +228,23 @@ ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESI
           "SUSPENDED", "CONFIGURING", "COMPLETING", "STOPPED", "SIGNALING", "STAGE_OUT")
 
 
+UNKNOWN = "UNKNOWN"  # Slurm did not answer: ask again later, never act on it
+
+
 def job_state(job_id) -> str:
-    """The job's Slurm state (squeue while it is known there, else sacct), '' if unknown."""
-    out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True,
-                         text=True, timeout=60)
-    if out.returncode == 0 and out.stdout.strip():
-        return out.stdout.split()[0]
-    out = subprocess.run(["sacct", "-j", str(job_id), "-X", "-n", "-P", "-o", "State"],
-                         capture_output=True, text=True, timeout=60)
+    """The job's Slurm state (squeue while it is known there, else sacct); '' once the job is
+    out of sight (ended, accounting off); UNKNOWN when Slurm did not answer."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"],
+                             capture_output=True, text=True, timeout=60)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+        if out.returncode != 0 and "invalid job id" not in out.stderr.lower():
+            return UNKNOWN
+        out = subprocess.run(["sacct", "-j", str(job_id), "-X", "-n", "-P", "-o", "State"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return UNKNOWN
     states = out.stdout.split() if out.returncode == 0 else []
     return states[-1].split()[0] if states else ""
 
@@ -227,8 +272,8 @@ def submit(spec, run_dir, options: SlurmOptions) -> str:
     import submitit
     rd = RunDir(run_dir)
     last = rd.read_status().get("slurm_job")
-    if last and job_state(last) in ACTIVE:
-        return str(last)
+    if last and job_state(last) in ACTIVE + (UNKNOWN,):
+        return str(last)  # still queued or running (or Slurm did not say: never a duplicate)
     nnodes, nproc = options.layout(spec)
     device = "cuda" if options.gpus_per_node else "cpu"
     executor = submitit.SlurmExecutor(folder=rd.path / "slurm", max_num_timeout=options.max_timeouts)
@@ -270,6 +315,8 @@ def follow(jobs, log=print, progress=True, poll_s=10.0):
             for run_dir, (spec, job_id) in list(pending.items()):
                 status = RunDir(run_dir).read_status()
                 state = job_state(job_id)
+                if state == UNKNOWN:
+                    continue  # ask again next round
                 if status.get("state") == "done" and state not in ACTIVE:
                     done.append(spec.run_id)
                 elif state not in ACTIVE:

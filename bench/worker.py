@@ -22,6 +22,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    ap.add_argument("--lock-held", action="store_true",
+                    help="the process that started this one holds the run's lock (a Slurm task)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -29,7 +31,8 @@ def main(argv=None):
     # as queued; the next call resumes there.
     interrupt.install()
     try:
-        return train_run(RunDir(args.run_dir), args.device, args.workers)
+        return train_run(RunDir(args.run_dir), args.device, args.workers,
+                         take_lock=not args.lock_held)
     finally:
         distributed.shutdown()
 

@@ -211,3 +211,33 @@ def test_the_plan_shows_each_child_fork_and_the_gpu_hours_both_ways(tmp_path, mo
     assert abs(naive / forked - 1_800_000 / 780_000) < 0.01
     off = recipe.load(REPO / "recipes/he2019/r50_gn.yaml", recipe.parse_overrides(["fork=false"]))
     assert all(r["forks_from"] is None for r in plan_rows([off], tmp_path, "H100"))
+
+
+def test_a_fork_cut_short_leaves_a_child_that_forks_again(tmp_path, monkeypatch):
+    path = write_recipe(tmp_path, FAMILY.replace("unit_iters: 45", "unit_iters: 9").replace(
+        "drops_from_end: [30, 10]", "drops_from_end: [6, 2]").replace("period: 15", "period: 3"))
+    one, three = _scratch(path)
+    parent = RunDir(tmp_path / "parent")
+    parent.write_spec(three)
+    parent.checkpoints.mkdir(parents=True)
+    torch.save({"iteration": 6}, parent.checkpoints / "model_0000006.pth")
+    for it in (3, 6):
+        parent.append_metrics({"type": "eval", "iteration": it, "images_seen": 2 * it})
+
+    def cross_device(*_):
+        raise OSError(18, "Invalid cross-device link")
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+    # the rows and status are written, then the checkpoint copy fails
+    monkeypatch.setattr(fork.os, "link", cross_device)
+    monkeypatch.setattr(fork.shutil, "copyfile", full_disk)
+    with pytest.raises(OSError):
+        fork.fork(three, parent.path, one, tmp_path / "child", 6)
+    child = RunDir(tmp_path / "child")
+    assert not fork.has_started(child.path) and not child.metrics_file.exists()
+    assert not child.status_file.exists() and list(child.checkpoints.iterdir()) == []
+    monkeypatch.undo()
+    fork.fork(three, parent.path, one, child.path, 6)
+    assert fork.has_started(child.path) and child.read_status()["fork_iteration"] == 6
+    assert [r["iteration"] for r in child.read_metrics()] == [3, 6]

@@ -161,3 +161,18 @@ def test_processes_forked_by_a_stoppable_worker_still_die_on_sigterm():
             "print(round(time.time() - t))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() and int(out.stdout) < 20, out.stdout + out.stderr
+
+
+def test_the_runners_sigterm_after_a_ctrl_c_is_one_stop_and_a_second_ctrl_c_is_a_kill():
+    import signal
+
+    from bench import interrupt
+    interrupt.clear()
+    try:
+        interrupt.request(signal.SIGTERM)   # the runner passes the stop on...
+        interrupt.request(signal.SIGINT)    # ...and the terminal's Ctrl-C arrives after it
+        assert interrupt.requested()
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.request(signal.SIGINT)  # the impatient second Ctrl-C
+    finally:
+        interrupt.clear()

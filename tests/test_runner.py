@@ -90,3 +90,20 @@ def test_a_run_that_does_not_stop_in_time_is_killed_with_its_children():
         time.sleep(0.1)
     else:
         raise AssertionError("the child outlived the kill")
+
+
+def test_a_file_system_without_flock_is_one_clear_error_not_a_busy_run(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    import pytest
+
+    from bench.rundir import RunDir
+
+    def no_flock(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    rd = RunDir(tmp_path)
+    with pytest.raises(OSError, match=r"cannot lock .*\.lock \(No locks available\): the runs "
+                                      r"root's file system must support flock"):
+        rd.lock()

@@ -203,3 +203,26 @@ def test_a_job_at_its_time_limit_requeues_itself_until_the_run_is_done(slurm_clu
     assert "this job is timed-out" in submitit_log and "remaining timeouts" in submitit_log
     its = [r["iteration"] for r in rd.read_metrics() if r["type"] == "train"]
     assert its == list(range(20, spec.solver.max_iter + 1, 20))
+
+
+def _fake_slurm(tmp_path, monkeypatch, squeue, sacct):
+    for name, script in (("squeue", squeue), ("sacct", sacct)):
+        path = tmp_path / name
+        path.write_text("#!/bin/sh\n" + script + "\n")
+        path.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_a_slurm_that_does_not_answer_is_asked_again_never_acted_on(tmp_path, monkeypatch):
+    from bench import slurm
+    _fake_slurm(tmp_path, monkeypatch,
+                "echo 'slurm_load_jobs error: Socket timed out' >&2; exit 1", "exit 1")
+    assert slurm.job_state("7") == slurm.UNKNOWN
+    _fake_slurm(tmp_path, monkeypatch,
+                "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1",
+                "echo REQUEUED; echo COMPLETED")
+    assert slurm.job_state("7") == "COMPLETED"
+    _fake_slurm(tmp_path, monkeypatch, "echo RUNNING", "exit 1")
+    assert slurm.job_state("7") == "RUNNING"
+    _fake_slurm(tmp_path, monkeypatch, "echo 'Invalid job id specified' >&2; exit 1", "true")
+    assert slurm.job_state("7") == ""  # out of sight: ended, accounting off
