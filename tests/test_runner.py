@@ -1,6 +1,6 @@
 """The runner only schedules: slots per GPU or per CPU cores, and each run sees its own GPU."""
 
-from bench import runner
+from bench import interrupt, runner
 
 
 def test_gpu_slots_follow_cuda_visible_devices_and_can_be_shared(monkeypatch):
@@ -24,8 +24,8 @@ def test_each_run_gets_only_its_gpu(monkeypatch, tmp_path):
     launched = {}
 
     class FakePopen:
-        def __init__(self, cmd, stdout, stderr, env):
-            launched.update(cmd=cmd, env=env)
+        def __init__(self, cmd, stdout, stderr, env, preexec_fn=None):
+            launched.update(cmd=cmd, env=env, preexec_fn=preexec_fn)
 
     monkeypatch.setattr(runner.subprocess, "Popen", FakePopen)
     job = runner.Job(spec=None, run_dir=tmp_path, slots=["cuda:5#1"])
@@ -42,6 +42,8 @@ def test_each_run_gets_only_its_gpu(monkeypatch, tmp_path):
     assert launched["env"]["CUDA_VISIBLE_DEVICES"] == "3,6"
     assert launched["cmd"][1:3] == ["-m", "torch.distributed.run"]
     assert "--nproc-per-node=2" in launched["cmd"]
+    # torchrun ignores the stop signals (its workers get them), never killing them mid-save
+    assert launched["preexec_fn"] is interrupt.quiet_launcher
 
 
 def test_no_slot_is_an_error_not_a_hang(tmp_path):
