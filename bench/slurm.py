@@ -175,10 +175,12 @@ class RunJob:
             log.flush()
             env_vars = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
             # Slurm's USR2 and SIGTERM reach every process of the job: torchrun would die of
-            # USR2 and SIGKILL its workers 30 s after a SIGTERM. Ignored from the start (the
-            # worker installs its own handlers).
+            # USR2 and SIGKILL its workers 30 s after a SIGTERM, so it ignores them (its
+            # workers install their own handlers). A lone worker keeps the defaults: a signal
+            # before its handlers are in place ends it with nothing yet to save.
+            torchrun = cmd[2] == "torch.distributed.run"
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env_vars,
-                                          preexec_fn=interrupt.quiet_launcher)
+                                          preexec_fn=interrupt.quiet_launcher if torchrun else None)
             # poll, not wait(): submitit's USR2 handler (checkpoint) runs in this thread
             while self._proc.poll() is None:
                 time.sleep(1)
