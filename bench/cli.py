@@ -288,6 +288,9 @@ def _preflight(studies, specs, root, slots=None, device="cpu", nodes=None):
     from bench.runner import is_done, run_dir_for
     study_of = {s.run_id: study for study in studies for s in study.runs}
     todo = [s for s in specs if not is_done(run_dir_for(s, root))]
+    from bench import engines
+    for engine in sorted({s.engine for s in todo}):
+        engines.get(engine)  # an engine that is not installed: one line on how to get it
     for dataset in sorted({s.data.dataset for s in specs}):
         registry.resolve(dataset)  # raises DatasetMissing naming the path and the fix
     if slots is not None:  # each run fits on this machine's GPUs (or CPU slots)

@@ -19,9 +19,15 @@ def get(name: str):
     try:
         return importlib.import_module(ENGINES[name])
     except ImportError as e:
+        if name == "detectron2" and e.name == ENGINES[name]:
+            raise EngineUnavailable(
+                "engine detectron2: the suite translates runs into detectron2 configs "
+                "(bench/engines/detectron2/config.py) but does not train with detectron2 yet; "
+                "use engine: torchvision") from e
         if name == "detectron2":
             raise EngineUnavailable(
                 "engine detectron2 needs detectron2, which has no PyPI package: build it from "
-                "source as its INSTALL.md says (pip install 'git+<detectron2 repo URL>'), or use "
+                "source as its INSTALL.md says (pip install --no-build-isolation "
+                "'git+https://github.com/facebookresearch/detectron2.git'), or use "
                 "engine: torchvision, which needs nothing more") from e
         raise
