@@ -470,23 +470,24 @@ def main(argv=None):
     p.add_argument("--nnodes", type=int, default=1,
                    help="nodes of a multi-node launch: start the same command on each, with "
                         "its --node-rank; runs then span all nodes, one at a time")
-    p.add_argument("--node-rank", type=int, default=0)
-    p.add_argument("--master-addr", default="127.0.0.1", help="node 0's address")
-    p.add_argument("--master-port", type=int, default=29500,
+    p.add_argument("--node-rank", type=int, default=0, metavar="R")
+    p.add_argument("--master-addr", default="127.0.0.1", metavar="HOST", help="node 0's address")
+    p.add_argument("--master-port", type=int, default=29500, metavar="PORT",
                    help="base port on node 0 (each run uses base + a number from its id)")
     g = p.add_argument_group("Slurm (also settable in a recipe's slurm: section)")
     g.add_argument("--slurm", action="store_true",
                    help="submit each unfinished run as a Slurm job (submitit) instead")
-    g.add_argument("--partition", dest="slurm_partition")
-    g.add_argument("--account", dest="slurm_account")
-    g.add_argument("--qos", dest="slurm_qos")
-    g.add_argument("--constraint", dest="slurm_constraint")
+    g.add_argument("--partition", dest="slurm_partition", metavar="NAME")
+    g.add_argument("--account", dest="slurm_account", metavar="NAME")
+    g.add_argument("--qos", dest="slurm_qos", metavar="NAME")
+    g.add_argument("--constraint", dest="slurm_constraint", metavar="FEATURES")
     g.add_argument("--time", dest="slurm_time", type=int, metavar="MINUTES",
                    help="per job (default 4320); a run that needs longer requeues itself")
-    g.add_argument("--gpus-per-node", dest="slurm_gpus_per_node", type=int,
+    g.add_argument("--gpus-per-node", dest="slurm_gpus_per_node", type=int, metavar="N",
                    help="default 8; 0 for CPU nodes")
-    g.add_argument("--cpus-per-gpu", dest="slurm_cpus_per_gpu", type=int, help="default 8")
-    g.add_argument("--mem-gb", dest="slurm_mem_gb", type=int, help="per node")
+    g.add_argument("--cpus-per-gpu", dest="slurm_cpus_per_gpu", type=int, metavar="N",
+                   help="default 8")
+    g.add_argument("--mem-gb", dest="slurm_mem_gb", type=int, metavar="GB", help="per node")
     g.add_argument("--no-wait", action="store_true",
                    help="return once submitted (`bench status` follows the runs)")
     p.set_defaults(fn=cmd_run)
