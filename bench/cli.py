@@ -328,14 +328,10 @@ def _preflight(studies, specs, root, slots=None, device="cpu", nodes=None):
             load_backbone_weights(build_detector(s.model, 1, s.data), state, log=lambda *_: None)
         except (ValueError, FileNotFoundError) as e:
             raise PreflightError(f"{study.path}: {e}") from None
-    one_at_a_time = (nodes is not None and nodes.nnodes > 1) or runner_under_torchrun()
+    from bench.runner import under_torchrun
+    one_at_a_time = (nodes is not None and nodes.nnodes > 1) or under_torchrun()
     parallel = 1 if one_at_a_time else len(todo) if slots is None else len(slots)
     _check_storage(Path(root), todo, parallel)
-
-
-def runner_under_torchrun():
-    from bench.runner import under_torchrun
-    return under_torchrun()
 
 
 def _checkpoint_bytes(spec, _cache={}):

@@ -363,6 +363,15 @@ def children(pid) -> list:
         return []
 
 
+def running(pid) -> bool:
+    """Alive and not a zombie (an exited child nobody has reaped yet), any user's process."""
+    try:
+        state = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError, ValueError, TypeError):
+        return False
+    return state not in ("Z", "X")
+
+
 def stop_workers(pid, torchrun):
     """Ask a run's worker processes to stop after a checkpoint (SIGTERM, bench.interrupt).
 

@@ -27,7 +27,7 @@ from typing import Optional
 
 from bench import interrupt
 from bench.rundir import RunBusy, RunDir
-from bench.runner import children, kill_tree, stop_workers
+from bench.runner import children, kill_tree, running, stop_workers
 
 # How long a job gets between the warning signal and Slurm's SIGKILL at its time limit:
 # time for the iteration in progress (or an evaluation) to end and its checkpoint to be saved.
@@ -192,7 +192,7 @@ class RunJob:
         proc = self._proc
         # This runs in a signal handler that may have interrupted Popen.poll() holding its
         # lock: wait on the process id, never through Popen.
-        if proc is not None and _running(proc.pid):
+        if proc is not None and running(proc.pid):
             torchrun = self.nnodes > 1 or self.nproc_per_node > 1
             if torchrun and not children(proc.pid):
                 torchrun = False  # its workers are not started yet: torchrun itself ends
@@ -206,18 +206,9 @@ class RunJob:
         return submitit.helpers.DelayedSubmission(fresh)
 
 
-def _running(pid) -> bool:
-    """Alive and not a zombie (an exited child nobody has reaped yet)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 def _exited(pid, timeout) -> bool:
     deadline = time.monotonic() + timeout
-    while _running(pid):
+    while running(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.2)

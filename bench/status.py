@@ -6,23 +6,13 @@ A run marked running whose process is gone (checked when it ran on this machine)
 `interrupted`: the next `bench run` resumes it.
 """
 
-import os
 import socket
 import time
 
 from bench.rundir import RunDir
+from bench.runner import running
 
 COLUMNS = ["run", "state", "iteration", "box AP", "mask AP", "ETA", "GPU-h", "where", "updated"]
-
-
-def _alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError, TypeError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _duration(seconds) -> str:
@@ -45,7 +35,8 @@ def row(spec, run_dir, now=None) -> dict:
     rd = RunDir(run_dir)
     st = rd.read_status()
     state = st.get("state", "queued")
-    if state == "running" and st.get("host") == socket.gethostname() and not _alive(st.get("pid")):
+    here = st.get("host") == socket.gethostname()
+    if state == "running" and here and not running(st.get("pid")):
         state = "interrupted"
     it, total = st.get("iteration", 0), spec.solver.max_iter
     evals = [r for r in rd.read_metrics() if r.get("type") == "eval"] if rd.metrics_file.exists() else []
