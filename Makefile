@@ -13,13 +13,14 @@ COCO_ARG := $(if $(COCO),--coco $(COCO),)
 
 SPEED_ARGS ?= --iters 20 --warmup 5
 
-.PHONY: setup mini test figures data pretrain clean-mini help reproduce-he2019 speed
+.PHONY: setup mini test figures data pretrain clean-mini help reproduce-he2019 speed parity
 
 help:
 	@echo "make mini     generate data, pre-train, train and evaluate every mini run, write figures"
 	@echo "make test     run the test suite (CPU only)"
 	@echo "make figures  regenerate results/mini from the run dirs"
 	@echo "make setup    create .venv and install the suite (done by the targets above)"
+	@echo "make parity   the mini pair through both engines, side by side (needs detectron2 in .venv)"
 	@echo "make speed    benchmark: s/iter, images/s, peak memory of the paper's R50-FPN GN model (SPEED_ARGS=...)"
 	@echo "make reproduce-he2019 [COCO=PATH] [DRY_RUN=1]   the paper's study on the local GPUs (DRY_RUN: print the plan)"
 
@@ -37,6 +38,11 @@ data: setup
 
 pretrain: data
 	$(BIN)/bench pretrain $(RECIPES)
+
+# The same pair trained by the torchvision and the detectron2 engine (README: bench parity)
+parity: data
+	$(BIN)/bench pretrain recipes/parity
+	$(BIN)/bench parity recipes/parity $(RUN_ARGS)
 
 mini: pretrain
 	$(BIN)/bench run $(RECIPES) $(RUN_ARGS)

@@ -6,6 +6,7 @@
     bench speed RECIPE... [--record]  time train steps of each model, for the throughput table
     bench subsets --annotations F   draw the nested 1k/10k/35k training subsets of a dataset
     bench run RECIPE...             train and evaluate every run (skips finished ones)
+    bench parity RECIPE             run a study through both engines, compare them side by side
     bench status RECIPE...          state of every run
     bench figures                   figures and tables from run dirs into results/
 
@@ -31,6 +32,9 @@ def _common(ap):
                                                       "or ./runs)")
     ap.add_argument("--coco", default=None, metavar="PATH",
                     help="COCO 2017 root (default: $BENCH_COCO, else $DETECTRON2_DATASETS/coco)")
+    ap.add_argument("--engine", choices=["torchvision", "detectron2"], default=None,
+                    help="train with this engine whatever the recipes say (same as --set "
+                         "engine=NAME; the run ids change with it)")
 
 
 def _device(choice: str) -> str:
@@ -43,7 +47,8 @@ def _device(choice: str) -> str:
 
 def _studies(args):
     from bench import recipe
-    return recipe.load_all(args.recipes, recipe.parse_overrides(args.set))
+    engine = [f"engine={args.engine}"] if getattr(args, "engine", None) else []
+    return recipe.load_all(args.recipes, recipe.parse_overrides(args.set + engine))
 
 
 def cmd_data(args):
@@ -232,6 +237,19 @@ def cmd_run(args):
     return 1 if outcome.failed else 0
 
 
+def cmd_parity(args):
+    from bench import parity
+    for study in _studies(args):
+        parity.check(study)  # before any training
+    code = cmd_run(args)
+    root = Path(args.runs_root) if args.runs_root else runs_root()
+    for study in _studies(args):
+        print(f"\n{study.name}: torchvision (tv) and detectron2 (d2) engines; AP in percent, "
+              f"s/iter the median of the train rows")
+        print(parity.format_table(parity.rows(study, root)))
+    return code
+
+
 def _run_on_slurm(args, studies, specs, root):
     """One Slurm job per unfinished run (bench.slurm); then follow them unless --no-wait."""
     from bench import slurm
@@ -414,6 +432,21 @@ def cmd_figures(args):
         print(p)
 
 
+def _local_run_options(p):
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--slots", type=int, default=0,
+                   help="runs at a time (default: one per GPU, or cores/threads on a CPU)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
+    p.add_argument("--per-gpu", type=int, default=1,
+                   help="runs sharing one GPU (small models such as the mini study's)")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes per run")
+    p.add_argument("--only", default=None, help="only runs whose id contains this text")
+    p.add_argument("--no-fork", action="store_true",
+                   help="train every run from iteration 0 (default: a shorter schedule starts "
+                        "from the longest run's checkpoint at its first LR drop; the recipe "
+                        "key fork: false does the same)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -451,18 +484,7 @@ def main(argv=None):
 
     p = sub.add_parser("run", help="train and evaluate every run of a study")
     _common(p)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--slots", type=int, default=0,
-                   help="runs at a time (default: one per GPU, or cores/threads on a CPU)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
-    p.add_argument("--per-gpu", type=int, default=1,
-                   help="runs sharing one GPU (small models such as the mini study's)")
-    p.add_argument("--workers", type=int, default=0, help="data loader processes per run")
-    p.add_argument("--only", default=None, help="only runs whose id contains this text")
-    p.add_argument("--no-fork", action="store_true",
-                   help="train every run from iteration 0 (default: a shorter schedule starts "
-                        "from the longest run's checkpoint at its first LR drop; the recipe "
-                        "key fork: false does the same)")
+    _local_run_options(p)
     p.add_argument("--nnodes", type=int, default=1,
                    help="nodes of a multi-node launch: start the same command on each, with "
                         "its --node-rank; runs then span all nodes, one at a time")
@@ -487,6 +509,13 @@ def main(argv=None):
     g.add_argument("--no-wait", action="store_true",
                    help="return once submitted (`bench status` follows the runs)")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("parity", help="a recipe pair through both engines (torchvision, "
+                                      "detectron2), their figures side by side")
+    _common(p)
+    _local_run_options(p)
+    p.set_defaults(fn=cmd_parity, slurm=False, nnodes=1, node_rank=0, master_addr="127.0.0.1",
+                   master_port=29500)
 
     p = sub.add_parser("subsets", help="draw nested training subsets (1k in 10k in 35k) of a "
                                        "COCO-format annotation file")

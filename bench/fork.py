@@ -104,7 +104,7 @@ def has_started(child_dir) -> bool:
 def ready(parent_dir, f) -> bool:
     """Has the parent saved its checkpoint at the fork point (its rows up to f are written
     before it)?"""
-    from bench.engines.torchvision.checkpoint import checkpoint_path
+    from bench.checkpoint import checkpoint_path
     return checkpoint_path(RunDir(parent_dir).checkpoints, f).is_file()
 
 
@@ -113,7 +113,7 @@ def fork(parent_spec, parent_dir, child_spec, child_dir, f):
     (one line) when the parent's run dir or checkpoint cannot be used."""
     import torch
 
-    from bench.engines.torchvision.checkpoint import checkpoint_path
+    from bench.checkpoint import checkpoint_path
     prd, crd = RunDir(parent_dir), RunDir(child_dir)
     if fork_point(parent_spec, child_spec) != f:
         raise ForkUnavailable(f"{parent_spec.run_id} is not a parent of {child_spec.run_id}")
@@ -151,7 +151,7 @@ def fork(parent_spec, parent_dir, child_spec, child_dir, f):
 
 
 def _write_child(crd, parent_spec, child_spec, rows, source, f):
-    from bench.engines.torchvision.checkpoint import checkpoint_path
+    from bench.checkpoint import checkpoint_path
     marked = [{**r, "forked_from": parent_spec.run_id} for r in rows]
     atomic_write_text(crd.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n"
                                                 for r in marked))

@@ -133,7 +133,9 @@ def load_doc(path, overrides=None) -> dict:
                             f"only, to keep recipes readable); merge it into {path.name}")
         doc = _merge(base, {k: v for k, v in doc.items() if k != "base"})
         doc["_base"] = str(doc_base_name(path, base_path))
-    for key, value in (overrides or {}).items():
+    # An unsupported study has no runs: a command's --set (say, over recipes/he2019/) has
+    # nothing to change there
+    for key, value in (overrides or {} if "unsupported" not in doc else {}).items():
         head = key.split(".")[0]
         target = (key if head in ("vary", "compare", "pretrain", "study", "slurm", "fork")
                   else f"run.{key}")
@@ -218,13 +220,20 @@ def _check_pair_rules(spec: RunSpec, where: str):
                         f"{', '.join(DATASETS)}")
     if spec.engine == "torchvision":
         _check_model_builds(spec, where)
+    else:  # pure data: no detectron2 needed to say it cannot express this run
+        from bench.engines.detectron2.config import Untranslatable, translate
+        try:
+            translate(spec)
+        except Untranslatable as e:
+            raise SpecError(f"{where}: engine detectron2: {e}") from None
 
 
 def run_name(spec: RunSpec) -> str:
     m = spec.model
     images = "all" if spec.data.train_images is None else str(spec.data.train_images)
+    engine = "" if spec.engine == "torchvision" else f"-{spec.engine}"
     return (f"{m.arch}-{m.backbone}{m.depth}-{m.norm}-{spec.init}-{spec.solver.schedule}"
-            f"-{images}img-seed{spec.seed}")
+            f"-{images}img-seed{spec.seed}{engine}")
 
 
 def load(path, overrides=None) -> Study:

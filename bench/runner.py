@@ -229,7 +229,7 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
 def _plan_forks(queue, specs, runs_root, log) -> list:
     """Mark the queued children that will start from their parent's checkpoint; returns
     those that must wait for it (the parent saves it on its way: fork.request)."""
-    from bench.engines.torchvision.checkpoint import list_checkpoints
+    from bench.checkpoint import list_checkpoints
     parents = fork.parent_of(specs)  # a finished parent still forks from its kept checkpoints
     queued = {j.spec.run_id for j in queue}
     waiting = []

@@ -129,10 +129,10 @@ def test_syncbn_on_cpu_normalizes_over_all_processes(tmp_path, sizes):
         torch.testing.assert_close(k["var"], bn.running_var)
 
 
-def test_the_first_failure_of_a_run_keeps_its_reason(tmp_path, monkeypatch):
+def test_the_first_failure_of_a_run_keeps_its_reason(tmp_path):
     """When one process fails, the others fail after it (a closed connection, torchrun's
     SIGTERM); status.json must keep the first, real reason."""
-    from bench.engines.torchvision import train as train_mod
+    from bench.engines import recording_failure
     study = recipe.load(write_recipe(tmp_path, TWO_LAYOUTS))
     spec = next(s for s in study.runs if s.gpus == 1)
     rd = RunDir(tmp_path / "run")
@@ -141,11 +141,12 @@ def test_the_first_failure_of_a_run_keeps_its_reason(tmp_path, monkeypatch):
 
     def peer_gone(*a, **k):
         raise RuntimeError("Connection closed by peer")
-    monkeypatch.setattr(train_mod, "train", peer_gone)
     with pytest.raises(RuntimeError):
-        train_mod.run(spec, rd.path, log=lambda m: None)
+        recording_failure(peer_gone)(spec, rd.path, log=lambda m: None)
     assert rd.read_status()["error"] == "ValueError: the real reason (rank 1)"
-    monkeypatch.setattr(train_mod, "train", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        train_mod.run(spec, rd.path, log=lambda m: None)
+        recording_failure(interrupted)(spec, rd.path, log=lambda m: None)
     assert rd.read_status()["state"] == "failed"

@@ -122,16 +122,8 @@ def test_what_detectron2_cannot_express_is_one_line():
 
 
 def _merged_cfg(spec):
-    from detectron2.config import get_cfg
-    cfg = get_cfg()
-    opts = []
-    for key, value in flatten(translate(spec, weights="imagenet.pkl")).items():
-        if isinstance(value, list):  # detectron2's config holds tuples
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        opts += [key, value]
-    cfg.merge_from_list(opts)  # raises on a key detectron2 does not have
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
+    from bench.engines.detectron2.train import detectron2_cfg
+    return detectron2_cfg(spec, weights="imagenet.pkl")  # raises on a key detectron2 lacks
 
 
 def test_with_detectron2_every_translation_is_its_config_and_builds_the_published_model():
@@ -145,18 +137,3 @@ def test_with_detectron2_every_translation_is_its_config_and_builds_the_publishe
     model = build_model(_merged_cfg(ours))
     # detectron2's own build of Misc/scratch_mask_rcnn_R_50_FPN_3x_gn has this many
     assert sum(p.numel() for p in model.parameters()) == 45_711_152
-
-
-def test_asking_for_the_detectron2_engine_is_one_line_before_any_training(tmp_path):
-    import subprocess
-    import sys
-    from conftest import write_recipe
-    from test_slurm import scratch_study
-    path = write_recipe(tmp_path, scratch_study(9, "").replace("run:\n", "run:\n  engine: detectron2\n"))
-    out = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(path), "--only=scratch",
-                          "--runs-root", str(tmp_path / "runs")], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert out.stderr.startswith("bench run: engine detectron2")
-    assert "use engine: torchvision" in out.stderr
-    assert not any((tmp_path / "runs").rglob("metrics.jsonl"))

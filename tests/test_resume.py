@@ -82,7 +82,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(spec, tmp_path
 
 
 def test_unreadable_checkpoints_stop_the_run_instead_of_restarting_it(spec, tmp_path):
-    from bench.engines.torchvision.checkpoint import NoReadableCheckpoint
+    from bench.checkpoint import NoReadableCheckpoint
     rd = train(spec, tmp_path / "run", log=lambda m: None)
     rows = rd.metrics_file.read_text()
     for ckpt in rd.checkpoints.glob("model_*.pth"):  # a storage outage: nothing reads

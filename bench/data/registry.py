@@ -81,3 +81,14 @@ def subset_file(files: DatasetFiles, size: int, seed: int = 0) -> Path:
                                  f"{files.train_annotations}`")
         subsets.write_subsets(files.train_annotations, [size], files.subsets_dir, seed)
     return path
+
+
+def train_ids(files: DatasetFiles, data):
+    """The image ids a run trains on (`data` is its DataSpec): None for the whole training
+    set, else its nested subset, checked against the annotations."""
+    if data.train_images is None:
+        return None
+    from bench.data import subsets
+    path = subset_file(files, data.train_images, data.subset_seed)
+    return subsets.read_subset(path, files.train_annotations, size=data.train_images,
+                               seed=data.subset_seed)

@@ -1,8 +1,10 @@
 """Engines turn a RunSpec into a trained, evaluated run dir. They share only that format.
 
-An engine module provides `run(spec, run_dir, device, workers, log)`.
+An engine module provides `run(spec, run_dir, device, workers, log)`, usually its
+`train` wrapped by `recording_failure`.
 """
 
+import functools
 import importlib
 
 ENGINES = {"torchvision": "bench.engines.torchvision.train",
@@ -31,3 +33,35 @@ def get(name: str):
                 "'git+https://github.com/facebookresearch/detectron2.git'), or use "
                 "engine: torchvision, which needs nothing more") from e
         raise
+
+
+def recording_failure(train):
+    """An engine's run(): its train() that records a failure in status.json before re-raising."""
+    @functools.wraps(train)
+    def run(spec, run_dir, device="cpu", workers=0, log=print):
+        from bench import distributed
+        from bench.rundir import RunDir
+        rd = RunDir(run_dir)
+        world = distributed.from_env()
+        try:
+            return train(spec, run_dir, device=device, workers=workers, log=log)
+        except BaseException as e:
+            # Rank 0 holds the run dir's lock; another rank may write only once it has joined
+            # rank 0's process group (a second launch of a live run must not touch its status).
+            import torch.distributed as dist
+            if not (world.main or (dist.is_available() and dist.is_initialized())):
+                raise
+            status = rd.read_status()
+            # The first failure is the reason; the others' errors (a peer that closed its
+            # connection, torchrun's SIGTERM) follow from it and must not overwrite it.
+            if status.get("state") == "failed":
+                raise
+            if isinstance(e, KeyboardInterrupt):
+                if world.main:
+                    rd.write_status("queued", error=None)
+            else:
+                rd.write_status("failed", error=f"{type(e).__name__}: {e}",
+                                iteration=status.get("iteration", 0),
+                                max_iter=spec.solver.max_iter)
+            raise
+    return run

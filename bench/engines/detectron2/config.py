@@ -14,7 +14,8 @@ NOT_EXPRESSED = {
                           "the engine refuses a spec with more than one pass per GPU",
     "solver.amp": "AMPTrainer (fp16, or bf16 by its precision argument), not a config key",
     "eval.backend": "detectron2's COCOEvaluator uses its own fast COCOeval",
-    "checkpoint.keep": "detectron2 keeps every checkpoint; the engine prunes to the last K",
+    "checkpoint.keep": "the engine saves through bench.checkpoint (atomic, last K), not "
+                       "detectron2's PeriodicCheckpointer, which keeps every checkpoint",
     "model.pixel_mean/std order": "ours are RGB; detectron2 reads BGR (INPUT.FORMAT BGR), so "
                                   "both are reversed here",
 }
@@ -35,11 +36,18 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
     if m.depth not in (18, 34, 50, 101, 152):
         raise Untranslatable(f"model.depth {m.depth}: detectron2's ResNets are 18, 34, 50, 101, "
                              f"152; use engine: torchvision")
+    if m.depth < 50 and m.width != 64:
+        raise Untranslatable(f"model.width {m.width} at depth {m.depth}: detectron2's R18/R34 "
+                             f"are 64 wide (RES2_OUT_CHANNELS 64); use width 64 or "
+                             f"engine: torchvision")
+    if m.norm == "GN" and m.norm_groups != 32:
+        raise Untranslatable(f"model.norm_groups {m.norm_groups}: detectron2's GN has 32 groups; "
+                             f"use norm_groups 32 or engine: torchvision")
     per_gpu = s.batch // spec.gpus
     if s.micro_batch and s.micro_batch != per_gpu:
-        raise Untranslatable(f"solver.micro_batch={s.micro_batch} with {per_gpu} images per GPU: "
-                             f"detectron2 runs one pass per GPU; set gpus={s.batch // s.micro_batch}"
-                             f" or micro_batch 0")
+        raise Untranslatable(f"solver.micro_batch={s.micro_batch} with {per_gpu} images per "
+                             f"GPU: detectron2 runs one pass per GPU; set "
+                             f"gpus={s.batch // s.micro_batch} or micro_batch 0")
     norm = NORMS[m.norm]
     pooler = "ROIAlignV2" if m.roi_align_aligned else "ROIAlign"
     sizes = d.train_min_size if isinstance(d.train_min_size, tuple) else (d.train_min_size,)
@@ -52,7 +60,8 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
             "PIXEL_STD": list(reversed(m.pixel_std)),
             "BACKBONE": {"NAME": "build_resnet_fpn_backbone", "FREEZE_AT": m.freeze_at},
             "RESNETS": {"DEPTH": m.depth, "NORM": norm, "STRIDE_IN_1X1": m.stride_in_1x1,
-                        "STEM_OUT_CHANNELS": m.width, "RES2_OUT_CHANNELS": 4 * m.width,
+                        "STEM_OUT_CHANNELS": m.width, "WIDTH_PER_GROUP": m.width,
+                        "RES2_OUT_CHANNELS": 4 * m.width if m.depth >= 50 else m.width,
                         "OUT_FEATURES": ["res2", "res3", "res4", "res5"]},
             "FPN": {"IN_FEATURES": ["res2", "res3", "res4", "res5"], "NORM": norm,
                     "OUT_CHANNELS": m.fpn_channels},
@@ -83,7 +92,9 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
         "INPUT": {"FORMAT": "BGR", "MIN_SIZE_TRAIN": list(sizes),
                   "MIN_SIZE_TRAIN_SAMPLING": "choice", "MAX_SIZE_TRAIN": d.train_max_size,
                   "MIN_SIZE_TEST": d.test_min_size, "MAX_SIZE_TEST": d.test_max_size,
-                  "RANDOM_FLIP": "horizontal" if d.hflip else "none"},
+                  "RANDOM_FLIP": "horizontal" if d.hflip else "none",
+                  # COCO's masks are polygons; the embedded datasets store RLE bitmaps
+                  "MASK_FORMAT": "polygon" if d.dataset == "coco" else "bitmask"},
         "DATASETS": {"TRAIN": [train_dataset] if train_dataset else [],
                      "TEST": [test_dataset] if test_dataset else []},
         "DATALOADER": {"ASPECT_RATIO_GROUPING": d.aspect_grouping,

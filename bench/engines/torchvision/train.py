@@ -20,13 +20,12 @@ import warnings
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
 
-from bench import distributed, fork, interrupt, schedule
-from bench.data import registry, subsets
+from bench import checkpoint, distributed, engines, fork, interrupt, schedule
+from bench.data import registry
 from bench.data.coco import CocoDetection, load_coco
 from bench.data.sampler import PositionSampler, TrainStream, collate
-from bench.engines.torchvision import checkpoint
+from bench.engines.metrics_log import MetricsLog
 from bench.engines.torchvision.evaluate import evaluate
 from bench.engines.torchvision.model import build_detector, load_backbone_weights, use_input_sizes
 from bench.engines.torchvision.weights import load_imagenet_backbone
@@ -56,11 +55,7 @@ def build_optimizer(model, solver):
 
 def datasets_for(spec):
     files = registry.resolve(spec.data.dataset)
-    ids = None
-    if spec.data.train_images is not None:
-        path = registry.subset_file(files, spec.data.train_images, spec.data.subset_seed)
-        ids = subsets.read_subset(path, files.train_annotations, size=spec.data.train_images,
-                                  seed=spec.data.subset_seed)
+    ids = registry.train_ids(files, spec.data)
     masks = spec.model.arch == "mask_rcnn"
     train = CocoDetection(files.train_images, files.train_annotations, ids, train=True, masks=masks)
     val = CocoDetection(files.val_images, files.val_annotations, train=False, masks=masks,
@@ -218,19 +213,7 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         rd.write_status("running", iteration=start, max_iter=solver.max_iter,
                         started=time.time(), train_images_used=len(train_set),
                         train_seconds=spent())
-        # TensorBoard gets the rows metrics.jsonl gets; purge_step drops events a killed run
-        # logged after the checkpoint it resumes from, as truncate_metrics does for the file.
-        board = SummaryWriter(str(rd.path / "tensorboard"), purge_step=start + 1)
-
-    def log_row(row):
-        if not world.main:
-            return
-        rd.append_metrics(row)
-        for key, value in row.items():
-            if key not in ("type", "iteration", "wall") and isinstance(value, (int, float)) \
-                    and math.isfinite(value):
-                board.add_scalar(f"{row['type']}/{key}", value, row["iteration"])
-        board.flush()
+    log_row = MetricsLog(rd, start, world.main)
     stream = TrainStream(train_set, seed=spec.seed, hflip=spec.data.hflip,
                          group=micro if spec.data.aspect_grouping else 0)
     # The loader gets its own generator: creating its iterator would otherwise draw a seed
@@ -322,35 +305,12 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
             raise interrupt.Stopped(f"stopped at iteration {done}")
         t_data = time.perf_counter()
 
+    log_row.close()
     if world.main:
-        board.close()
         rd.write_status("done", iteration=solver.max_iter, max_iter=solver.max_iter,
                         finished=time.time(), train_seconds=spent())
     distributed.barrier(world)
     return rd
 
 
-def run(spec, run_dir, device="cpu", workers=0, log=print):
-    """train() that records a failure in status.json before re-raising it."""
-    rd = RunDir(run_dir)
-    world = distributed.from_env()
-    try:
-        return train(spec, run_dir, device=device, workers=workers, log=log)
-    except BaseException as e:
-        # Rank 0 holds the run dir's lock; another rank may write only once it has joined
-        # rank 0's process group (a second launch of a live run must not touch its status).
-        import torch.distributed as dist
-        if not (world.main or (dist.is_available() and dist.is_initialized())):
-            raise
-        status = rd.read_status()
-        # The first failure is the reason; the others' errors (a peer that closed its
-        # connection, torchrun's SIGTERM) follow from it and must not overwrite it.
-        if status.get("state") == "failed":
-            raise
-        if isinstance(e, KeyboardInterrupt):
-            if world.main:
-                rd.write_status("queued", error=None)
-        else:
-            rd.write_status("failed", error=f"{type(e).__name__}: {e}",
-                            iteration=status.get("iteration", 0), max_iter=spec.solver.max_iter)
-        raise
+run = engines.recording_failure(train)

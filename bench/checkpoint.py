@@ -1,9 +1,10 @@
-"""Checkpoints of a training run: atomic writes, last K kept, fall back when corrupt.
+"""Checkpoints of a training run, for every engine: atomic writes, last K kept, fall back
+when corrupt.
 
-A checkpoint holds everything needed to continue exactly: model, optimizer, LR scheduler,
-gradient scaler and iteration. No RNG state is needed: the data order is a pure function of
-the iteration (bench.data.sampler), and every forward pass reseeds torch's RNG from the
-iteration (bench.engines.torchvision.train.pass_seed).
+A torchvision-engine checkpoint holds everything needed to continue exactly: model,
+optimizer, LR scheduler, gradient scaler and iteration. No RNG state is needed: the data
+order is a pure function of the iteration (bench.data.sampler), and every forward pass
+reseeds torch's RNG from the iteration (bench.engines.torchvision.train.pass_seed).
 """
 
 import os

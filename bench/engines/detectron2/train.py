@@ -1,0 +1,337 @@
+"""The detectron2 engine's trainer: RunSpec in, run dir out, trained by detectron2's own parts.
+
+detectron2 builds the model (`build_model` from the translated config, bench/engines/
+detectron2/config.py), the optimizer (its `build_optimizer`: SGD, no decay on norms), the
+LR schedule (`build_lr_scheduler`: linear warm-up, then steps), the data pipeline
+(`DatasetMapper`, `build_detection_train_loader` with its aspect-ratio grouping), trains with
+its `SimpleTrainer` (`AMPTrainer` when solver.amp is set) and evaluates with its
+`COCOEvaluator`. What is ours is the run dir around it, kept by one hook (RunDirHook):
+metrics.jsonl rows at the torchvision engine's iterations with its keys, status.json, atomic
+last-K checkpoints (bench.checkpoint), the checkpoints shorter schedules fork from
+(bench.fork), and stop requests (bench.interrupt). Under torchrun the runner's process group
+is detectron2's.
+
+Resume: model, optimizer, gradient scaler, the open log window and the iteration come back;
+the data stream goes on after the images already seen; the LR is this spec's at that
+iteration (a forked child drops where its own schedule says). Unlike the torchvision engine,
+a resumed run is not bitwise the uninterrupted one: detectron2's RoI sampling and its
+aspect-ratio batching draw from state a checkpoint does not hold.
+"""
+
+import itertools
+import os
+import time
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test_loader, \
+    build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.samplers import TrainingSampler
+from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer, hooks
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+from detectron2.modeling import build_model
+from detectron2.solver import build_lr_scheduler, build_optimizer
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+from torch.nn.parallel import DistributedDataParallel
+
+from bench import checkpoint, distributed, engines, fork, interrupt
+from bench.engines.detectron2 import data as d2data
+from bench.engines.detectron2.config import Untranslatable, flatten, translate
+from bench.engines.detectron2.weights import to_detectron2
+from bench.engines.metrics_log import MetricsLog
+from bench.engines.torchvision.evaluate import STAT_NAMES
+from bench.engines.torchvision.weights import load_imagenet_backbone
+from bench.rundir import RunDir
+
+LOG_PERIOD = 20
+# detectron2's loss names -> the torchvision engine's, so both engines' metrics.jsonl rows
+# have the same keys (bench.analysis reads either)
+LOSS_KEYS = {"total_loss": "loss", "loss_cls": "loss_classifier", "loss_box_reg": "loss_box_reg",
+             "loss_mask": "loss_mask", "loss_rpn_cls": "loss_objectness",
+             "loss_rpn_loc": "loss_rpn_box_reg"}
+
+
+class NonFiniteLoss(FloatingPointError):
+    # detectron2 checks the loss on rank 0 only: the other processes of the run do not fail
+    # at the same point, and torchrun ends them when rank 0 exits.
+    every_process = False
+
+
+def detectron2_cfg(spec, num_classes=80, train_dataset="", test_dataset="", weights="",
+                   device="cpu", workers=0):
+    """detectron2's CfgNode for `spec`: its defaults with our translation merged in (which
+    raises on any key detectron2 does not have)."""
+    cfg = get_cfg()
+    opts = []
+    for key, value in flatten(translate(spec, num_classes, train_dataset, test_dataset,
+                                        weights)).items():
+        if isinstance(value, list):  # detectron2's config holds tuples
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        opts += [key, value]
+    cfg.merge_from_list(opts)
+    cfg.MODEL.DEVICE = device
+    cfg.DATALOADER.NUM_WORKERS = workers
+    cfg.freeze()
+    return cfg
+
+
+class SkipAhead(torch.utils.data.Sampler):
+    """A sampler's stream after its first `skip` indices: a resumed run goes on with the
+    images it has not seen yet instead of the start of the stream again."""
+
+    def __init__(self, sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+
+class Evaluator(COCOEvaluator):
+    """detectron2's COCOEvaluator reporting all 12 COCOeval stats under the torchvision
+    engine's names (`bbox/AP` .. `segm/ARl`, percent; NaN where a size range has no ground
+    truth, 0 when there is no detection), and how many detections it scored."""
+
+    def _eval_predictions(self, predictions, img_ids=None):
+        self.detections = sum(len(p.get("instances", [])) for p in predictions)
+        return super()._eval_predictions(predictions, img_ids)
+
+    def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
+        if coco_eval is None:
+            return {n: 0.0 for n in STAT_NAMES}
+        return {n: float(v) * 100 if v >= 0 else float("nan")
+                for n, v in zip(STAT_NAMES, coco_eval.stats)}
+
+
+def _seek_lr(scheduler, optimizer, iteration):
+    """Put detectron2's LR multiplier at `iteration` of *this* spec's schedule; a forked
+    child's checkpoint holds the longer parent's LR."""
+    scheduler.last_epoch = iteration
+    for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+class RunDirHook(HookBase):
+    """Everything the run dir gets, after each of detectron2's steps (registered last, so the
+    step's losses, data time and LR are in the event storage)."""
+
+    def __init__(self, spec, rd, world, device, evaluate, save, log_row, spent, log, window):
+        self.spec, self.rd, self.world, self.device = spec, rd, world, device
+        self.evaluate, self.save, self.log_row, self.spent, self.log = \
+            evaluate, save, log_row, spent, log
+        self.window = window  # {"n", "losses"} of the open train row, from the checkpoint
+        self.time = self.data_time = 0.0
+        self.timed = 0
+
+    def before_step(self):
+        self.t_step = time.perf_counter()
+
+    def after_step(self):
+        spec, solver, world = self.spec, self.spec.solver, self.world
+        done = self.trainer.iter + 1
+        storage = self.trainer.storage
+        self.time += time.perf_counter() - self.t_step
+        self.timed += 1
+        if world.main:
+            latest = storage.latest()
+            self.data_time += latest["data_time"][0]
+            for theirs, ours in LOSS_KEYS.items():
+                if theirs in latest and latest[theirs][1] == self.trainer.iter:
+                    self.window["losses"][ours] = \
+                        self.window["losses"].get(ours, 0.0) + latest[theirs][0]
+        self.window["n"] += 1
+        if done % LOG_PERIOD == 0 or done == solver.max_iter:
+            if world.main:
+                n = self.window["n"]
+                row = {"type": "train", "iteration": done, "images_seen": done * solver.batch,
+                       "lr": storage.latest()["lr"][0], "time": self.time / self.timed,
+                       "data_time": self.data_time / self.timed, "wall": time.time(),
+                       **{k: v / n for k, v in self.window["losses"].items()}}
+                if self.device.type == "cuda":
+                    row["max_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+                self.log_row(row)
+                self.rd.write_status("running", iteration=done, max_iter=solver.max_iter,
+                                     sec_per_iter=row["time"], train_seconds=self.spent())
+            self.window.update(n=0, losses={})
+            self.time = self.data_time = 0.0
+            self.timed = 0
+        if (spec.eval.period and done % spec.eval.period == 0) or done == solver.max_iter:
+            stats = self.evaluate()
+            if world.main:
+                self.log_row({"type": "eval", "iteration": done,
+                              "images_seen": done * solver.batch, "wall": time.time(), **stats})
+        stop = interrupt.requested()
+        if world.size > 1:  # every process stops after the same iteration
+            flag = torch.tensor([float(stop)], device=self.device)
+            stop = distributed.mean(flag, world).item() > 0
+        if (done % spec.checkpoint.period == 0 or done == solver.max_iter
+                or done in self.save.fork_points or stop):
+            self.save(done)
+        if stop and done < solver.max_iter:
+            self.log(f"stopped at iteration {done} on request, checkpoint saved; rerun to resume")
+            if world.main:
+                self.rd.write_status("queued", iteration=done, max_iter=solver.max_iter,
+                                     train_seconds=self.spent())
+            distributed.barrier(world)  # the others wait for rank 0's checkpoint
+            raise interrupt.Stopped(f"stopped at iteration {done}")
+
+
+def train(spec, run_dir, device="cpu", workers=0, log=print):
+    """Train `spec` into `run_dir` with detectron2, resuming from its newest checkpoint."""
+    device = torch.device(device)
+    world = distributed.init(device.type)
+    if world.size != spec.gpus:
+        raise ValueError(f"{spec.run_id} asks for gpus={spec.gpus} but runs in {world.size} "
+                         f"process(es); start it with `bench run` (one process per GPU) or "
+                         f"torchrun --nproc-per-node={spec.gpus}")
+    if world.size > 1 and comm._LOCAL_PROCESS_GROUP is None:
+        # what detectron2's own launch() sets up: its per-machine group
+        comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", world.size)))
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    if spec.solver.amp != "off" and device.type != "cuda":
+        raise ValueError(f"solver.amp={spec.solver.amp}: detectron2's AMPTrainer needs a GPU; "
+                         f"set solver.amp: off to train on the CPU")
+    if not world.main:
+        log = lambda msg: None  # noqa: E731 - rank 0 speaks for the run
+    rd = RunDir(run_dir)
+    if world.main:
+        rd.write_spec(spec)
+    solver = spec.solver
+
+    train_name, val_name = d2data.register(spec.data)
+    train_dicts = get_detection_dataset_dicts([train_name], filter_empty=True)
+    num_classes = len(MetadataCatalog.get(train_name).thing_classes)
+    try:
+        cfg = detectron2_cfg(spec, num_classes, train_name, val_name,
+                             weights=spec.pretrained if spec.init == "imagenet" else "",
+                             device=str(device), workers=workers)
+    except Untranslatable as e:
+        raise ValueError(f"{spec.run_id}: {e}") from None
+
+    # detectron2's default_setup seeds each process so; DDP then gives every process rank 0's
+    # initial weights
+    seed_all_rng(spec.seed + world.rank)
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    start, state = checkpoint.load_latest(rd.checkpoints, log=log)
+    if state is not None:
+        if state.get("engine") != "detectron2":
+            raise ValueError(f"{rd.checkpoints}: the checkpoint at iteration {start} was not "
+                             f"written by the detectron2 engine; delete {rd.path} to retrain")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        log(f"resumed {rd.path.name} at iteration {start}")
+    elif spec.init == "imagenet":
+        _load_backbone(model, spec, log)
+    _seek_lr(scheduler, optimizer, start)
+    window = dict(state.get("log_window", {"n": 0, "losses": {}})) if state else \
+        {"n": 0, "losses": {}}
+    window["losses"] = dict(window["losses"])
+
+    if start >= solver.max_iter:
+        if world.main:
+            rd.truncate_metrics(start)
+            rd.write_status("done", iteration=start, max_iter=solver.max_iter)
+        return rd
+
+    net = model
+    if world.size > 1:
+        # detectron2's create_ddp_model, except that a CPU model (gloo) takes no device ids
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+    per_gpu = solver.batch // world.size
+    sampler = SkipAhead(TrainingSampler(len(train_dicts), shuffle=True, seed=spec.seed),
+                        start * per_gpu)
+    loader = build_detection_train_loader(cfg, dataset=train_dicts, sampler=sampler,
+                                          mapper=DatasetMapper(cfg, is_train=True))
+    if solver.amp != "off":
+        dtype = torch.bfloat16 if solver.amp == "bf16" else torch.float16
+        trainer = AMPTrainer(model, loader, optimizer, precision=dtype,
+                             grad_scaler=torch.amp.GradScaler("cuda",
+                                                              enabled=solver.amp == "fp16"))
+        if state is not None and state.get("grad_scaler"):
+            trainer.grad_scaler.load_state_dict(state["grad_scaler"])
+    else:
+        trainer = SimpleTrainer(model, loader, optimizer)
+
+    test_loader = build_detection_test_loader(cfg, val_name)
+    evaluator = Evaluator(val_name, tasks=("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",),
+                          distributed=world.size > 1, output_dir=None)
+
+    def evaluate():
+        t0 = time.time()
+        results = inference_on_dataset(model, test_loader, evaluator)
+        if not world.main:
+            return None
+        # NaN (a size range without ground truth) is written as null, as the torchvision
+        # engine does: strict JSON readers choke on NaN
+        stats = {f"{task}/{k}": None if v != v else v
+                 for task in sorted(results) for k, v in results[task].items()}
+        return {**stats, "eval_time": time.time() - t0, "detections": evaluator.detections}
+
+    fork_points = set(fork.requested(rd.path))
+
+    def save(iteration):
+        if not world.main:
+            return
+        checkpoint.save(rd.checkpoints, iteration, {
+            "iteration": iteration, "engine": "detectron2", "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "grad_scaler": trainer.grad_scaler.state_dict() if solver.amp == "fp16" else None,
+            "log_window": {"n": hook.window["n"], "losses": dict(hook.window["losses"])},
+            "run_id": spec.run_id}, keep=spec.checkpoint.keep, protect=fork_points)
+    save.fork_points = fork_points
+
+    spent_before, session_start = rd.read_status().get("train_seconds", 0.0), time.time()
+
+    def spent():
+        return spent_before + time.time() - session_start
+
+    if world.main:
+        rd.truncate_metrics(start)
+        rd.write_status("running", iteration=start, max_iter=solver.max_iter,
+                        started=time.time(), train_images_used=len(train_dicts),
+                        train_seconds=spent())
+    log_row = MetricsLog(rd, start, world.main)
+    hook = RunDirHook(spec, rd, world, device, evaluate, save, log_row, spent, log, window)
+    trainer.register_hooks([hooks.LRScheduler(optimizer=optimizer, scheduler=scheduler), hook])
+    try:
+        trainer.train(start, solver.max_iter)
+    except FloatingPointError as e:  # detectron2's check of the loss, on rank 0
+        last = checkpoint.list_checkpoints(rd.checkpoints)
+        first = str(e).splitlines()[0]
+        raise NonFiniteLoss(f"{first} (detectron2 counts from 0); last good checkpoint: "
+                            f"{last[-1][1] if last else 'none'}; lower solver.base_lr or check "
+                            f"the data") from None
+    finally:
+        log_row.close()
+    if world.main:
+        rd.write_status("done", iteration=solver.max_iter, max_iter=solver.max_iter,
+                        finished=time.time(), train_seconds=spent())
+    distributed.barrier(world)
+    return rd
+
+
+def _load_backbone(model, spec, log):
+    """The ImageNet (or stand-in) backbone, read by the same code as the torchvision engine
+    (bench pretrain checkpoints, torchvision weights, Caffe2 .pkl) and renamed for detectron2."""
+    state = to_detectron2(load_imagenet_backbone(spec.pretrained, spec.model, log=log),
+                          spec.pretrained)
+    bottom_up = model.backbone.bottom_up
+    missing, unexpected = bottom_up.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # a BN counter
+    if missing or unexpected:
+        what = missing or unexpected
+        raise ValueError(f"pretrained {spec.pretrained}: does not fit detectron2's ResNet-"
+                         f"{spec.model.depth} ({'missing' if missing else 'unexpected'}: "
+                         f"{', '.join(what[:3])}{'...' if len(what) > 3 else ''}); pre-train "
+                         f"a matching backbone")
+    log(f"pretrained {spec.pretrained}: {len(state)} backbone tensors loaded into detectron2's "
+        f"ResNet-{spec.model.depth}")
+
+
+run = engines.recording_failure(train)

@@ -1,0 +1,94 @@
+"""`bench parity`: the same recipe pair through both engines, side by side.
+
+A parity study varies `engine: [torchvision, detectron2]` (recipes/parity): every run exists
+once per engine with everything else equal. After `bench run` has trained it, this reads the
+run dirs and sets, per run, the two engines' parameter counts, seconds per iteration and
+final box / mask AP next to each other. The parameter counts come from building each
+engine's model on the CPU (no run dir records them); everything else is measured in the runs.
+"""
+
+import dataclasses
+import statistics
+
+from bench.rundir import RunDir
+from bench.spec import SpecError
+
+ENGINES = ("torchvision", "detectron2")
+
+
+def check(study):
+    """A one-line SpecError unless `study` runs every spec through both engines."""
+    engines = {s.engine for s in study.runs}
+    if engines != set(ENGINES):
+        raise SpecError(f"{study.path}: a parity study varies `engine: [torchvision, "
+                         f"detectron2]`; this one runs {', '.join(sorted(engines))} only")
+
+
+def num_classes(spec) -> int:
+    import json
+    from bench.data import registry
+    files = registry.resolve(spec.data.dataset)
+    return len(json.loads(files.val_annotations.read_text())["categories"])
+
+
+def parameters(spec) -> int:
+    """Parameters of the model `spec`'s engine builds (on the CPU, weights random)."""
+    classes = num_classes(spec)
+    if spec.engine == "detectron2":
+        from bench.engines import get
+        get("detectron2")  # one line on how to install it when it is missing
+        from detectron2.modeling import build_model
+        from bench.engines.detectron2.train import detectron2_cfg
+        model = build_model(detectron2_cfg(spec, num_classes=classes))
+    else:
+        from bench.engines.torchvision.model import build_detector
+        model = build_detector(spec.model, num_classes=classes, data=spec.data)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _measured(rd: RunDir) -> dict:
+    rows = rd.read_metrics()
+    # the first train row includes start-up (data workers, allocator): the median skips it
+    times = [r["time"] for r in rows if r.get("type") == "train" and "time" in r]
+    evals = [r for r in rows if r.get("type") == "eval"]
+    last = evals[-1] if evals else {}
+    return {"state": rd.read_status().get("state", "queued"),
+            "iteration": last.get("iteration"),
+            "s/iter": statistics.median(times) if times else None,
+            "box AP": last.get("bbox/AP"), "mask AP": last.get("segm/AP")}
+
+
+def rows(study, root):
+    """One row per run of the torchvision engine with its detectron2 twin's figures beside."""
+    check(study)
+    by_key = {}
+    for spec in study.runs:
+        twin = dataclasses.replace(spec, engine="torchvision", name="")
+        by_key.setdefault(twin, {})[spec.engine] = spec
+    out = []
+    for specs in by_key.values():
+        tv, d2 = specs["torchvision"], specs["detectron2"]
+        row = {"run": tv.name}
+        for tag, spec in (("tv", tv), ("d2", d2)):
+            rd = RunDir(root / spec.study / spec.run_id)
+            row[f"params {tag}"] = parameters(spec)
+            for key, value in _measured(rd).items():
+                row[f"{key} {tag}"] = value
+        out.append(row)
+    return out
+
+
+COLUMNS = ["run", "params tv", "params d2", "s/iter tv", "s/iter d2", "box AP tv", "box AP d2",
+           "mask AP tv", "mask AP d2", "state tv", "state d2"]
+
+
+def format_table(table) -> str:
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+        return f"{v:,}" if isinstance(v, int) else str(v)
+    cells = [COLUMNS] + [[fmt(r.get(c)) for c in COLUMNS] for r in table]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells)

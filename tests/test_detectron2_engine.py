@@ -1,0 +1,235 @@
+"""The detectron2 engine: the same recipes trained by detectron2's own trainer into the same
+run-dir format. What needs no detectron2 (recipe checks, weight renaming, the parity study,
+the one-line answer when it is missing) runs everywhere; training runs when detectron2 is
+importable and skips with that reason when it is not."""
+
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import checkpoint, recipe, schedule
+from bench.backbones import build_backbone
+from bench.engines.detectron2.weights import to_detectron2
+from bench.rundir import RunDir
+from bench.spec import SpecError
+from conftest import REPO, write_recipe
+
+HAS_D2 = importlib.util.find_spec("detectron2") is not None
+needs_d2 = pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed (an optional "
+                                                 "engine; README: The detectron2 engine)")
+
+# The mini model at the sizes detectron2 can build (R18 is 64 wide there, GN has 32 groups),
+# 96 px so that a CPU step is cheap; 40 iterations at batch 2: train rows at 20 and 40.
+D2_STUDY = f"""
+study: {{study}}
+base: {REPO}/recipes/mini/_model.yaml
+run:
+  engine: {{engine}}
+  pretrained: cache:pretrained/d2test-resnet18-w64-GN.pth
+  model: {{{{depth: 18, width: 64, norm_groups: 32}}}}
+  data: {{{{dataset: shapes-tiny, train_min_size: 96, train_max_size: 96, test_min_size: 96,
+          test_max_size: 96}}}}
+  solver: {{{{batch: 2, ref_batch: 2, drops_from_end: [16, 4], warmup_iters: 5}}}}
+  eval: {{{{period: 20}}}}
+  checkpoint: {{{{period: 20, keep: 1}}}}
+vary:
+  schedule: [40iter]
+compare:
+  init: [scratch, imagenet]
+"""
+
+
+def d2_study(tmp_path, engine="detectron2", study="d2test", name="study.yaml"):
+    return recipe.load(write_recipe(tmp_path, D2_STUDY.format(study=study, engine=engine), name))
+
+
+# -- without detectron2: pure data ---------------------------------------------------------
+
+def test_a_run_detectron2_cannot_build_is_a_recipe_error_naming_the_key(tmp_path):
+    with pytest.raises(SpecError, match=r"engine detectron2: model.depth 10: detectron2's "
+                                        r"ResNets are 18, 34, 50, 101, 152"):
+        recipe.load(REPO / "recipes/mini/study.yaml", recipe.parse_overrides(
+            ["engine=detectron2"]))
+    text = D2_STUDY.format(study="x", engine="detectron2").replace("norm_groups: 32",
+                                                                  "norm_groups: 8")
+    with pytest.raises(SpecError, match=r"model.norm_groups 8: detectron2's GN has 32 groups"):
+        recipe.load(write_recipe(tmp_path, text))
+
+
+def test_both_engines_runs_differ_in_name_and_id_only_by_the_engine(tmp_path):
+    tv, d2 = d2_study(tmp_path, "torchvision", name="a.yaml"), d2_study(tmp_path, name="b.yaml")
+    for a, b in zip(tv.runs, d2.runs):
+        assert b.name == a.name + "-detectron2" and a.run_id != b.run_id
+        assert dataclasses.replace(b, engine="torchvision", name=a.name) == a
+
+
+@pytest.mark.parametrize("depth,norm", [(18, "GN"), (50, "FrozenBN")])
+def test_our_resnet_weights_take_detectron2s_names_and_bgr_order(depth, norm):
+    spec = recipe.load(REPO / "recipes/parity/pair.yaml").runs[0]
+    model = dataclasses.replace(spec.model, depth=depth, norm=norm)
+    ours = build_backbone(model).body.state_dict()
+    theirs = to_detectron2({**ours, "fc.weight": torch.zeros(1)})
+    assert "stem.conv1.norm.weight" in theirs and "res5.1.conv2.norm.bias" in theirs
+    assert "res3.0.shortcut.weight" in theirs and "res3.0.shortcut.norm.weight" in theirs
+    assert not any("fc." in k or "num_batches_tracked" in k for k in theirs)
+    # every tensor but BN's counters has exactly one place
+    assert len(theirs) == len([k for k in ours if not k.endswith("num_batches_tracked")])
+    assert torch.equal(theirs["stem.conv1.weight"], ours["conv1.weight"][:, [2, 1, 0]])
+    assert torch.equal(theirs["res4.0.conv1.weight"], ours["layer3.0.conv1.weight"])
+    with pytest.raises(ValueError, match="'head.weight' is not a ResNet weight"):
+        to_detectron2({"head.weight": torch.zeros(1)}, "x.pth")
+
+
+def test_the_parity_study_runs_every_pair_through_both_engines(tmp_path):
+    from bench import parity
+    study = recipe.load(REPO / "recipes/parity/pair.yaml")
+    parity.check(study)
+    assert sorted(s.engine for s in study.runs) == ["detectron2"] * 2 + ["torchvision"] * 2
+    with pytest.raises(SpecError, match=r"a parity study varies `engine: \[torchvision, "
+                                        r"detectron2\]`; this one runs torchvision only"):
+        parity.check(recipe.load(REPO / "recipes/mini/study.yaml"))
+
+
+@pytest.mark.skipif(HAS_D2, reason="detectron2 is installed here")
+@pytest.mark.parametrize("cmd", ["run", "parity"])
+def test_without_detectron2_asking_for_it_is_one_line_saying_how_to_install_it(tmp_path, cmd):
+    path = REPO / "recipes/parity/pair.yaml" if cmd == "parity" else \
+        write_recipe(tmp_path, D2_STUDY.format(study="x", engine="detectron2"))
+    out = subprocess.run([sys.executable, "-m", "bench.cli", cmd, str(path),
+                          "--runs-root", str(tmp_path / "runs")], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith(f"bench {cmd}: engine detectron2 needs detectron2")
+    assert "pip install --no-build-isolation" in out.stderr
+    assert "engine: torchvision, which needs nothing more" in out.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.jsonl"))
+
+
+# -- with detectron2 -----------------------------------------------------------------------
+
+def _train(spec, run_dir, engine_module=None):
+    from bench.engines import get
+    (engine_module or get(spec.engine)).run(spec, run_dir, log=lambda msg: None)
+    return RunDir(run_dir)
+
+
+@pytest.fixture(scope="module")
+def both_engines(tmp_path_factory):
+    """The scratch run of the test study, trained by each engine."""
+    tmp = tmp_path_factory.mktemp("engines")
+    out = {}
+    for engine in ("torchvision", "detectron2"):
+        spec = next(s for s in d2_study(tmp, engine, name=f"{engine}.yaml").runs
+                    if s.init == "scratch")
+        out[engine] = (spec, _train(spec, tmp / engine))
+    return out
+
+
+@needs_d2
+def test_detectron2_writes_the_torchvision_engines_rows_keys_and_schedule(both_engines):
+    tv_spec, tv = both_engines["torchvision"]
+    spec, rd = both_engines["detectron2"]
+    assert rd.read_status()["state"] == "done" and rd.read_status()["iteration"] == 40
+    assert rd.read_spec() == spec
+    rows, tv_rows = rd.read_metrics(), tv.read_metrics()
+    assert [(r["type"], r["iteration"]) for r in rows] == \
+        [(r["type"], r["iteration"]) for r in tv_rows] == \
+        [("train", 20), ("eval", 20), ("train", 40), ("eval", 40)]
+    for row, tv_row in zip(rows, tv_rows):
+        assert set(row) == set(tv_row)
+        assert all(v is None or isinstance(v, (int, float, str)) for v in row.values())
+    for row in (r for r in rows if r["type"] == "train"):
+        # detectron2's warm-up and step schedule is ours: the LR each logged iteration used
+        lr = spec.solver.lr * schedule.lr_factor(spec.solver, row["iteration"] - 1)
+        assert row["lr"] == pytest.approx(lr)
+        assert all(row[k] > 0 for k in ("loss", "loss_classifier", "loss_mask", "time"))
+    last = rows[-1]
+    assert 0 <= last["bbox/AP"] <= 100 and 0 <= last["segm/AP"] <= 100
+    assert last["detections"] > 0
+    assert [p.name for p in rd.checkpoints.iterdir()] == ["model_0000040.pth"]  # keep: 1
+
+
+@needs_d2
+def test_a_stopped_detectron2_run_resumes_where_it_stopped(tmp_path, monkeypatch, both_engines):
+    from bench import interrupt
+    from bench.engines.detectron2 import train as d2train
+    spec, whole = both_engines["detectron2"]
+    calls = {"n": 0}
+
+    def stop_after_25():
+        calls["n"] += 1
+        return calls["n"] >= 25
+    monkeypatch.setattr(interrupt, "requested", stop_after_25)
+    with pytest.raises(interrupt.Stopped):
+        _train(spec, tmp_path / "run", d2train)
+    rd = RunDir(tmp_path / "run")
+    assert rd.read_status()["state"] == "queued" and rd.read_status()["iteration"] == 25
+    assert [it for it, _ in checkpoint.list_checkpoints(rd.checkpoints)] == [25]
+    monkeypatch.setattr(interrupt, "requested", lambda: False)
+    _train(spec, tmp_path / "run", d2train)
+    rows = rd.read_metrics()
+    assert [(r["type"], r["iteration"]) for r in rows] == \
+        [(r["type"], r["iteration"]) for r in whole.read_metrics()]
+    assert rows[2]["lr"] == pytest.approx(whole.read_metrics()[2]["lr"])
+    assert rd.read_status()["state"] == "done"
+
+
+@needs_d2
+def test_the_pretrained_side_starts_from_the_checkpoint_in_detectron2s_resnet(tmp_path):
+    from detectron2.modeling import build_model
+    from bench.engines.detectron2.train import _load_backbone, detectron2_cfg
+    from bench.paths import resolve_cache_path
+    spec = next(s for s in d2_study(tmp_path).runs if s.init == "imagenet")
+    body = build_backbone(spec.model).body
+    file = resolve_cache_path(spec.pretrained)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"backbone": "resnet", "depth": 18, "width": 64, "norm": "GN"}
+    torch.save({"backbone": body.state_dict(), "meta": meta}, file)
+    model = build_model(detectron2_cfg(spec, num_classes=3))
+    _load_backbone(model, spec, log=lambda msg: None)
+    loaded = model.backbone.bottom_up
+    assert torch.equal(loaded.res5[1].conv2.weight, body.layer4[1].conv2.weight)
+    assert torch.equal(loaded.stem.conv1.weight, body.conv1.weight.flip(1))
+    torch.save({"backbone": body.state_dict(), "meta": {**meta, "width": 32}}, file)
+    with pytest.raises(ValueError, match="was trained with width=32"):
+        _load_backbone(model, spec, log=lambda msg: None)
+
+
+@needs_d2
+def test_bench_parity_prints_both_engines_side_by_side(tmp_path):
+    text = (REPO / "recipes/parity/pair.yaml").read_text()
+    path = write_recipe(tmp_path, text.replace("base: ../mini/_model.yaml",
+                                                f"base: {REPO}/recipes/mini/_model.yaml"))
+    out = subprocess.run([sys.executable, "-m", "bench.cli", "parity", str(path), "--only",
+                          "scratch", "--runs-root", str(tmp_path / "runs"),
+                          "--set", "vary.schedule=[40iter]",
+                          "--set", "solver.drops_from_end=[16, 4]",
+                          "--set", "data.dataset=shapes-tiny", "--set", "eval.period=40"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = out.stdout[out.stdout.index("params tv"):].splitlines()
+    scratch = next(line.split() for line in table if "-scratch-" in line)
+    assert scratch[1] == scratch[2]  # the same parameter count in both engines
+    assert json.loads("[" + ",".join(scratch[3:5]) + "]")  # measured s/iter, both
+
+
+@needs_d2
+def test_a_two_process_detectron2_run_trains_under_the_runners_process_group(tmp_path,
+                                                                             both_engines):
+    path = write_recipe(tmp_path, D2_STUDY.format(study="d2ddp", engine="detectron2"))
+    out = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(path), "--only",
+                          "scratch", "--set", "gpus=2", "--device", "cpu", "--runs-root",
+                          str(tmp_path / "runs")], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rd = RunDir(next((tmp_path / "runs" / "d2ddp").iterdir()))
+    assert rd.read_spec().gpus == 2 and rd.read_status()["state"] == "done"
+    _, single = both_engines["detectron2"]
+    assert [(r["type"], r["iteration"]) for r in rd.read_metrics()] == \
+        [(r["type"], r["iteration"]) for r in single.read_metrics()]
+    # rank 0 gathered every process's predictions: the whole val set was scored
+    assert rd.read_metrics()[-1]["detections"] > 0
