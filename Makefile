@@ -18,7 +18,7 @@ SPEED_ARGS ?= --iters 20 --warmup 5
 help:
 	@echo "make mini     generate data, pre-train, train and evaluate every mini run, write figures"
 	@echo "make test     run the test suite (CPU only)"
-	@echo "make figures  regenerate results/mini from the run dirs"
+	@echo "make figures  redraw every figure and table under results/ (and results/index.html) from the committed run files"
 	@echo "make setup    create .venv and install the suite (done by the targets above)"
 	@echo "make parity   the mini pair through both engines, side by side (needs detectron2 in .venv)"
 	@echo "make speed    benchmark: s/iter, images/s, peak memory of the paper's R50-FPN GN model (SPEED_ARGS=...)"
@@ -46,10 +46,11 @@ parity: data
 
 mini: pretrain
 	$(BIN)/bench run $(RECIPES) $(RUN_ARGS)
-	$(BIN)/bench figures --study mini
+	$(BIN)/bench figures --collect --study mini
 
+# Every figure and table under results/ from the run files committed there (no run dir needed)
 figures: setup
-	$(BIN)/bench figures --study mini
+	$(BIN)/bench figures
 
 test: setup slurm-deps
 	$(BIN)/python -m pytest -q

@@ -8,7 +8,7 @@
     bench run RECIPE...             train and evaluate every run (skips finished ones)
     bench parity RECIPE             run a study through both engines, compare them side by side
     bench status RECIPE...          state of every run
-    bench figures                   figures and tables from run dirs into results/
+    bench figures [--collect]       every figure and table under results/ (and its index.html)
 
 Errors in recipes, data or checkpoints end with one line naming the file, the key and the fix.
 """
@@ -425,11 +425,28 @@ def cmd_status(args):
 
 
 def cmd_figures(args):
-    from bench.analysis import report
-    root = Path(args.runs_root) if args.runs_root else runs_root()
-    written = report.write_study_results(root / args.study, Path(args.out or f"results/{args.study}"))
-    for p in written:
-        print(p)
+    """Copy the named studies' run files into results/ (--collect), then draw every study
+    there from those committed files alone, and the index page."""
+    from bench.analysis import collect, html, reference, report
+    results = Path(args.results)
+    if args.collect:
+        root = Path(args.runs_root) if args.runs_root else runs_root()
+        for study in args.study or sorted(p.name for p in root.iterdir() if p.is_dir()):
+            n = collect.collect(root / study, results / study / "runs")
+            print(f"{study}: {n} runs copied from {root / study} to {results / study / 'runs'}")
+    studies = sorted(p.parent.name for p in results.glob("*/runs") if p.is_dir())
+    studies = [s for s in studies if not args.study or s in args.study]
+    if not studies:
+        raise FileNotFoundError(f"no study under {results} has a runs/ folder; copy a study's "
+                                f"run files there first with `bench figures --collect --study "
+                                f"NAME`")
+    published = reference.load(results / "reference")
+    for study in studies:
+        for path in report.write_study_results(results / study / "runs", results / study,
+                                               published):
+            print(path)
+    print(html.write_index(results, sorted(p.parent.name for p in results.glob("*/runs")),
+                           Path(args.recipes)))
 
 
 def _local_run_options(p):
@@ -531,10 +548,18 @@ def main(argv=None):
     _common(p)
     p.set_defaults(fn=cmd_status)
 
-    p = sub.add_parser("figures", help="figures and tables of a study from its run dirs")
-    p.add_argument("--study", default="mini")
-    p.add_argument("--runs-root", default=None)
-    p.add_argument("--out", default=None, help="default: results/<study>")
+    p = sub.add_parser("figures", help="every figure and table under results/, from the run "
+                                       "files committed there")
+    p.add_argument("--study", action="append", default=[], metavar="NAME",
+                   help="only this study (repeatable; default: every study in results/)")
+    p.add_argument("--collect", action="store_true",
+                   help="first copy the studies' spec, status and metrics files from the runs "
+                        "root into results/<study>/runs/ (what `make mini` does)")
+    p.add_argument("--runs-root", default=None, help="with --collect (default: $BENCH_RUNS or "
+                                                     "./runs)")
+    p.add_argument("--results", default="results", help="the results folder (default: results)")
+    p.add_argument("--recipes", default="recipes", help="where the index page finds each "
+                                                         "study's recipe (default: recipes)")
     p.set_defaults(fn=cmd_figures)
 
     args = ap.parse_args(argv)

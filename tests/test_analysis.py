@@ -3,6 +3,7 @@ unfinished runs are kept and labelled, and pairs line up scratch against pre-tra
 
 import json
 
+import pandas as pd
 import yaml
 
 from bench import recipe
@@ -69,3 +70,130 @@ def test_unfinished_pairs_are_labelled_in_the_table(tmp_path):
     report.write_study_results(tmp_path / scratch.study, tmp_path / "out")
     md = (tmp_path / "out" / "final_ap.md").read_text()
     assert "scratch: running / imagenet: done" in md
+
+
+# -- figures, tables, the published numbers, the report page -------------------------------
+
+STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+
+
+def full_run(root, spec, evals, state="done"):
+    """A run dir whose eval rows carry all 12 COCO stats per task (AP + k/10 for the k-th)."""
+    rows = [{"type": "eval", "iteration": it, "images_seen": it * 8,
+             **{f"{t}/{s}": ap - (1 if t == "segm" else 0) + k / 10
+                for t in ("bbox", "segm") for k, s in enumerate(STATS)}} for it, ap in evals]
+    rd = fake_run(root, spec, [], state=state, extra_rows=rows)
+    rd.update_status(iteration=evals[-1][0])
+    return rd
+
+
+def mini_with_seeds(root):
+    """The mini 1x pairs at both sizes, two seeds of the 500-image pair, one failed run, one
+    resumed run (a repeated iteration) and one with an eval point missing."""
+    from bench.spec import replace
+    pairs = [p for p in STUDY.pairs if p[0].solver.schedule == "1x"]
+    for scratch, imagenet in pairs:
+        full_run(root, scratch, [(45, 0.5), (90, 1.0)])
+        full_run(root, imagenet, [(90, 3.0)], state="failed"
+                 if scratch.data.train_images is None else "done")  # missing point at 45
+    scratch, imagenet = pairs[0]
+    for spec, ap in ((replace(scratch, seed=1, name=scratch.name + "-s1"), 1.4),
+                     (replace(imagenet, seed=1, name=imagenet.name + "-s1"), 3.6)):
+        full_run(root, spec, [(45, ap / 2), (90, ap), (90, ap)])  # resumed: 90 written twice
+    return pairs
+
+
+def test_every_figure_and_table_is_written_with_the_expected_series(tmp_path):
+    from bench.analysis import figures, report
+    pairs = mini_with_seeds(tmp_path / "runs")
+    out = tmp_path / "results" / "mini"
+    written = report.write_study_results(tmp_path / "runs" / "mini", out)
+    names = {p.name for p in written}
+    for stem in ("ap_vs_iterations", "ap_vs_train_size", "final_ap_by_model"):
+        assert {f"{stem}.png", f"{stem}.pdf"} <= names
+    assert "vs_published.csv" not in names  # no published number belongs to the mini study
+    evals = table.load_runs(tmp_path / "runs" / "mini")
+    final = table.final_metrics(evals)
+    assert len(final) == 6 and set(final["state"]) == {"done", "failed"}
+    # learning curves: one line per run and panel (6 runs over 2 sizes: 4 + 2 per metric)
+    fig = figures.ap_vs_iterations(evals)
+    curves = [len([ln for ln in ax.lines if len(ln.get_xdata()) and ln.get_linestyle() != "None"])
+              for ax in fig.axes]
+    assert sorted(curves) == [2, 2, 4, 4]
+    # final AP per model: 2 sizes x 2 inits bars; the two seeds make one bar with a spread
+    fig = figures.final_ap_by_model(final)
+    assert [len(ax.patches) for ax in fig.axes] == [4, 4]
+    seeded = final[(final["train_images"] == 500) & (final["init"] == "scratch")]["bbox/AP"]
+    assert sorted(seeded) == [1.0, 1.4]
+    # every pair with all 12 stats, scratch - pre-trained
+    pt = pd.read_csv(out / "pairs.csv")
+    assert len(pt) == 3  # two seeds of the 500-image pair, one of all images
+    for s in STATS:
+        assert f"segm/{s} scratch-imagenet" in pt.columns
+    assert pt["bbox/AP scratch-imagenet"].round(3).tolist() == [-2.0, -2.2, -2.0]
+    md = (out / "final_ap.md").read_text()
+    assert "scratch: done / imagenet: failed" in md
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["states"] == {"done": 5, "failed": 1} and prov["engines"] == ["torchvision"]
+    assert len(pairs) == 2
+
+
+def test_our_final_ap_is_set_beside_the_papers_number_for_the_same_run(tmp_path):
+    from bench.analysis import reference, report
+    study = recipe.load(REPO / "recipes/he2019/r50_gn.yaml")
+    scratch, imagenet = next(p for p in study.pairs if p[0].solver.max_iter == 270000)
+    full_run(tmp_path / "runs", scratch, [(270000, 39.0)])
+    full_run(tmp_path / "runs", imagenet, [(270000, 41.0)], state="running")
+    out = tmp_path / "results" / study.name
+    report.write_study_results(tmp_path / "runs" / study.name, out,
+                               reference.load(REPO / "results" / "reference"))
+    rows = pd.read_csv(out / "vs_published.csv")
+    box = rows[rows["metric"] == "bbox/AP"].set_index("init")
+    assert box.loc["scratch", "published"] == 39.5 and box.loc["imagenet", "published"] == 40.8
+    assert box.loc["scratch", "ours - published"] == -0.5
+    assert box.loc["imagenet", "state"] == "running"  # an unfinished run is labelled
+    assert (out / "ours_vs_published.png").is_file() and (out / "ours_vs_published.pdf").is_file()
+
+
+def test_collect_copies_whole_rows_and_drops_runs_that_are_gone(tmp_path):
+    from bench.analysis import collect
+    scratch, imagenet = STUDY.pairs[0]
+    fake_run(tmp_path / "runs", scratch, [(54, 1.0)])
+    dest = tmp_path / "results" / "mini" / "runs"
+    (dest / "an-old-run").mkdir(parents=True)
+    assert collect.collect(tmp_path / "runs" / "mini", dest) == 1
+    copied = dest / scratch.run_id
+    assert sorted(p.name for p in dest.iterdir()) == [scratch.run_id]
+    assert sorted(p.name for p in copied.iterdir()) == ["metrics.jsonl", "spec.yaml",
+                                                        "status.json"]
+    assert (copied / "metrics.jsonl").read_text().endswith("}\n")  # the torn row is not copied
+
+
+def test_make_figures_redraws_results_from_committed_files_byte_for_byte(tmp_path):
+    import filecmp
+    import shutil
+    import subprocess
+    import sys
+    mini_with_seeds(tmp_path / "runs")
+    results = tmp_path / "results"
+    shutil.copytree(REPO / "results" / "reference", results / "reference")
+
+    def figures(*extra):
+        out = subprocess.run([sys.executable, "-m", "bench.cli", "figures", "--results",
+                              str(results), "--recipes", str(REPO / "recipes"), *extra],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+    figures("--collect", "--study", "mini", "--runs-root", str(tmp_path / "runs"))
+    first = tmp_path / "first"
+    shutil.copytree(results, first)
+    shutil.rmtree(tmp_path / "runs")  # the committed files alone
+    figures()
+    cmp = filecmp.dircmp(first, results)
+    files = [p.relative_to(results) for p in results.rglob("*") if p.is_file()]
+    assert len(files) > 15
+    for f in files:
+        assert (first / f).read_bytes() == (results / f).read_bytes(), f
+    assert not cmp.left_only and not cmp.right_only
+    page = (results / "index.html").read_text()
+    assert "recipes/mini/study.yaml" in page and "mini/ap_vs_iterations.png" in page
+    assert "No published number belongs to this study" in page

@@ -233,3 +233,27 @@ def test_a_two_process_detectron2_run_trains_under_the_runners_process_group(tmp
         [(r["type"], r["iteration"]) for r in single.read_metrics()]
     # rank 0 gathered every process's predictions: the whole val set was scored
     assert rd.read_metrics()[-1]["detections"] > 0
+
+
+@needs_d2
+def test_a_shorter_detectron2_schedule_forks_from_the_longer_run(tmp_path):
+    text = D2_STUDY.format(study="d2fork", engine="detectron2").replace(
+        "schedule: [40iter]", "schedule: [40iter, 60iter]")
+    path = write_recipe(tmp_path, text)
+    out = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(path), "--only",
+                          "scratch", "--device", "cpu", "--runs-root", str(tmp_path / "runs")],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    runs = {RunDir(p).read_spec().solver.max_iter: RunDir(p)
+            for p in (tmp_path / "runs" / "d2fork").iterdir()}
+    parent, child = runs[60], runs[40]
+    assert child.read_status()["state"] == parent.read_status()["state"] == "done"
+    # the child took the parent's rows up to its first LR drop (24) and trained from there
+    rows = child.read_metrics()
+    assert [r["iteration"] for r in rows if r.get("forked_from")] == [20, 20]
+    assert [(r["type"], r["iteration"]) for r in rows] == \
+        [("train", 20), ("eval", 20), ("train", 40), ("eval", 40)]
+    # after the fork the LR is the child's schedule (both drops by 40), not the parent's
+    mine, theirs = child.read_spec().solver, parent.read_spec().solver
+    assert schedule.lr_factor(mine, 39) < schedule.lr_factor(theirs, 39)
+    assert rows[2]["lr"] == pytest.approx(mine.lr * schedule.lr_factor(mine, 39))

@@ -109,3 +109,90 @@ def ap_vs_train_size(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt
     fig.tight_layout(rect=(0, 0.14, 1, 1))
     return fig
 
+
+
+def _model_label(r) -> str:
+    arch = {"mask_rcnn": "Mask R-CNN", "faster_rcnn": "Faster R-CNN"}.get(r["arch"], r["arch"])
+    return f"{arch} {r['backbone']} {r['norm']}"
+
+
+def _size_short(n) -> str:
+    return "all img" if n == -1 else f"{int(n):,} img"
+
+
+def final_ap_by_model(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt.Figure:
+    """Final AP, scratch vs pre-trained, for every model, norm, schedule and training-set
+    size of the table: grouped bars (scratch hatched, pre-trained solid: distinct in greyscale),
+    one panel per metric; several seeds show as their mean with min-max bars."""
+    metrics = [m for m in metrics if m in final.columns]
+    keys = ["arch", "backbone", "norm", "schedule", "train_images", "max_iter"]
+    groups = final[keys].drop_duplicates().sort_values(
+        ["arch", "backbone", "norm", "train_images", "max_iter"],
+        key=lambda c: c.where(c != -1, float("inf")) if c.name == "train_images" else c)
+    fig, axes = plt.subplots(1, len(metrics), squeeze=False,
+                             figsize=(max(4.8, 1.1 * len(groups) + 1.5) * len(metrics) / 1.4, 3.8))
+    width = 0.38
+    for col, metric in enumerate(metrics):
+        ax = axes[0][col]
+        for k, init in enumerate(INIT_STYLE):
+            means, lows, highs = [], [], []
+            for _, g in groups.iterrows():
+                sel = final[(final[keys] == g[keys]).all(axis=1) & (final["init"] == init)][metric]
+                sel = sel.dropna()
+                means.append(sel.mean() if len(sel) else float("nan"))
+                lows.append(means[-1] - sel.min() if len(sel) else 0.0)
+                highs.append(sel.max() - means[-1] if len(sel) else 0.0)
+            x = [i + (k - 0.5) * width for i in range(len(groups))]
+            spread = any(v > 0 for v in lows + highs)  # only seeds make error bars
+            ax.bar(x, means, width, yerr=[lows, highs] if spread else None, capsize=2,
+                   color="white" if init == "scratch" else INIT_STYLE[init]["color"],
+                   edgecolor=INIT_STYLE[init]["color"], hatch="///" if init == "scratch" else None,
+                   label=INIT_STYLE[init]["label"], linewidth=1.0)
+        models = {_model_label(g) for _, g in groups.iterrows()}
+        ticks = [(f"{_model_label(g)}\n" if len(models) > 1 else "")
+                 + f"{g['schedule']}, {_size_short(g['train_images'])}"
+                 for _, g in groups.iterrows()]
+        ax.set_xticks(range(len(groups)), ticks, fontsize=7,
+                      rotation=30 if len(models) > 1 else 0, ha="right" if len(models) > 1
+                      else "center")
+        if len(models) == 1:
+            ax.set_title(models.pop(), fontsize=10)
+        ax.set_ylabel(f"final {METRIC_LABEL.get(metric, metric)}")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def ours_vs_published(compared: pd.DataFrame) -> plt.Figure:
+    """Our final AP against the published number of the same run (one point per run and
+    metric; scratch hollow circles, pre-trained filled squares), with the y = x line: a point
+    below it is a run of ours that ended under the paper."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    for init, style in INIT_STYLE.items():
+        sub = compared[compared["init"] == init]
+        ax.plot(sub["published"], sub["ours"], linestyle="none", color=style["color"],
+                marker="o" if init == "scratch" else "s", markersize=5,
+                markerfacecolor="white" if init == "scratch" else style["color"],
+                label=style["label"])
+    values = pd.concat([compared["published"], compared["ours"]]).dropna()
+    lo, hi = (values.min(), values.max()) if len(values) else (0.0, 1.0)
+    pad = max(1.0, 0.05 * (hi - lo))
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="black", linewidth=0.8,
+            linestyle=":", label="ours = published")
+    ax.set_xlabel("published AP")
+    ax.set_ylabel("our AP")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: plt.Figure, stem) -> list:
+    """`stem`.png and `stem`.pdf, without the timestamps and versions matplotlib would embed:
+    the same data gives the same files."""
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    fig.savefig(paths[0], dpi=130, metadata={"Software": None})
+    fig.savefig(paths[1], metadata={"Creator": None, "Producer": None, "CreationDate": None})
+    plt.close(fig)
+    return paths

@@ -3,7 +3,11 @@
 import json
 from pathlib import Path
 
-from bench.analysis import figures, table
+import pandas as pd
+
+from bench.analysis import figures, reference, table
+from bench.analysis.table import STAT_ORDER
+from bench.rundir import RunDir
 
 TABLE_METRICS = ("bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/AP50", "segm/AP75")
 
@@ -31,35 +35,78 @@ def markdown_pairs(pairs):
     return "\n".join(lines) + "\n"
 
 
-def write_study_results(study_root: Path, out: Path):
-    """Write figures (PNG), final-AP CSV and Markdown under `out`; returns the paths."""
+def pairs_table(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Every pair with all of its stats, scratch and pre-trained, and scratch - pre-trained."""
+    keep = ["arch", "backbone", "norm", "schedule", "max_iter", "train_images", "seed",
+            "state scratch", "state imagenet"]
+    stats = sorted({c.rsplit(" ", 1)[0] for c in pairs.columns if c.startswith(("bbox/", "segm/"))},
+                   key=lambda m: (m.split("/")[0], STAT_ORDER.index(m.split("/")[1])
+                                  if m.split("/")[1] in STAT_ORDER else 99))
+    cols = [f"{m} {w}" for m in stats for w in ("scratch", "imagenet", "scratch-imagenet")]
+    return pairs[keep + [c for c in cols if c in pairs.columns]]
+
+
+def provenance(runs_dir: Path, final: pd.DataFrame) -> dict:
+    """What produced the numbers: each run's code version and package versions, as its
+    spec.yaml recorded them when it started (not the checkout that draws the figures)."""
+    code, packages = set(), set()
+    for spec_file in sorted(Path(runs_dir).rglob("spec.yaml")):
+        doc = RunDir(spec_file.parent).read_spec_doc()
+        code.add(str(doc.get("code_version", "unknown")))
+        packages.add(json.dumps(doc.get("packages") or {}, sort_keys=True))
+    return {"runs": int(final.shape[0]), "code_versions": sorted(code),
+            "packages": [json.loads(p) for p in sorted(packages)],
+            "engines": sorted(set(final["engine"])),
+            "states": {k: int(v) for k, v in sorted(final["state"].value_counts().items())}}
+
+
+def write_study_results(runs_dir: Path, out: Path, published=None):
+    """Every figure (PNG and PDF) and table of the study whose run dirs are under `runs_dir`,
+    written under `out`; returns the paths. `published`: reference.load()'s table."""
     out.mkdir(parents=True, exist_ok=True)
-    evals = table.load_runs(study_root, "eval")
+    evals = table.load_runs(runs_dir, "eval")
     if evals.empty:
-        raise FileNotFoundError(f"no run dir under {study_root}; run `bench run` first")
+        raise FileNotFoundError(f"no run dir under {runs_dir}; run `bench run` first")
     final = table.final_metrics(evals)
     if final.empty:
-        raise FileNotFoundError(f"no run under {study_root} has an evaluation yet; figures need "
+        raise FileNotFoundError(f"no run under {runs_dir} has an evaluation yet; figures need "
                                 f"at least one eval row (see `bench status`)")
-    pairs = table.paired(final)
+    pairs = table.paired(final, metrics=[c for c in final.columns if c.startswith(("bbox/", "segm/"))])
     written = []
-
-    fig = figures.ap_vs_iterations(evals)
-    fig.savefig(out / "ap_vs_iterations.png", dpi=130, metadata={"Software": None})
-    written.append(out / "ap_vs_iterations.png")
-    fig = figures.ap_vs_train_size(final)
-    fig.savefig(out / "ap_vs_train_size.png", dpi=130, metadata={"Software": None})
-    written.append(out / "ap_vs_train_size.png")
+    written += figures.save(figures.ap_vs_iterations(evals), out / "ap_vs_iterations")
+    written += figures.save(figures.ap_vs_train_size(final), out / "ap_vs_train_size")
+    written += figures.save(figures.final_ap_by_model(final), out / "final_ap_by_model")
 
     stats = [c for c in final.columns if "/" in c and c.split("/")[0] in ("bbox", "segm")]
     keep = [c for c in table.ID_COLUMNS if c != "pair"] + ["iteration"] + stats
     final[keep].to_csv(out / "final_ap.csv", index=False, float_format="%.3f")
     written.append(out / "final_ap.csv")
+    pairs_table(pairs).to_csv(out / "pairs.csv", index=False, float_format="%.3f")
+    written.append(out / "pairs.csv")
     (out / "final_ap.md").write_text(markdown_pairs(pairs))
     written.append(out / "final_ap.md")
-    versions = sorted(set(evals["code_version"]))
-    (out / "provenance.json").write_text(json.dumps(
-        {"runs": int(final.shape[0]), "code_versions": versions,
-         "states": final["state"].value_counts().to_dict()}, indent=1, sort_keys=True) + "\n")
+
+    compared = reference.beside(final, published if published is not None else reference.load())
+    stale = [out / f for f in ("vs_published.csv", "vs_published.md", "ours_vs_published.png",
+                               "ours_vs_published.pdf")]
+    for path in stale:  # a study that lost its published counterpart keeps no old comparison
+        path.unlink(missing_ok=True)
+    if not compared.empty:
+        compared.to_csv(out / "vs_published.csv", index=False, float_format="%.3f")
+        (out / "vs_published.md").write_text(markdown_published(compared))
+        written += [out / "vs_published.csv", out / "vs_published.md"]
+        written += figures.save(figures.ours_vs_published(compared), out / "ours_vs_published")
+    (out / "provenance.json").write_text(json.dumps(provenance(runs_dir, final), indent=1,
+                                                    sort_keys=True) + "\n")
     written.append(out / "provenance.json")
     return written
+
+
+def markdown_published(compared: pd.DataFrame) -> str:
+    lines = ["| run | init | iterations | metric | ours | published | ours − published | "
+             "state | source |", "|---|---|---|---|---|---|---|---|---|"]
+    for _, r in compared.iterrows():
+        lines.append(f"| {r['run_id']} | {r['init']} | {int(r['iterations'])} | {r['metric']} | "
+                     f"{_fmt(r['ours'])} | {_fmt(r['published'])} | "
+                     f"{_fmt(r['ours - published'])} | {r['state']} | {r['source']} |")
+    return "\n".join(lines) + "\n"

@@ -11,6 +11,9 @@ import pandas as pd
 
 from bench.rundir import RunDir  # the run-dir format; analysis never imports an engine
 
+# COCOeval's 12 stats in its order (the engines write them as bbox/AP .. segm/ARl)
+STAT_ORDER = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
+              "ARl"]
 ID_COLUMNS = ["run_id", "pair", "study", "engine", "arch", "backbone", "norm", "init", "schedule",
               "train_images", "images_used", "seed", "batch", "max_iter", "lr_drops", "state"]
 

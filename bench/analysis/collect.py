@@ -1,0 +1,35 @@
+"""The committed copy of a study's numbers: each run dir's spec.yaml, status.json and
+metrics.jsonl (a few kB per run) under results/<study>/runs/, so `make figures` redraws
+everything from git alone. Checkpoints, logs and TensorBoard files stay in the runs root."""
+
+import shutil
+from pathlib import Path
+
+FILES = ("spec.yaml", "status.json", "metrics.jsonl")
+
+
+def collect(study_runs: Path, dest: Path) -> int:
+    """Mirror the run dirs under `study_runs` into `dest` (runs gone from the source are
+    removed); returns the number of runs copied."""
+    study_runs, dest = Path(study_runs), Path(dest)
+    runs = sorted(p for p in study_runs.iterdir() if (p / "spec.yaml").is_file()) \
+        if study_runs.is_dir() else []
+    if not runs:
+        raise FileNotFoundError(f"no run dir under {study_runs}; run `bench run` first, or "
+                                f"pass --runs-root")
+    dest.mkdir(parents=True, exist_ok=True)
+    names = {p.name for p in runs}
+    for old in dest.iterdir():
+        if old.is_dir() and old.name not in names:
+            shutil.rmtree(old)
+    for run in runs:
+        (dest / run.name).mkdir(exist_ok=True)
+        for name in FILES:
+            src = run / name
+            if name == "metrics.jsonl" and src.is_file():
+                # a row being written when we copy is torn: keep whole lines only
+                text = src.read_text()
+                (dest / run.name / name).write_text(text[:text.rfind("\n") + 1])
+            elif src.is_file():
+                shutil.copyfile(src, dest / run.name / name)
+    return len(runs)
