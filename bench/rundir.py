@@ -49,14 +49,22 @@ def code_version() -> str:
         return "unknown"
 
 
-def package_versions() -> dict:
+def package_versions(engine: str = "torchvision") -> dict:
+    import importlib.metadata
+
     import numpy
     import torch
     import torchvision
     from bench import __version__
-    return {"bench": __version__, "python": platform.python_version(),
-            "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "numpy": str(numpy.__version__)}
+    out = {"bench": __version__, "python": platform.python_version(),
+           "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+           "numpy": str(numpy.__version__)}
+    if engine != "torchvision":  # the optional engine's own version (its metadata only)
+        try:
+            out[engine] = importlib.metadata.version(engine)
+        except importlib.metadata.PackageNotFoundError:
+            out[engine] = "not installed"
+    return out
 
 
 class RunBusy(RuntimeError):
@@ -78,7 +86,7 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         assert isinstance(spec, RunSpec)
         doc = {"run_id": spec.run_id, "identity": spec.identity(), "spec": spec.to_dict(),
-               "code_version": code_version(), "packages": package_versions()}
+               "code_version": code_version(), "packages": package_versions(spec.engine)}
         if self.spec_file.exists():
             old = self.read_spec()
             if old.identity() != spec.identity():

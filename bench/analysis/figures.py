@@ -43,9 +43,11 @@ def ap_vs_iterations(df: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt.Fi
                     # seeds are drawn as separate thin lines: spread is shown, never averaged away
                     for _, run in sub[(sub["schedule"] == sched) & (sub["init"] == init)].groupby("run_id"):
                         run = run.sort_values("iteration")
+                        other = run["engine"].iloc[0] != "torchvision"  # drawn thick, pale
                         ax.plot(run["iteration"], run["value"], linestyle=style["linestyle"],
                                 color=style["color"], marker=MARKERS[k % len(MARKERS)],
-                                markersize=3.5, markerfacecolor="white", linewidth=1.2)
+                                markersize=3.5, markerfacecolor="white",
+                                linewidth=2.6 if other else 1.2, alpha=0.55 if other else 1.0)
                         if run["state"].iloc[0] != "done":
                             ax.annotate(run["state"].iloc[0], (run["iteration"].iloc[-1],
                                                                run["value"].iloc[-1]), fontsize=7)
@@ -68,9 +70,13 @@ def ap_vs_iterations(df: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt.Fi
                 for k, s in enumerate(schedules)]
     handles.append(plt.Line2D([], [], color="black", marker="o", linestyle="none",
                               label="LR drops (filled, on the x axis)"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8,
-               frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    for engine in sorted(set(df["engine"]) - {"torchvision"}):
+        handles.append(plt.Line2D([], [], color="grey", linewidth=2.6, alpha=0.55,
+                                  label=f"{engine} engine (thick)"))
+    ncol = min(len(handles), 2 if len(sizes) == 1 else 3 * len(sizes))  # no wider than the panels
+    rows = -(-len(handles) // ncol)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.02 + 0.06 * rows / len(metrics), 1, 1))
     return fig
 
 
@@ -113,7 +119,8 @@ def ap_vs_train_size(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt
 
 def _model_label(r) -> str:
     arch = {"mask_rcnn": "Mask R-CNN", "faster_rcnn": "Faster R-CNN"}.get(r["arch"], r["arch"])
-    return f"{arch} {r['backbone']} {r['norm']}"
+    engine = f" ({r['engine']})" if r.get("engine", "torchvision") != "torchvision" else ""
+    return f"{arch} {r['backbone']} {r['norm']}{engine}"
 
 
 def _size_short(n) -> str:
@@ -125,9 +132,9 @@ def final_ap_by_model(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> pl
     size of the table: grouped bars (scratch hatched, pre-trained solid: distinct in greyscale),
     one panel per metric; several seeds show as their mean with min-max bars."""
     metrics = [m for m in metrics if m in final.columns]
-    keys = ["arch", "backbone", "norm", "schedule", "train_images", "max_iter"]
+    keys = ["engine", "arch", "backbone", "norm", "schedule", "train_images", "max_iter"]
     groups = final[keys].drop_duplicates().sort_values(
-        ["arch", "backbone", "norm", "train_images", "max_iter"],
+        ["arch", "backbone", "norm", "engine", "train_images", "max_iter"],
         key=lambda c: c.where(c != -1, float("inf")) if c.name == "train_images" else c)
     fig, axes = plt.subplots(1, len(metrics), squeeze=False,
                              figsize=(max(4.8, 1.1 * len(groups) + 1.5) * len(metrics) / 1.4, 3.8))

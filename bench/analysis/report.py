@@ -22,7 +22,8 @@ def markdown_pairs(pairs):
              "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in pairs.iterrows():
         n = "all" if r["train_images"] == -1 else str(int(r["train_images"]))
-        cells = [r["schedule"], str(int(r["max_iter"])), n]
+        engine = f" ({r['engine']})" if r.get("engine", "torchvision") != "torchvision" else ""
+        cells = [r["schedule"] + engine, str(int(r["max_iter"])), n]
         for m in ("bbox/AP", "segm/AP"):
             cells += [_fmt(r.get(f"{m} scratch", float("nan"))),
                       _fmt(r.get(f"{m} imagenet", float("nan"))),
@@ -37,7 +38,7 @@ def markdown_pairs(pairs):
 
 def pairs_table(pairs: pd.DataFrame) -> pd.DataFrame:
     """Every pair with all of its stats, scratch and pre-trained, and scratch - pre-trained."""
-    keep = ["arch", "backbone", "norm", "schedule", "max_iter", "train_images", "seed",
+    keep = ["engine", "arch", "backbone", "norm", "schedule", "max_iter", "train_images", "seed",
             "state scratch", "state imagenet"]
     stats = sorted({c.rsplit(" ", 1)[0] for c in pairs.columns if c.startswith(("bbox/", "segm/"))},
                    key=lambda m: (m.split("/")[0], STAT_ORDER.index(m.split("/")[1])

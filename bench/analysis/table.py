@@ -76,7 +76,8 @@ def final_metrics(df: pd.DataFrame) -> pd.DataFrame:
 
 def paired(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> pd.DataFrame:
     """Scratch vs imagenet side by side for every matched pair, with the difference."""
-    keys = ["pair", "arch", "backbone", "norm", "schedule", "train_images", "seed", "max_iter"]
+    keys = ["pair", "engine", "arch", "backbone", "norm", "schedule", "train_images", "seed",
+            "max_iter"]
     cols = [m for m in metrics if m in final.columns]
     s = final[final["init"] == "scratch"][keys + cols + ["state"]]
     p = final[final["init"] == "imagenet"][keys + cols + ["state"]]
@@ -84,5 +85,6 @@ def paired(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> pd.DataFrame:
     for m in cols:
         out[f"{m} scratch-imagenet"] = out[f"{m} scratch"] - out[f"{m} imagenet"]
     order = out["train_images"].where(out["train_images"] != -1, float("inf"))  # "all" last
-    return out.assign(_n=order).sort_values(["_n", "max_iter", "seed"]).drop(columns="_n") \
+    return out.assign(_n=order).sort_values(["_n", "max_iter", "engine", "seed"]) \
+        .drop(columns="_n") \
         .reset_index(drop=True)

@@ -92,6 +92,10 @@ class Evaluator(COCOEvaluator):
     engine's names (`bbox/AP` .. `segm/ARl`, percent; NaN where a size range has no ground
     truth, 0 when there is no detection), and how many detections it scored."""
 
+    def reset(self):
+        super().reset()
+        self.detections = 0  # also when the val set gives no prediction to score
+
     def _eval_predictions(self, predictions, img_ids=None):
         self.detections = sum(len(p.get("instances", [])) for p in predictions)
         return super()._eval_predictions(predictions, img_ids)
