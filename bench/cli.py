@@ -170,6 +170,13 @@ def cmd_speed(args):
     if args.only:
         specs = [s for s in specs if args.only in s.run_id]
     device = _device(args.device)
+    import importlib.util
+    has_d2 = importlib.util.find_spec("detectron2") is not None
+    if args.vs_detectron2 and not has_d2:
+        from bench import engines
+        engines.get("detectron2")  # one line on how to install it
+    # On a GPU the reference is timed whenever it is installed; on a CPU when asked
+    compare = has_d2 and (args.vs_detectron2 or device == "cuda")
     rows = []
     here = speed.device_name(torch.device(device))
     table = speed.read_table()
@@ -183,8 +190,32 @@ def cmd_speed(args):
             raise SystemExit(f"bench speed: {e}") from None
         if args.record:  # one at a time: a later model running out of memory loses nothing
             speed.record(rows[-1:])
+        twin = _detectron2_twin(s) if compare else None
+        if twin is not None:
+            rows.append(speed.measure(twin, device, warmup=args.warmup, iters=args.iters))
+            if args.record:
+                speed.record(rows[-1:])
+            ratio = float(rows[-1]["sec_per_iter"]) / float(rows[-2]["sec_per_iter"])
+            print(f"  detectron2 / torchvision s/iter: {ratio:.2f} (the same model, "
+                  f"{rows[-1]['device']})")
     if args.record:
         print(f"{len(rows)} rows appended to {speed.table_path()}")
+
+
+def _detectron2_twin(spec):
+    """`spec` run by the detectron2 engine, or None when detectron2 cannot build it."""
+    import dataclasses
+
+    from bench.engines.detectron2.config import Untranslatable, translate
+    if spec.engine != "torchvision":
+        return None
+    twin = dataclasses.replace(spec, engine="detectron2")
+    try:
+        translate(twin)
+    except Untranslatable as e:
+        print(f"  no detectron2 timing: {e}")
+        return None
+    return twin
 
 
 def _print_table(rows, cols):
@@ -497,6 +528,9 @@ def main(argv=None):
     p.add_argument("--record", action="store_true",
                    help="append the measurements to results/throughput.csv")
     p.add_argument("--force", action="store_true", help="measure models already in the table")
+    p.add_argument("--vs-detectron2", action="store_true",
+                   help="also time each model through detectron2 and print the ratio (done on "
+                        "a GPU whenever detectron2 is installed)")
     p.set_defaults(fn=cmd_speed)
 
     p = sub.add_parser("run", help="train and evaluate every run of a study")

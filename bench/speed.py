@@ -120,18 +120,10 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
 
 
-def measure(spec, device="cpu", warmup=5, iters=20, log=print) -> dict:
-    """Time `iters` train steps of `spec`'s model after `warmup` untimed ones."""
+def _torchvision_step(spec, device, per_gpu, batches):
+    """The torchvision engine's own train step (bench.engines.torchvision.train.Stepper)."""
     from bench.engines.torchvision.model import build_detector, use_input_sizes
     from bench.engines.torchvision.train import Stepper, build_optimizer
-    if spec.engine != "torchvision":
-        raise ValueError(f"bench speed measures the torchvision engine; {spec.run_id} asks for "
-                         f"engine {spec.engine}")
-    if spec.data.dataset not in DATASET_SHAPES:
-        raise ValueError(f"no synthetic image shape for dataset {spec.data.dataset!r}")
-    device = torch.device(device)
-    torch.manual_seed(0)
-    per_gpu = spec.solver.batch // spec.gpus
     model = build_detector(spec.model, num_classes=DATASET_SHAPES[spec.data.dataset][2],
                            data=spec.data).to(device).train()
     use_input_sizes(model, train=True)
@@ -139,19 +131,81 @@ def measure(spec, device="cpu", warmup=5, iters=20, log=print) -> dict:
     for group in optimizer.param_groups:
         group["lr"] = 1e-4  # timing only; keep the random model finite
     micro = spec.solver.micro_batch or per_gpu
-    step = Stepper(model, optimizer, micro, spec.solver.amp)  # the train loop's own step
+    step = Stepper(model, optimizer, micro, spec.solver.amp)
+
+    def run(i):
+        images, targets = batches[i % len(batches)]
+        step(images, targets, seeds=list(range(i, i + per_gpu // micro)))
+        step.apply()
+    return run, micro
+
+
+def _detectron2_step(spec, device, per_gpu, batches):
+    """detectron2's train step for the same spec: its model and optimizer, and what its
+    SimpleTrainer.run_step does (forward, summed losses, backward, SGD step). Its inputs are
+    resized here as its DatasetMapper would (shorter side drawn from the train sizes, BGR,
+    0-255), since data loading is left out of the timing for both engines."""
+    from detectron2.modeling import build_model
+    from detectron2.solver import build_optimizer
+    from detectron2.structures import BitMasks, Boxes, Instances
+    from detectron2.utils.events import EventStorage
+
+    from bench.engines.detectron2.train import detectron2_cfg
+    if spec.solver.amp != "off":
+        raise ValueError(f"{spec.run_id}: bench speed times detectron2 without AMP only")
+    cfg = detectron2_cfg(spec, num_classes=DATASET_SHAPES[spec.data.dataset][2],
+                         device=str(device))
+    model = build_model(cfg).train()
+    optimizer = build_optimizer(cfg, model)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-4
+    d = spec.data
+    sizes = d.train_min_size if isinstance(d.train_min_size, tuple) else (d.train_min_size,)
+    g = torch.Generator().manual_seed(1)
+
+    def resized(img, target):
+        h, w = img.shape[1:]
+        short = sizes[int(torch.randint(len(sizes), (1,), generator=g))]
+        scale = min(short / min(h, w), d.train_max_size / max(h, w))
+        nh, nw = round(h * scale), round(w * scale)
+        image = torch.nn.functional.interpolate(img[None].flip(1) * 255, (nh, nw),
+                                                mode="bilinear", align_corners=False)[0]
+        masks = torch.nn.functional.interpolate(target["masks"][None].float(), (nh, nw))[0]
+        inst = Instances((nh, nw), gt_boxes=Boxes(target["boxes"] * scale),
+                         gt_classes=target["labels"] - 1, gt_masks=BitMasks(masks > 0))
+        return {"image": image, "instances": inst, "height": h, "width": w}
+
+    inputs = [[resized(i, t) for i, t in zip(*batch)] for batch in batches]
+
+    def run(i):
+        with EventStorage(i):  # detectron2's models log into the trainer's storage
+            losses = sum(model(inputs[i % len(inputs)]).values())
+        optimizer.zero_grad()
+        losses.backward()
+        optimizer.step()
+    return run, per_gpu
+
+
+def measure(spec, device="cpu", warmup=5, iters=20, log=print) -> dict:
+    """Time `iters` train steps of `spec`'s model, with its engine's own step, after
+    `warmup` untimed ones."""
+    if spec.data.dataset not in DATASET_SHAPES:
+        raise ValueError(f"no synthetic image shape for dataset {spec.data.dataset!r}")
+    device = torch.device(device)
+    torch.manual_seed(0)
+    per_gpu = spec.solver.batch // spec.gpus
     g = torch.Generator().manual_seed(0)
     batches = [_synthetic_batch(spec, per_gpu, g, device) for _ in range(4)]
+    build = {"torchvision": _torchvision_step, "detectron2": _detectron2_step}[spec.engine]
+    step, micro = build(spec, device, per_gpu, batches)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for i in range(warmup + iters):
-        images, targets = batches[i % len(batches)]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        step(images, targets, seeds=list(range(i, i + per_gpu // micro)))
-        step.apply()
+        step(i)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= warmup:
@@ -172,7 +226,8 @@ def measure(spec, device="cpu", warmup=5, iters=20, log=print) -> dict:
            "commit": code_version(), "date": time.strftime("%Y-%m-%d")}
     passes = f" ({per_gpu // micro} passes of {micro})" if micro != per_gpu else ""
     amp = f" {spec.solver.amp}" if spec.solver.amp != "off" else ""
-    log(f"{row['arch']} {row['backbone']} {row['norm']} {row['input']} x{per_gpu}/GPU{passes}{amp} on "
+    log(f"{row['engine']}: {row['arch']} {row['backbone']} {row['norm']} {row['input']} "
+        f"x{per_gpu}/GPU{passes}{amp} on "
         f"{row['device']}: {sec:.3f} s/iter ({row['images_per_sec']} img/s), "
         f"peak {'GPU memory' if device.type == 'cuda' else 'process RSS'} {row['max_mem_gb']} GB")
     return row

@@ -6,6 +6,7 @@ importable and skips with that reason when it is not."""
 import dataclasses
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -257,3 +258,27 @@ def test_a_shorter_detectron2_schedule_forks_from_the_longer_run(tmp_path):
     mine, theirs = child.read_spec().solver, parent.read_spec().solver
     assert schedule.lr_factor(mine, 39) < schedule.lr_factor(theirs, 39)
     assert rows[2]["lr"] == pytest.approx(mine.lr * schedule.lr_factor(mine, 39))
+
+
+def _speed(tmp_path, *extra):
+    path = write_recipe(tmp_path, D2_STUDY.format(study="d2speed", engine="torchvision"))
+    return subprocess.run([sys.executable, "-m", "bench.cli", "speed", str(path), "--only",
+                           "scratch", "--device", "cpu", "--iters", "1", "--warmup", "0",
+                           *extra], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "BENCH_THROUGHPUT": str(tmp_path / "t.csv")})
+
+
+@needs_d2
+def test_bench_speed_times_the_same_model_through_detectron2_and_prints_the_ratio(tmp_path):
+    out = _speed(tmp_path, "--vs-detectron2", "--record")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "detectron2 / torchvision s/iter:" in out.stdout
+    rows = (tmp_path / "t.csv").read_text().splitlines()[1:]
+    assert sorted(r.split(",")[2] for r in rows) == ["detectron2", "torchvision"]
+
+
+@pytest.mark.skipif(HAS_D2, reason="detectron2 is installed here")
+def test_bench_speed_vs_detectron2_without_it_is_one_line(tmp_path):
+    out = _speed(tmp_path, "--vs-detectron2")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "engine detectron2 needs detectron2" in out.stderr

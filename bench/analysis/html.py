@@ -32,6 +32,8 @@ def _table(csv: Path, columns=None) -> str:
     df = pd.read_csv(csv)
     if columns:
         df = df[[c for c in columns if c in df.columns]]
+    if "train_images" in df.columns:  # -1 is how the tidy table spells "the whole set"
+        df["train_images"] = df["train_images"].map(lambda n: "all" if n == -1 else str(n))
     return df.to_html(index=False, na_rep="-", float_format=lambda v: f"{v:.1f}", border=0)
 
 
