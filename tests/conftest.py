@@ -70,3 +70,21 @@ def write_recipe(tmp_path, text, name="study.yaml"):
     path = tmp_path / name
     path.write_text(text)
     return path
+
+
+def make_coco_layout(dest):
+    """A COCO 2017 layout (train2017/, val2017/, annotations/instances_*2017.json) holding
+    the embedded shapes-tiny dataset: the COCO code path on data the suite generates."""
+    import shutil
+
+    from bench.data import registry, synthetic
+    src = synthetic.ensure(registry.EMBEDDED["shapes-tiny"])
+    root = Path(dest) / "coco"
+    (root / "annotations").mkdir(parents=True)
+    shutil.copy(src / "annotations/instances_train.json",
+                root / "annotations/instances_train2017.json")
+    shutil.copy(src / "annotations/instances_val.json",
+                root / "annotations/instances_val2017.json")
+    (root / "train2017").symlink_to(src / "train")
+    (root / "val2017").symlink_to(src / "val")
+    return root

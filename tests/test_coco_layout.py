@@ -4,14 +4,12 @@ drawn by `bench subsets`, and runs that refuse to start when a subset or the ann
 file does not match what was recorded."""
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from bench.data import registry, synthetic
-from conftest import REPO, nine_iteration_pair
+from conftest import REPO, make_coco_layout, nine_iteration_pair
 
 RECIPE = nine_iteration_pair("coco-subsets", "  data: {dataset: coco, train_images: 16}")
 
@@ -23,14 +21,7 @@ def _bench(*args):
 
 @pytest.fixture
 def coco_root(tmp_path):
-    src = synthetic.ensure(registry.EMBEDDED["shapes-tiny"])
-    root = tmp_path / "coco"
-    (root / "annotations").mkdir(parents=True)
-    shutil.copy(src / "annotations/instances_train.json", root / "annotations/instances_train2017.json")
-    shutil.copy(src / "annotations/instances_val.json", root / "annotations/instances_val2017.json")
-    (root / "train2017").symlink_to(src / "train")
-    (root / "val2017").symlink_to(src / "val")
-    return root
+    return make_coco_layout(tmp_path)
 
 
 def test_subsets_cli_then_a_run_on_a_subset_then_refusal_when_the_annotations_change(

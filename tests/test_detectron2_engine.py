@@ -18,7 +18,7 @@ from bench.backbones import build_backbone
 from bench.engines.detectron2.weights import to_detectron2
 from bench.rundir import RunDir
 from bench.spec import SpecError
-from conftest import REPO, write_recipe
+from conftest import REPO, make_coco_layout, write_recipe
 
 HAS_D2 = importlib.util.find_spec("detectron2") is not None
 needs_d2 = pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed (an optional "
@@ -282,3 +282,19 @@ def test_bench_speed_vs_detectron2_without_it_is_one_line(tmp_path):
     out = _speed(tmp_path, "--vs-detectron2")
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "engine detectron2 needs detectron2" in out.stderr
+
+
+@needs_d2
+def test_a_detectron2_run_trains_on_a_nested_subset_of_a_coco_layout_dataset(tmp_path):
+    root = make_coco_layout(tmp_path)
+    path = write_recipe(tmp_path, D2_STUDY.format(study="d2coco", engine="detectron2"))
+    out = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(path), "--only",
+                          "scratch", "--device", "cpu", "--coco", str(root),
+                          "--set", "data.dataset=coco", "--set", "data.train_images=16",
+                          "--set", "vary.schedule=[20iter]", "--runs-root",
+                          str(tmp_path / "runs")], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rd = RunDir(next((tmp_path / "runs" / "d2coco").iterdir()))
+    status = rd.read_status()
+    assert status["state"] == "done" and status["train_images_used"] == 16
+    assert rd.read_metrics()[-1]["type"] == "eval"

@@ -69,10 +69,12 @@ def test_rerun_skips_finished_runs(finished_study):
 
 def test_figures_and_tables_are_written_from_run_dirs(finished_study, tmp_path):
     _, runs, _ = finished_study
-    out_dir = tmp_path / "results"
-    bench("figures", "--study", "tiny", "--out", out_dir, runs=runs)
+    results = tmp_path / "results"
+    bench("figures", "--collect", "--study", "tiny", "--results", results, runs=runs)
+    out_dir = results / "tiny"
     for name in ("ap_vs_iterations.png", "ap_vs_train_size.png", "final_ap.csv", "final_ap.md"):
         assert (out_dir / name).stat().st_size > 0
+    assert len(list((out_dir / "runs").iterdir())) == 8 and (results / "index.html").is_file()
     md = (out_dir / "final_ap.md").read_text()
     assert md.count("\n") == 2 + 4  # header + one row per pair
     assert md.count("| done |") == 4

@@ -59,7 +59,7 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def detectron2_cfg(spec, num_classes=80, train_dataset="", test_dataset="", weights="",
-                   device="cpu", workers=0):
+                   device="cpu", workers=0, mask_format=None):
     """detectron2's CfgNode for `spec`: its defaults with our translation merged in (which
     raises on any key detectron2 does not have)."""
     cfg = get_cfg()
@@ -72,6 +72,8 @@ def detectron2_cfg(spec, num_classes=80, train_dataset="", test_dataset="", weig
     cfg.merge_from_list(opts)
     cfg.MODEL.DEVICE = device
     cfg.DATALOADER.NUM_WORKERS = workers
+    if mask_format:
+        cfg.INPUT.MASK_FORMAT = mask_format
     cfg.freeze()
     return cfg
 
@@ -210,7 +212,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     try:
         cfg = detectron2_cfg(spec, num_classes, train_name, val_name,
                              weights=spec.pretrained if spec.init == "imagenet" else "",
-                             device=str(device), workers=workers)
+                             device=str(device), workers=workers,
+                             mask_format=_mask_format(train_dicts))
     except Untranslatable as e:
         raise ValueError(f"{spec.run_id}: {e}") from None
 
@@ -318,6 +321,17 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
                         finished=time.time(), train_seconds=spent())
     distributed.barrier(world)
     return rd
+
+
+def _mask_format(dicts):
+    """detectron2's INPUT.MASK_FORMAT for these annotations: "bitmask" when the masks are
+    RLE (the embedded datasets, a COCO-layout copy of them), else the translation's choice
+    (COCO's own masks are polygons; its RLE ones are crowds, which training skips)."""
+    for d in dicts:
+        for ann in d.get("annotations", []):
+            if not ann.get("iscrowd", 0) and "segmentation" in ann:
+                return "bitmask" if isinstance(ann["segmentation"], dict) else None
+    return None
 
 
 def _load_backbone(model, spec, log):
