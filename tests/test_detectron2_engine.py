@@ -287,6 +287,10 @@ def test_bench_speed_vs_detectron2_without_it_is_one_line(tmp_path):
 @needs_d2
 def test_a_detectron2_run_trains_on_a_nested_subset_of_a_coco_layout_dataset(tmp_path):
     root = make_coco_layout(tmp_path)
+    subsets = subprocess.run([sys.executable, "-m", "bench.cli", "subsets", "--annotations",
+                              str(root / "annotations/instances_train2017.json"), "--sizes",
+                              "16"], capture_output=True, text=True, timeout=300)
+    assert subsets.returncode == 0, subsets.stderr
     path = write_recipe(tmp_path, D2_STUDY.format(study="d2coco", engine="detectron2"))
     out = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(path), "--only",
                           "scratch", "--device", "cpu", "--coco", str(root),
