@@ -153,6 +153,16 @@ def test_our_final_ap_is_set_beside_the_papers_number_for_the_same_run(tmp_path)
     assert box.loc["scratch", "ours - published"] == -0.5
     assert box.loc["imagenet", "state"] == "running"  # an unfinished run is labelled
     assert (out / "ours_vs_published.png").is_file() and (out / "ours_vs_published.pdf").is_file()
+    # the pre-trained side differs in its fine-tuning conventions (here the pixel std of
+    # Detectron's Caffe2 checkpoint): still one pair
+    assert scratch.model != imagenet.model
+    pt = pd.read_csv(out / "pairs.csv")
+    assert len(pt) == 1 and pt["bbox/AP scratch-imagenet"].item() == -2.0
+    # a number the paper prints twice (Table 1's 6x in Table 2) is one row with both sources
+    published = reference.load(REPO / "results" / "reference")
+    keys = ["study", "init", "iterations", "metric", "published"]
+    assert not published.duplicated(keys).any()
+    assert published["source"].str.contains("; ").any()
 
 
 def test_collect_copies_whole_rows_and_drops_runs_that_are_gone(tmp_path):

@@ -302,3 +302,17 @@ def test_a_detectron2_run_trains_on_a_nested_subset_of_a_coco_layout_dataset(tmp
     status = rd.read_status()
     assert status["state"] == "done" and status["train_images_used"] == 16
     assert rd.read_metrics()[-1]["type"] == "eval"
+
+
+@needs_d2
+def test_a_detectron2_run_with_loader_workers_ends_when_it_is_done(tmp_path):
+    # its loader never runs out and its workers ignore SIGTERM (a Slurm stop must not kill
+    # them): the engine must end them itself, or the process never exits
+    text = D2_STUDY.format(study="d2workers", engine="detectron2").replace(
+        "schedule: [40iter]", "schedule: [20iter]")
+    out = subprocess.run([sys.executable, "-m", "bench.cli", "run",
+                          str(write_recipe(tmp_path, text)), "--only", "scratch", "--workers",
+                          "2", "--device", "cpu", "--runs-root", str(tmp_path / "runs")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "done 1," in out.stdout

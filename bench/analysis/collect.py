@@ -32,4 +32,6 @@ def collect(study_runs: Path, dest: Path) -> int:
                 (dest / run.name / name).write_text(text[:text.rfind("\n") + 1])
             elif src.is_file():
                 shutil.copyfile(src, dest / run.name / name)
+            else:  # gone from the run dir (a reset run): no stale copy either
+                (dest / run.name / name).unlink(missing_ok=True)
     return len(runs)

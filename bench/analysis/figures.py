@@ -4,6 +4,8 @@ One style for all: scratch solid, pre-trained dashed (readable in greyscale), on
 per schedule, LR drops marked on each curve.
 """
 
+import itertools
+
 import matplotlib
 import matplotlib.ticker
 
@@ -89,16 +91,22 @@ def ap_vs_train_size(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt
     for col, metric in enumerate(metrics):
         ax = axes[0][col]
         for k, sched in enumerate(schedules):
-            for init, style in INIT_STYLE.items():
-                sub = final[(final["schedule"] == sched) & (final["init"] == init)].copy()
+            for (init, style), engine in itertools.product(INIT_STYLE.items(),
+                                                           sorted(set(final["engine"]))):
+                # engines are separate series (never averaged into one "seed spread")
+                sub = final[(final["schedule"] == sched) & (final["init"] == init)
+                            & (final["engine"] == engine)].copy()
                 if sub.empty:
                     continue
+                other = engine != "torchvision"  # drawn thick and pale, as in the curves
                 # the number of images a run really trained on ("all" included)
                 g = sub.groupby("images_used")[metric].agg(["mean", "min", "max"]).reset_index()
-                ax.errorbar(g["images_used"], g["mean"], yerr=[g["mean"] - g["min"], g["max"] - g["mean"]],
+                ax.errorbar(g["images_used"], g["mean"],
+                            yerr=[g["mean"] - g["min"], g["max"] - g["mean"]],
                             linestyle=style["linestyle"], color=style["color"],
                             marker=MARKERS[k % len(MARKERS)], markersize=4, capsize=2,
-                            markerfacecolor="white", linewidth=1.2)
+                            markerfacecolor="white", linewidth=2.6 if other else 1.2,
+                            alpha=0.55 if other else 1.0)
         ax.set_xscale("log")
         sizes = sorted(final["images_used"].unique())
         ax.set_xticks(sizes, [f"{int(n):,}" for n in sizes])
@@ -110,6 +118,9 @@ def ap_vs_train_size(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt
     handles += [plt.Line2D([], [], color="grey", marker=MARKERS[k % len(MARKERS)],
                            markerfacecolor="white", linestyle="none", label=f"schedule {s}")
                 for k, s in enumerate(schedules)]
+    handles += [plt.Line2D([], [], color="grey", linewidth=2.6, alpha=0.55,
+                           label=f"{engine} engine (thick)")
+                for engine in sorted(set(final["engine"]) - {"torchvision"})]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8,
                frameon=False)
     fig.tight_layout(rect=(0, 0.14, 1, 1))

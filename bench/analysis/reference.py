@@ -60,7 +60,10 @@ def load(root: Path = REFERENCE) -> pd.DataFrame:
                 "source": "detectron2 model zoo, " + z["config"].astype(str)}))
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
-    return pd.concat(frames, ignore_index=True)[COLUMNS]
+    out = pd.concat(frames, ignore_index=True)[COLUMNS]
+    # one number printed in two places (Table 1's 6x is Table 2's row): one row, both sources
+    keys = ["study", "init", "iterations", "metric", "published"]
+    return out.groupby(keys, sort=False, as_index=False).agg({"source": "; ".join})[COLUMNS]
 
 
 def beside(final: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.recipe import PER_INIT_FIELDS
 from bench.rundir import RunDir  # the run-dir format; analysis never imports an engine
 
 # COCOeval's 12 stats in its order (the engines write them as bbox/AP .. segm/ARl)
@@ -23,8 +24,11 @@ def run_info(rd: RunDir) -> dict:
     spec = doc["spec"]
     status = rd.read_status()
     m, s, d = spec["model"], spec["solver"], spec["data"]
-    # what a pair shares: the spec without its init, its checkpoint and its labels
+    # what a pair shares: the spec without its init, its checkpoint, its labels and the
+    # fine-tuning conventions a recipe may set per side (recipe.PER_INIT_FIELDS)
     shared = {k: v for k, v in spec.items() if k not in ("init", "pretrained", "name", "study")}
+    shared["model"] = {k: v for k, v in m.items()
+                       if f"model.{k}" not in PER_INIT_FIELDS}
     return {"run_id": doc["run_id"], "study": spec["study"], "engine": spec["engine"],
             "pair": json.dumps(shared, sort_keys=True),
             "arch": m["arch"], "backbone": f"{m['backbone']}{m['depth']}", "norm": m["norm"],

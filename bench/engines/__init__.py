@@ -21,19 +21,18 @@ def get(name: str):
     try:
         return importlib.import_module(ENGINES[name])
     except ImportError as e:
-        if name == "detectron2" and e.name == ENGINES[name]:
-            raise EngineUnavailable(
-                "engine detectron2: the suite translates runs into detectron2 configs "
-                "(bench/engines/detectron2/config.py) but does not train with detectron2 yet; "
-                "use engine: torchvision") from e
-        if name == "detectron2":
+        missing = (e.name or "").split(".")[0]
+        if name == "detectron2" and missing == "detectron2":
             raise EngineUnavailable(
                 "engine detectron2 needs detectron2, which has no PyPI package: build it from "
                 "source as its INSTALL.md says (pip install --no-build-isolation "
                 "'git+https://github.com/facebookresearch/detectron2.git'), or use "
                 "engine: torchvision, which needs nothing more") from e
+        if name == "detectron2" and missing:
+            raise EngineUnavailable(
+                f"engine detectron2: detectron2 is installed but {missing!r} (which it or the "
+                f"engine imports) is not; pip install {missing} into this environment") from e
         raise
-
 
 def recording_failure(train):
     """An engine's run(): its train() that records a failure in status.json before re-raising."""

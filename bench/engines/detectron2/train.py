@@ -78,6 +78,22 @@ def detectron2_cfg(spec, num_classes=80, train_dataset="", test_dataset="", weig
     return cfg
 
 
+class WorkerSafeMapper:
+    """detectron2's DatasetMapper, made to ignore SIGTERM in a loader worker process (as the
+    torchvision engine's loader workers do, bench.interrupt.loader_worker_init): detectron2
+    sets its own worker init function, and a Slurm SIGTERM reaches every process of a job,
+    so a worker killed by it would fail the run instead of letting it stop cleanly."""
+
+    def __init__(self, mapper):
+        self.mapper, self.guarded = mapper, False
+
+    def __call__(self, dataset_dict):
+        if not self.guarded and torch.utils.data.get_worker_info() is not None:
+            interrupt.loader_worker_init(None)
+            self.guarded = True  # per worker: each holds its own copy of this object
+        return self.mapper(dataset_dict)
+
+
 class SkipAhead(torch.utils.data.Sampler):
     """A sampler's stream after its first `skip` indices: a resumed run goes on with the
     images it has not seen yet instead of the start of the stream again."""
@@ -253,8 +269,9 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     per_gpu = solver.batch // world.size
     sampler = SkipAhead(TrainingSampler(len(train_dicts), shuffle=True, seed=spec.seed),
                         start * per_gpu)
-    loader = build_detection_train_loader(cfg, dataset=train_dicts, sampler=sampler,
-                                          mapper=DatasetMapper(cfg, is_train=True))
+    loader = build_detection_train_loader(
+        cfg, dataset=train_dicts, sampler=sampler,
+        mapper=WorkerSafeMapper(DatasetMapper(cfg, is_train=True)))
     if solver.amp != "off":
         dtype = torch.bfloat16 if solver.amp == "bf16" else torch.float16
         trainer = AMPTrainer(model, loader, optimizer, precision=dtype,
@@ -265,12 +282,16 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     else:
         trainer = SimpleTrainer(model, loader, optimizer)
 
-    test_loader = build_detection_test_loader(cfg, val_name)
+    test_loader = build_detection_test_loader(
+        cfg, val_name, mapper=WorkerSafeMapper(DatasetMapper(cfg, is_train=False)))
     evaluator = Evaluator(val_name, tasks=("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",),
                           distributed=world.size > 1, output_dir=None)
 
     def evaluate():
         t0 = time.time()
+        # plain BN's running statistics drift apart per process (buffers are not broadcast
+        # while training): evaluate everywhere with rank 0's, the saved ones
+        distributed.broadcast_buffers(net, world)
         results = inference_on_dataset(model, test_loader, evaluator)
         if not world.main:
             return None
@@ -316,11 +337,22 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
                             f"the data") from None
     finally:
         log_row.close()
+        _close_loader(trainer)
     if world.main:
         rd.write_status("done", iteration=solver.max_iter, max_iter=solver.max_iter,
                         finished=time.time(), train_seconds=spent())
     distributed.barrier(world)
     return rd
+
+
+def _close_loader(trainer):
+    """End the train loader's worker processes now. detectron2's loader never runs out, so
+    they are still prefetching when training ends; they ignore SIGTERM (WorkerSafeMapper), the
+    signal Python's exit would end them with, so the process would wait for them forever."""
+    it = getattr(trainer, "_data_loader_iter_obj", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    trainer._data_loader_iter_obj = None
 
 
 def _mask_format(dicts):
