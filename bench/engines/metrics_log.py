@@ -1,6 +1,8 @@
-"""metrics.jsonl and TensorBoard, written alike by every engine (rank 0 only)."""
+"""What a training session writes besides checkpoints, alike in every engine (rank 0 only):
+metrics.jsonl, TensorBoard, and the running status with the time spent."""
 
 import math
+import time
 
 from torch.utils.tensorboard import SummaryWriter
 
@@ -28,3 +30,20 @@ class MetricsLog:
     def close(self):
         if self.board is not None:
             self.board.close()
+
+
+def open_session(rd, start: int, max_iter: int, train_images: int, main: bool = True):
+    """Start a training session of run dir `rd` at iteration `start`: metrics rows past the
+    checkpoint dropped, status "running". Returns (MetricsLog, spent): spent() is the
+    wall-clock seconds of every session of the run so far, work a crash threw away included
+    (what `bench status` counts as GPU-hours)."""
+    spent_before, session_start = rd.read_status().get("train_seconds", 0.0), time.time()
+
+    def spent():
+        return spent_before + time.time() - session_start
+
+    if main:
+        rd.truncate_metrics(start)
+        rd.write_status("running", iteration=start, max_iter=max_iter, started=time.time(),
+                        train_images_used=train_images, train_seconds=spent())
+    return MetricsLog(rd, start, main), spent

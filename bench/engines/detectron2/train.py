@@ -39,7 +39,7 @@ from bench import checkpoint, distributed, engines, fork, interrupt
 from bench.engines.detectron2 import data as d2data
 from bench.engines.detectron2.config import Untranslatable, flatten, translate
 from bench.engines.detectron2.weights import to_detectron2
-from bench.engines.metrics_log import MetricsLog
+from bench.engines.metrics_log import open_session
 from bench.engines.torchvision.evaluate import STAT_NAMES
 from bench.engines.torchvision.weights import load_imagenet_backbone
 from bench.rundir import RunDir
@@ -314,17 +314,7 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
             "run_id": spec.run_id}, keep=spec.checkpoint.keep, protect=fork_points)
     save.fork_points = fork_points
 
-    spent_before, session_start = rd.read_status().get("train_seconds", 0.0), time.time()
-
-    def spent():
-        return spent_before + time.time() - session_start
-
-    if world.main:
-        rd.truncate_metrics(start)
-        rd.write_status("running", iteration=start, max_iter=solver.max_iter,
-                        started=time.time(), train_images_used=len(train_dicts),
-                        train_seconds=spent())
-    log_row = MetricsLog(rd, start, world.main)
+    log_row, spent = open_session(rd, start, solver.max_iter, len(train_dicts), world.main)
     hook = RunDirHook(spec, rd, world, device, evaluate, save, log_row, spent, log, window)
     trainer.register_hooks([hooks.LRScheduler(optimizer=optimizer, scheduler=scheduler), hook])
     try:

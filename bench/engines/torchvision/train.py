@@ -25,7 +25,7 @@ from bench import checkpoint, distributed, engines, fork, interrupt, schedule
 from bench.data import registry
 from bench.data.coco import CocoDetection, load_coco
 from bench.data.sampler import PositionSampler, TrainStream, collate
-from bench.engines.metrics_log import MetricsLog
+from bench.engines.metrics_log import open_session
 from bench.engines.torchvision.evaluate import evaluate
 from bench.engines.torchvision.model import build_detector, load_backbone_weights, use_input_sizes
 from bench.engines.torchvision.weights import load_imagenet_backbone
@@ -201,19 +201,7 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
             rd.write_status("done", iteration=start, max_iter=solver.max_iter)
         return rd
 
-    # Wall-clock time of every session of this run (work a crash threw away included): what
-    # `bench status` counts as GPU-hours spent.
-    spent_before, session_start = rd.read_status().get("train_seconds", 0.0), time.time()
-
-    def spent():
-        return spent_before + time.time() - session_start
-
-    if world.main:
-        rd.truncate_metrics(start)
-        rd.write_status("running", iteration=start, max_iter=solver.max_iter,
-                        started=time.time(), train_images_used=len(train_set),
-                        train_seconds=spent())
-    log_row = MetricsLog(rd, start, world.main)
+    log_row, spent = open_session(rd, start, solver.max_iter, len(train_set), world.main)
     stream = TrainStream(train_set, seed=spec.seed, hflip=spec.data.hflip,
                          group=micro if spec.data.aspect_grouping else 0)
     # The loader gets its own generator: creating its iterator would otherwise draw a seed
