@@ -48,6 +48,20 @@ def init(device_type: str) -> World:
     return world
 
 
+def join_run(spec, device: str):
+    """(World, torch.device) of this process of run `spec`: its process group joined, its
+    GPU picked by local rank; one line when the launch does not match the run's gpus."""
+    device = torch.device(device)
+    world = init(device.type)
+    if world.size != spec.gpus:
+        raise ValueError(f"{spec.run_id} asks for gpus={spec.gpus} but runs in {world.size} "
+                         f"process(es); start it with `bench run` (one process per GPU) or "
+                         f"torchrun --nproc-per-node={spec.gpus}")
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    return world, device
+
+
 def shutdown():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

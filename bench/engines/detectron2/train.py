@@ -201,17 +201,10 @@ class RunDirHook(HookBase):
 
 def train(spec, run_dir, device="cpu", workers=0, log=print):
     """Train `spec` into `run_dir` with detectron2, resuming from its newest checkpoint."""
-    device = torch.device(device)
-    world = distributed.init(device.type)
-    if world.size != spec.gpus:
-        raise ValueError(f"{spec.run_id} asks for gpus={spec.gpus} but runs in {world.size} "
-                         f"process(es); start it with `bench run` (one process per GPU) or "
-                         f"torchrun --nproc-per-node={spec.gpus}")
+    world, device = distributed.join_run(spec, device)
     if world.size > 1 and comm._LOCAL_PROCESS_GROUP is None:
         # what detectron2's own launch() sets up: its per-machine group
         comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", world.size)))
-    if device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
     if spec.solver.amp != "off" and device.type != "cuda":
         raise ValueError(f"solver.amp={spec.solver.amp}: detectron2's AMPTrainer needs a GPU; "
                          f"set solver.amp: off to train on the CPU")

@@ -130,14 +130,7 @@ class Stepper:
 
 def train(spec, run_dir, device="cpu", workers=0, log=print):
     """Train `spec` into `run_dir`, resuming from its newest checkpoint if any."""
-    device = torch.device(device)
-    world = distributed.init(device.type)
-    if world.size != spec.gpus:
-        raise ValueError(f"{spec.run_id} asks for gpus={spec.gpus} but runs in {world.size} "
-                         f"process(es); start it with `bench run` (one process per GPU) or "
-                         f"torchrun --nproc-per-node={spec.gpus}")
-    if device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
+    world, device = distributed.join_run(spec, device)
     if not world.main:
         log = lambda msg: None  # noqa: E731 - rank 0 speaks for the run
     rd = RunDir(run_dir)
