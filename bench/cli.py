@@ -345,7 +345,7 @@ def _preflight(studies, specs, root, slots=None, device="cpu", nodes=None):
     """Fail in seconds, before any training, on what would fail hours later."""
     from bench.data import registry, subsets
     from bench.engines.torchvision.model import build_detector, load_backbone_weights
-    from bench.engines.torchvision.weights import load_imagenet_backbone
+    from bench.imagenet import load_imagenet_backbone
     from bench.paths import resolve_cache_path
     from bench.runner import is_done, run_dir_for
     study_of = {s.run_id: study for study in studies for s in study.runs}

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from bench.backbones import ResNet, build_backbone
-from bench.engines.torchvision.caffe2 import NotACaffe2Checkpoint
+from bench.caffe2 import NotACaffe2Checkpoint
 from bench.engines.torchvision.model import build_detector, load_backbone_weights
-from bench.engines.torchvision.weights import load_imagenet_backbone
+from bench.imagenet import load_imagenet_backbone
 from bench.norms import norm_layer
 from bench.spec import DataSpec, ModelSpec
 

@@ -8,7 +8,7 @@ from torch import nn
 from bench import recipe
 from bench.backbones import build_backbone
 from bench.engines.torchvision.model import build_detector, load_backbone_weights
-from bench.engines.torchvision.weights import load_imagenet_backbone
+from bench.imagenet import load_imagenet_backbone
 from bench.norms import frozen_norms
 from bench.pretrain import Classifier
 from bench.spec import replace

@@ -41,7 +41,7 @@ from bench.engines.detectron2.config import Untranslatable, flatten, translate
 from bench.engines.detectron2.weights import to_detectron2
 from bench.engines.metrics_log import open_session
 from bench.engines.torchvision.evaluate import STAT_NAMES
-from bench.engines.torchvision.weights import load_imagenet_backbone
+from bench.imagenet import load_imagenet_backbone
 from bench.rundir import RunDir
 
 LOG_PERIOD = 20

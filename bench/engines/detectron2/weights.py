@@ -1,10 +1,10 @@
 """Our ResNet checkpoints (torchvision's layout) under detectron2's ResNet names.
 
 Every ImageNet initialization the suite reads (`bench pretrain` checkpoints, torchvision's
-weights, Detectron's Caffe2 `.pkl`) comes out of bench.engines.torchvision.weights in
-torchvision's layout with an RGB first conv; this renames it for detectron2's
-`backbone.bottom_up` and turns the first conv to BGR, the order detectron2 feeds
-(INPUT.FORMAT BGR). Pure tensors: tested without detectron2.
+weights, Detectron's Caffe2 `.pkl`) comes out of bench.imagenet in torchvision's layout
+with an RGB first conv; this renames it for detectron2's `backbone.bottom_up` and turns
+the first conv to BGR, the order detectron2 feeds (INPUT.FORMAT BGR).
+Pure tensors: tested without detectron2.
 """
 
 import re

@@ -28,7 +28,7 @@ from bench.data.sampler import PositionSampler, TrainStream, collate
 from bench.engines.metrics_log import open_session
 from bench.engines.torchvision.evaluate import evaluate
 from bench.engines.torchvision.model import build_detector, load_backbone_weights, use_input_sizes
-from bench.engines.torchvision.weights import load_imagenet_backbone
+from bench.imagenet import load_imagenet_backbone
 from bench.norms import is_norm
 from bench.rundir import RunDir
 

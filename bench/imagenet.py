@@ -1,9 +1,11 @@
-"""ImageNet (or stand-in) initializations for the backbone.
+"""ImageNet (or stand-in) initializations for the backbone, for every engine.
 
-Accepted: a checkpoint written by `bench pretrain` ({"backbone": state_dict, "meta": ...}),
-a plain torchvision ResNet state_dict, or one of Detectron's Caffe2 ImageNet `.pkl` models
-(converted by bench.engines.torchvision.caffe2). Paths may start with `cache:` (the data cache) or
-be `torchvision:NAME[/WEIGHTS]`: torchvision's ImageNet weights from torch's hub cache,
+Each engine gets the weights in torchvision's ResNet layout (RGB first conv) and renames
+them where it must (bench/engines/detectron2/weights.py). Accepted: a checkpoint written
+by `bench pretrain` ({"backbone": state_dict, "meta": ...}), a plain torchvision ResNet
+state_dict, or one of Detectron's Caffe2 ImageNet `.pkl` models
+(converted by bench.caffe2). Paths may start with `cache:` (the data cache) or be
+`torchvision:NAME[/WEIGHTS]`: torchvision's ImageNet weights from torch's hub cache,
 downloaded there first when the network allows (never during training: `bench run` loads
 every checkpoint before it starts) and unless BENCH_OFFLINE=1.
 """
@@ -13,7 +15,7 @@ import socket
 
 import torch
 
-from bench.engines.torchvision import caffe2
+from bench import caffe2
 from bench.paths import resolve_cache_path, torchvision_weights
 
 
