@@ -16,6 +16,7 @@ import socket
 import torch
 
 from bench import caffe2
+from bench.norms import norm_family
 from bench.paths import resolve_cache_path, torchvision_weights
 
 
@@ -64,9 +65,29 @@ def load_imagenet_backbone(path: str, model_spec, log=print) -> dict:
     if isinstance(obj, dict) and "backbone" in obj:
         meta = obj.get("meta", {})
         for key in ("backbone", "depth", "width", "norm"):
-            if key in meta and meta[key] != getattr(model_spec, key):
+            if key not in meta:
+                continue
+            same = (norm_family(meta[key]) == norm_family(model_spec.norm) if key == "norm"
+                    else meta[key] == getattr(model_spec, key))
+            if not same:
                 raise ValueError(f"pretrained checkpoint {file} was trained with {key}="
                                  f"{meta[key]!r}, but this run has model.{key}="
                                  f"{getattr(model_spec, key)!r}; pre-train a matching backbone")
         return obj["backbone"]
+    _check_norm_statistics(file, obj, model_spec.norm)
     return obj
+
+
+def _check_norm_statistics(file, state: dict, norm: str):
+    """A plain state dict says nothing of its norm but whether it holds BN statistics. Loaded
+    into the other kind, the scale and bias would load by name and mean nothing (a BN
+    network's into GN layers), so refuse before training."""
+    has_stats = any(k.endswith(("running_mean", "running_var")) for k in state)
+    if norm_family(norm) == "GN" and has_stats:
+        raise ValueError(f"pretrained checkpoint {file} holds BatchNorm statistics, but this run "
+                         f"has model.norm='GN'; use a GN ImageNet model (e.g. Detectron's "
+                         f"R-50-GN.pkl) or model.norm FrozenBN / SyncBN / BN")
+    if norm_family(norm) == "BN" and not has_stats:
+        raise ValueError(f"pretrained checkpoint {file} holds no BatchNorm statistics (a GN "
+                         f"model?), but this run has model.norm={norm!r}; use a BN ImageNet "
+                         f"model (e.g. torchvision:resnet50) or model.norm: GN")

@@ -21,26 +21,30 @@ class _GroupNorm(nn.GroupNorm):
         super().__init__(min(groups, channels), channels)
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """torch's SyncBatchNorm, with a cross-process path where torch's has none (CPU, gloo).
+class SyncBatchNorm(nn.BatchNorm2d):
+    """SyncBN on CPU processes (gloo), where torch's SyncBatchNorm cannot run.
 
-    torch synchronizes statistics only for GPU tensors and raises on a CPU one under a
-    process group, so without this the SyncBN runs could not be tested on a CPU. The CPU
-    path all-reduces per-channel (sum, sum of squares, count) with a differentiable
+    torch synchronizes statistics only for GPU tensors, and DDP refuses a model holding its
+    SyncBatchNorm on a CPU, so without this the SyncBN runs could not be tested on a CPU.
+    This path all-reduces per-channel (sum, sum of squares, count) with a differentiable
     all-reduce (gradients flow back across processes), which weights each process by the
     elements it holds: a process whose head sees zero RoIs contributes nothing, yet still
-    joins the collective so that no process waits forever. Same parameters and buffers as
-    torch's class, so checkpoints are interchangeable.
+    joins the collective so that no process waits forever. On GPUs the trainer swaps these
+    layers for torch's own (`use_torch_sync_bn`); the parameters and buffers are the same,
+    so checkpoints are interchangeable. In one process it is BatchNorm2d.
     """
 
     def forward(self, x):
-        if not (self.training and x.device.type == "cpu" and dist.is_available()
-                and dist.is_initialized() and dist.get_world_size(self.process_group) > 1):
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
             return super().forward(x)
+        if x.is_cuda:
+            raise RuntimeError("bench.norms.SyncBatchNorm is the CPU path; on GPUs the trainer "
+                               "uses torch's SyncBatchNorm (norms.use_torch_sync_bn)")
         dims = [0] + list(range(2, x.dim()))
         count = x.new_tensor([x.numel() // x.shape[1]], dtype=torch.float32)
         local = torch.cat([x.float().sum(dims), (x.float() ** 2).sum(dims), count])
-        total = all_reduce(local, group=self.process_group or dist.group.WORLD)
+        total = all_reduce(local, group=dist.group.WORLD)
         c = x.shape[1]
         n = total[-1]
         shape = (1, c) + (1,) * (x.dim() - 2)
@@ -63,20 +67,48 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         return out.to(x.dtype)
 
 
+def use_torch_sync_bn(module: nn.Module) -> nn.Module:
+    """Swap our SyncBatchNorm layers for torch's, whose CUDA kernels sync across GPUs (NCCL).
+
+    Done before the optimizer is built and before DDP wraps the model. Only our layers:
+    a plain BN layer a plugin backbone holds stays per-process."""
+    for name, child in module.named_children():
+        if isinstance(child, SyncBatchNorm):
+            torch_bn = nn.SyncBatchNorm(child.num_features, child.eps, child.momentum,
+                                        child.affine, child.track_running_stats)
+            torch_bn.load_state_dict(child.state_dict())
+            setattr(module, name, torch_bn)
+        else:
+            use_torch_sync_bn(child)
+    return module
+
+
 def norm_layer(name: str, groups: int = 32):
     if name == "GN":
         return lambda c: _GroupNorm(c, groups)
     if name == "BN":
         return nn.BatchNorm2d
     if name == "SyncBN":
-        # synchronizes under an initialized process group (torch's kernels on a GPU, a
-        # gloo all-reduce on a CPU); in a single process it behaves as BatchNorm2d
+        # synchronizes under an initialized process group (a gloo all-reduce on CPUs; the
+        # trainer swaps in torch's kernels on GPUs); in a single process it is BatchNorm2d
         return SyncBatchNorm
     if name == "FrozenBN":
         return FrozenBatchNorm2d
     if name == "none":
         return None
     raise ValueError(f"unknown norm {name!r}; allowed: {', '.join(NORMS)}")
+
+
+def norm_family(name: str) -> str:
+    """BN, SyncBN and FrozenBN hold the same tensors (scale, bias, running statistics), so a
+    checkpoint of one loads into the others; GN's scale and bias mean something else."""
+    return "BN" if name in ("BN", "SyncBN", "FrozenBN") else name
+
+
+def trainable_norm(name: str) -> str:
+    """The norm a backbone is pre-trained with: FrozenBN's statistics are frozen, so the
+    classic fine-tuning baseline's backbone was trained with BN (as ImageNet's ResNets)."""
+    return "BN" if name == "FrozenBN" else name
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -105,4 +137,15 @@ def msra_init_(model: nn.Module):
         elif isinstance(m, (nn.GroupNorm, nn.modules.batchnorm._BatchNorm)) and m.affine:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+    return model
+
+
+def xavier_init_(model: nn.Module):
+    """detectron2's c2_xavier_fill (Caffe2's XavierFill) for convs and fc layers: uniform
+    within sqrt(3 / fan_in), zero bias. Its FPN convs and box-head fc layers use it."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_uniform_(m.weight, a=1)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
     return model

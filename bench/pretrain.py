@@ -18,6 +18,7 @@ from torchvision import datasets, transforms
 from bench.backbones import build_backbone
 from bench.data import synthetic
 from bench.engines.torchvision.model import pixel_normalization
+from bench.norms import trainable_norm
 from bench.paths import resolve_cache_path
 from bench.rundir import atomic_write_text, code_version
 
@@ -63,7 +64,7 @@ def accuracy(model, loader, device="cpu"):
 def output_meta(model_spec, p):
     """What identifies a pre-trained checkpoint: the backbone and every pre-training setting."""
     return {"backbone": model_spec.backbone, "depth": model_spec.depth, "width": model_spec.width,
-            "norm": model_spec.norm, "norm_groups": model_spec.norm_groups,
+            "norm": trainable_norm(model_spec.norm), "norm_groups": model_spec.norm_groups,
             "pretrain": dataclasses.asdict(p)}
 
 
@@ -87,7 +88,8 @@ def pretrain(model_spec, p, out_path: str, device="cpu", workers=0, log=print) -
     train_loader, num_classes = _loader(root, True, p.batch, p.seed, workers,
                                         pixel_normalization(model_spec))
     val_loader, _ = _loader(root, False, 256, p.seed, workers, pixel_normalization(model_spec))
-    model = Classifier(build_backbone(model_spec), num_classes).to(device)
+    trained = dataclasses.replace(model_spec, norm=trainable_norm(model_spec.norm))
+    model = Classifier(build_backbone(trained), num_classes).to(device)
     decay, no_decay = [], []
     for m in model.modules():
         for prm in m.parameters(recurse=False):

@@ -19,7 +19,10 @@ Norm = Literal["GN", "SyncBN", "FrozenBN", "BN", "none"]
 
 # Bump when a default value changes meaning (see RunSpec.identity); adding a field whose
 # default keeps the old behaviour needs no bump.
-SPEC_VERSION = 2   # 2: box losses became L1 (model.box_loss_beta 0, was torchvision's 1/9)
+# 2: box losses became L1 (model.box_loss_beta 0, was torchvision's 1/9)
+# 3: the torchvision engine took detectron2's Xavier init for the FPN and the box-head fc,
+#    its binary, aligned mask targets, and FrozenBN in the backbone only (no norm after it)
+SPEC_VERSION = 3
 
 
 def _non_default(obj) -> dict:
@@ -48,7 +51,8 @@ class ModelSpec:
     backbone: str = "resnet"            # a name registered in bench.backbones
     depth: int = 50
     width: int = 64                     # stem width; stage widths double from it
-    norm: Norm = "GN"                   # in backbone, FPN and heads (the paper's switch)
+    norm: Norm = "GN"                   # in backbone, FPN and heads (the paper's switch);
+                                        # FrozenBN: the backbone only (head_norm)
     norm_groups: int = 32               # GN groups (paper: 32)
     # Bottlenecks stride in their first 1x1 conv (MSRA's Caffe2 ResNets, detectron2's
     # STRIDE_IN_1X1 True) or in the 3x3 (torchvision, FAIR's GN ResNets, every scratch config)
@@ -81,6 +85,14 @@ class ModelSpec:
     roi_sampling_ratio: int = 0
     detections_per_image: int = 100
     score_thresh: float = 0.05
+
+    @property
+    def head_norm(self) -> str:
+        """The norm of the FPN and the heads. FrozenBN, the classic fine-tuning baseline
+        (detectron2's Base-RCNN-FPN), freezes the pre-trained backbone's statistics; the
+        FPN and heads are new layers with nothing to freeze, so they get no norm and convs
+        with a bias (a frozen BN there would be a fixed scale with no trainable bias)."""
+        return "none" if self.norm == "FrozenBN" else self.norm
 
 
 @dataclass(frozen=True)

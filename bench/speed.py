@@ -114,10 +114,26 @@ def _synthetic_batch(spec, n, generator, device):
     return images, targets
 
 
+def _reset_peak_rss():
+    """Start this model's peak RSS from the current RSS: one command times several models,
+    and getrusage's peak is the whole process's. Linux only (/proc/self/clear_refs, 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_rss_gb() -> float:
-    """Peak resident memory of this process (the CPU's analogue of GPU peak memory)."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
+    """Peak resident memory of this process since _reset_peak_rss (the CPU's analogue of GPU
+    peak memory): VmHWM, else getrusage's lifetime peak."""
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(line for line in f if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) / 2 ** 20   # kB
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
 
 
 def _torchvision_step(spec, device, per_gpu, batches):
@@ -200,6 +216,8 @@ def measure(spec, device="cpu", warmup=5, iters=20, log=print) -> dict:
     step, micro = build(spec, device, per_gpu, batches)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _reset_peak_rss()
     times = []
     for i in range(warmup + iters):
         if device.type == "cuda":

@@ -129,6 +129,41 @@ def test_syncbn_on_cpu_normalizes_over_all_processes(tmp_path, sizes):
         torch.testing.assert_close(k["var"], bn.running_var)
 
 
+def test_a_syncbn_run_trains_on_two_cpu_processes_under_ddp(tmp_path):
+    """DDP refuses torch's SyncBatchNorm on a CPU; ours is a BatchNorm2d, so a SyncBN run of
+    2 gloo processes trains (statistics over both: the test above), and evaluates."""
+    text = TWO_LAYOUTS.replace("run:\n", "run:\n  model: {norm: SyncBN}\n")
+    two = next(s for s in recipe.load(write_recipe(tmp_path, text)).runs
+               if s.gpus == 2 and s.init == "scratch")
+    assert two.model.norm == "SyncBN"
+    out = runner.run([two], tmp_path / "runs", device="cpu", slots=["cpu0", "cpu1"],
+                     threads=1, progress=False, log=lambda m: None)
+    rd = RunDir(runner.run_dir_for(two, tmp_path / "runs"))
+    assert out.done == [two.run_id], (rd.path / "log.txt").read_text()[-2000:]
+    assert "torch.distributed.run" in (rd.path / "log.txt").read_text()
+    weights = torch.load(rd.checkpoints / "model_0000009.pth", weights_only=False)["model"]
+    means = [v for k, v in weights.items() if k.endswith("running_mean")]
+    assert means and all(torch.isfinite(m).all() for m in means)
+    assert any(m.abs().sum() > 0 for m in means)  # the statistics were tracked
+    assert [r["type"] for r in rd.read_metrics()] == ["train", "eval"]
+
+
+def test_on_gpus_syncbn_is_torchs_with_the_same_tensors():
+    """On GPUs the trainer swaps our layers for torch's SyncBatchNorm (its NCCL kernels);
+    plain BN stays per-process and the state dict is unchanged (checkpoints move freely)."""
+    from bench.norms import use_torch_sync_bn
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), SyncBatchNorm(4), nn.Sequential(nn.BatchNorm2d(4)))
+    with torch.no_grad():
+        model[1].running_mean.uniform_()
+        model[1].weight.uniform_()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    use_torch_sync_bn(model)
+    assert type(model[1]) is nn.SyncBatchNorm and type(model[2][0]) is nn.BatchNorm2d
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_the_first_failure_of_a_run_keeps_its_reason(tmp_path):
     """When one process fails, the others fail after it (a closed connection, torchrun's
     SIGTERM); status.json must keep the first, real reason."""

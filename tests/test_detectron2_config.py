@@ -3,6 +3,8 @@ configs (the values below are read from detectron2's configs/Misc/*.yaml on thei
 configs/Base-RCNN-FPN.yaml and detectron2/config/defaults.py), and every he2019 run
 translates. Pure data: no detectron2 needed."""
 
+import dataclasses
+
 import pytest
 
 from bench import recipe
@@ -137,3 +139,18 @@ def test_with_detectron2_every_translation_is_its_config_and_builds_the_publishe
     model = build_model(_merged_cfg(ours))
     # detectron2's own build of Misc/scratch_mask_rcnn_R_50_FPN_3x_gn has this many
     assert sum(p.numel() for p in model.parameters()) == 45_711_152
+
+
+@pytest.mark.parametrize("norm", ["GN", "SyncBN", "FrozenBN"])
+def test_with_detectron2_both_engines_build_the_same_number_of_parameters(norm):
+    """The same spec is the same network in both engines, FrozenBN's norm-free FPN and
+    heads (biased convs) included."""
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (an optional engine)")
+    from detectron2.modeling import build_model
+    from bench.engines.torchvision.model import build_detector
+    spec = next(s for s in recipe.load(REPO / "recipes/detectron2-zoo/r50_gn_3x.yaml").runs
+                if s.init == "imagenet")
+    spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, norm=norm))
+    theirs = build_model(_merged_cfg(spec))
+    ours = build_detector(spec.model, 80, spec.data)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())

@@ -60,3 +60,24 @@ def test_an_unknown_backend_is_refused(gt_and_detections):
     gt, boxes, _ = gt_and_detections
     with pytest.raises(ValueError, match="allowed: pycocotools, faster-coco-eval"):
         coco_stats(gt, boxes, "bbox", backend="cocoapi2")
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_no_detection_scores_as_cocoeval_scores_one_useless_detection(gt_and_detections,
+                                                                      iou_type):
+    """COCOeval cannot load an empty result list; our stats for it are what COCOeval gives
+    a model whose only detection matches nothing: 0, and NaN for size ranges without ground
+    truth (the embedded val set has no large object)."""
+    gt, _, _ = gt_and_detections
+    img = gt.dataset["images"][0]
+    useless = {"image_id": img["id"], "category_id": gt.getCatIds()[0], "score": 0.9,
+               "bbox": [0.0, 0.0, 1.0, 1.0]}
+    if iou_type == "segm":
+        m = np.zeros((img["height"], img["width"]), np.uint8)
+        m[0, 0] = 1
+        rle = mask_utils.encode(np.asfortranarray(m))
+        useless = {**useless, "segmentation": {**rle, "counts": rle["counts"].decode("ascii")}}
+        del useless["bbox"]
+    none, one = coco_stats(gt, [], iou_type), coco_stats(gt, [useless], iou_type)
+    assert any(np.isnan(v) for v in one.values()) and any(v == 0 for v in one.values())
+    assert none == pytest.approx(one, nan_ok=True)

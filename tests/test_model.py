@@ -200,7 +200,7 @@ def test_torchvision_weights_come_from_torchs_cache_and_say_how_to_get_them(tmp_
     state = torchvision.models.resnet18().state_dict()
     target.parent.mkdir(parents=True)
     torch.save(state, target)
-    loaded = load_imagenet_backbone("torchvision:resnet18", SCRATCH.model)
+    loaded = load_imagenet_backbone("torchvision:resnet18", replace(SCRATCH.model, norm="SyncBN"))
     assert torch.equal(loaded["layer4.1.conv2.weight"], state["layer4.1.conv2.weight"])
     with pytest.raises(ValueError, match="not torchvision ImageNet weights"):
         load_imagenet_backbone("torchvision:resnet18/NOPE", SCRATCH.model)
@@ -235,3 +235,81 @@ def test_box_losses_are_detectron2s_l1_and_torchvisions_smooth_l1_at_beta_one_ni
     for k in ("loss_box_reg", "loss_rpn_box_reg"):   # |x| > smooth-L1(x) for small errors
         assert l1[k] > smooth[k] > 0
     assert SCRATCH.model.box_loss_beta == 0.0
+
+
+def test_imagenet_weights_of_one_norm_never_load_into_the_other(tmp_path):
+    """A BN network's scale and bias would load by name into GN layers and mean nothing (and
+    a GN one's into BN, with no statistics): refused in one line naming the file. BN,
+    SyncBN and FrozenBN share their tensors, so a BN-trained backbone fine-tunes frozen."""
+    gn, frozen = SCRATCH.model, replace(SCRATCH.model, norm="FrozenBN")
+    bn_state = build_backbone(replace(gn, norm="BN")).body.state_dict()
+    gn_state = build_backbone(gn).body.state_dict()
+    torch.save(bn_state, tmp_path / "bn.pth")
+    torch.save(gn_state, tmp_path / "gn.pth")
+    for file, model, message in ((tmp_path / "bn.pth", gn, "holds BatchNorm statistics"),
+                                 (tmp_path / "gn.pth", frozen, "holds no BatchNorm statistics")):
+        with pytest.raises(ValueError, match=message) as e:
+            load_imagenet_backbone(str(file), model)
+        assert str(file) in str(e.value) and "\n" not in str(e.value)
+    assert load_imagenet_backbone(str(tmp_path / "gn.pth"), gn).keys() == gn_state.keys()
+
+    # `bench pretrain` checkpoints say their norm: a BN one loads into FrozenBN, not into GN
+    torch.save({"backbone": bn_state, "meta": {"norm": "BN"}}, tmp_path / "pre.pth")
+    state = load_imagenet_backbone(str(tmp_path / "pre.pth"), frozen)
+    det = build_detector(frozen, num_classes=8, data=SCRATCH.data)
+    assert load_backbone_weights(det, state, log=lambda m: None)["missing"] == []
+    with pytest.raises(ValueError, match="trained with norm='BN'"):
+        load_imagenet_backbone(str(tmp_path / "pre.pth"), gn)
+
+
+def test_frozen_bn_freezes_the_backbone_only_and_the_fpn_and_heads_have_biases():
+    """The classic fine-tuning baseline: frozen BN in the pre-trained backbone; the FPN and
+    heads are new layers, so (as detectron2's Base-RCNN-FPN) no norm and trainable biases."""
+    from torchvision.ops import FrozenBatchNorm2d
+    det = build_detector(replace(IMAGENET.model, norm="FrozenBN"), num_classes=8,
+                         data=IMAGENET.data)
+    body = [m for m in det.backbone.body.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert len(body) > 10
+    for part in (det.backbone.fpn, det.roi_heads.box_head, det.roi_heads.mask_head):
+        assert not any(isinstance(m, FrozenBatchNorm2d) for m in part.modules())
+        convs = [m for m in part.modules() if isinstance(m, nn.Conv2d)]
+        assert convs and all(c.bias is not None and c.bias.requires_grad for c in convs)
+    # with GN, norms everywhere and no conv bias (the norm's bias stands in)
+    gn = build_detector(IMAGENET.model, num_classes=8, data=IMAGENET.data)
+    assert all(m.bias is None for m in gn.backbone.fpn.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_scratch_init_is_detectron2s_msra_convs_and_xavier_fpn_and_fc():
+    """c2_msra_fill (normal, fan_out) for backbone and head convs; c2_xavier_fill (uniform
+    within sqrt(3 / fan_in), zero bias) for the FPN convs and the box head's fc."""
+    torch.manual_seed(0)
+    det = detector(replace(SCRATCH, model=replace(SCRATCH.model, fpn_channels=256,
+                                                  box_head_fc_dim=1024)))
+    fc = next(m for m in det.roi_heads.box_head.modules() if isinstance(m, nn.Linear))
+    lateral = det.backbone.fpn.inner_blocks[-1][0]
+    for layer in (fc, lateral):
+        fan_in = layer.weight[0].numel()
+        bound = (3 / fan_in) ** 0.5
+        assert layer.weight.abs().max() <= bound
+        assert layer.weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+        assert layer.bias is None or not layer.bias.any()
+    conv = det.roi_heads.box_head[0][0]  # the first of the 4 convs
+    fan_out = conv.weight.shape[0] * conv.weight[0, 0].numel()
+    assert conv.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.05)
+
+
+def test_mask_targets_are_detectron2s_binary_aligned_crops():
+    """A RoI on a mask's exact pixel box gets an all-ones 28x28 target (half-pixel-aligned
+    RoIAlign, thresholded at 0.5); torchvision's unaligned soft targets blur its border."""
+    from torchvision.models.detection.roi_heads import project_masks_on_boxes
+    from bench.engines.torchvision.model import detectron2_mask_targets
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 10:38, 20:48] = 1
+    box, idx = torch.tensor([[20., 10., 48., 38.]]), torch.tensor([0])
+    ours = detectron2_mask_targets(mask, box, idx, 28)
+    assert torch.equal(ours, torch.ones(1, 28, 28))
+    soft = project_masks_on_boxes(mask, box, idx, 28)
+    assert (soft < 1).any() and ((soft > 0) & (soft < 1)).any()
+    half = detectron2_mask_targets(mask, torch.tensor([[6., 10., 34., 38.]]), idx, 28)
+    assert set(half.unique().tolist()) == {0.0, 1.0}
+    assert half[:, :, :14].sum() == 0 and half[:, :, 14:].all()

@@ -48,7 +48,7 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
         raise Untranslatable(f"solver.micro_batch={s.micro_batch} with {per_gpu} images per "
                              f"GPU: detectron2 runs one pass per GPU; set "
                              f"gpus={s.batch // s.micro_batch} or micro_batch 0")
-    norm = NORMS[m.norm]
+    norm, head_norm = NORMS[m.norm], NORMS[m.head_norm]
     pooler = "ROIAlignV2" if m.roi_align_aligned else "ROIAlign"
     sizes = d.train_min_size if isinstance(d.train_min_size, tuple) else (d.train_min_size,)
     cfg = {
@@ -63,7 +63,7 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
                         "STEM_OUT_CHANNELS": m.width, "WIDTH_PER_GROUP": m.width,
                         "RES2_OUT_CHANNELS": 4 * m.width if m.depth >= 50 else m.width,
                         "OUT_FEATURES": ["res2", "res3", "res4", "res5"]},
-            "FPN": {"IN_FEATURES": ["res2", "res3", "res4", "res5"], "NORM": norm,
+            "FPN": {"IN_FEATURES": ["res2", "res3", "res4", "res5"], "NORM": head_norm,
                     "OUT_CHANNELS": m.fpn_channels},
             "ANCHOR_GENERATOR": {"SIZES": [[a] for a in m.anchor_sizes],
                                  "ASPECT_RATIOS": [[0.5, 1.0, 2.0]]},
@@ -80,13 +80,13 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
                           "SCORE_THRESH_TEST": m.score_thresh},
             "ROI_BOX_HEAD": {"NAME": "FastRCNNConvFCHead", "NUM_CONV": m.box_head_convs,
                              "CONV_DIM": m.box_head_conv_dim, "NUM_FC": 1,
-                             "FC_DIM": m.box_head_fc_dim, "NORM": norm,
+                             "FC_DIM": m.box_head_fc_dim, "NORM": head_norm,
                              "POOLER_RESOLUTION": 7, "POOLER_TYPE": pooler,
                              "POOLER_SAMPLING_RATIO": m.roi_sampling_ratio,
                              "SMOOTH_L1_BETA": m.box_loss_beta},
             "ROI_MASK_HEAD": {"NAME": "MaskRCNNConvUpsampleHead",
                               "NUM_CONV": m.mask_head_convs, "CONV_DIM": m.mask_head_dim,
-                              "NORM": norm, "POOLER_RESOLUTION": 14, "POOLER_TYPE": pooler,
+                              "NORM": head_norm, "POOLER_RESOLUTION": 14, "POOLER_TYPE": pooler,
                               "POOLER_SAMPLING_RATIO": m.roi_sampling_ratio},
         },
         "INPUT": {"FORMAT": "BGR", "MIN_SIZE_TRAIN": list(sizes),

@@ -40,7 +40,7 @@ from bench.engines.detectron2 import data as d2data
 from bench.engines.detectron2.config import Untranslatable, flatten, translate
 from bench.engines.detectron2.weights import to_detectron2
 from bench.engines.metrics_log import open_session
-from bench.engines.torchvision.evaluate import STAT_NAMES
+from bench.engines.torchvision.evaluate import STAT_NAMES, no_detection_stats
 from bench.imagenet import load_imagenet_backbone
 from bench.rundir import RunDir
 
@@ -108,7 +108,7 @@ class SkipAhead(torch.utils.data.Sampler):
 class Evaluator(COCOEvaluator):
     """detectron2's COCOEvaluator reporting all 12 COCOeval stats under the torchvision
     engine's names (`bbox/AP` .. `segm/ARl`, percent; NaN where a size range has no ground
-    truth, 0 when there is no detection), and how many detections it scored."""
+    truth, also when there is no detection), and how many detections it scored."""
 
     def reset(self):
         super().reset()
@@ -120,7 +120,7 @@ class Evaluator(COCOEvaluator):
 
     def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
         if coco_eval is None:
-            return {n: 0.0 for n in STAT_NAMES}
+            return no_detection_stats(self._coco_api)
         return {n: float(v) * 100 if v >= 0 else float("nan")
                 for n, v in zip(STAT_NAMES, coco_eval.stats)}
 

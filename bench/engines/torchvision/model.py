@@ -26,7 +26,7 @@ from torchvision.ops.poolers import LevelMapper, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from bench.backbones import build_backbone
-from bench.norms import msra_init_, norm_layer
+from bench.norms import msra_init_, norm_layer, xavier_init_
 
 
 def pixel_normalization(m):
@@ -186,34 +186,54 @@ def _fastrcnn_loss(beta):
     return loss
 
 
-class BoxLossRoIHeads(RoIHeads):
-    """torchvision's RoIHeads whose box loss takes the ModelSpec's beta.
+def detectron2_mask_targets(gt_masks, boxes, matched_idxs, size):
+    """Each RoI's mask target as detectron2's BitMasks.crop_and_resize: the ground-truth mask
+    read by the half-pixel-aligned RoIAlign and thresholded at 0.5. torchvision's
+    project_masks_on_boxes reads it with the unaligned RoIAlign and keeps the soft values."""
+    rois = torch.cat([matched_idxs.to(boxes)[:, None], boxes], dim=1)
+    crops = roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0, sampling_ratio=0,
+                      aligned=True)[:, 0]
+    return (crops >= 0.5).to(rois.dtype)
 
-    RoIHeads.forward calls the module function `fastrcnn_loss` by name, so this runs
-    torchvision's own forward code with that one name bound to our loss, rather than
-    copying the forward (tests/test_model.py checks the loss is ours)."""
 
-    def set_box_loss_beta(self, beta: float):
-        names = dict(vars(tv_roi_heads), fastrcnn_loss=_fastrcnn_loss(beta))
-        self._forward = types.FunctionType(RoIHeads.forward.__code__, names, "forward",
-                                           RoIHeads.forward.__defaults__)
+def _with_names(fn, **names):
+    """`fn` running with some of the module-level names it calls bound to others."""
+    return types.FunctionType(fn.__code__, dict(vars(tv_roi_heads), **names), fn.__name__,
+                              fn.__defaults__)
+
+
+class Detectron2LossRoIHeads(RoIHeads):
+    """torchvision's RoIHeads with detectron2's losses: the box loss takes the ModelSpec's
+    beta, and the mask loss (torchvision's, per-pixel BCE over the positive RoIs) reads
+    detectron2's mask targets.
+
+    RoIHeads.forward calls the module functions `fastrcnn_loss` and `maskrcnn_loss` by name,
+    and maskrcnn_loss calls `project_masks_on_boxes`; this runs torchvision's own code with
+    those names bound to ours, rather than copying the forward (tests/test_model.py checks
+    the losses are ours)."""
+
+    def set_losses(self, box_loss_beta: float):
+        mask_loss = _with_names(tv_roi_heads.maskrcnn_loss,
+                                project_masks_on_boxes=detectron2_mask_targets)
+        self._forward = _with_names(RoIHeads.forward, fastrcnn_loss=_fastrcnn_loss(box_loss_beta),
+                                    maskrcnn_loss=mask_loss)
 
     def forward(self, *args, **kwargs):
         return self._forward(self, *args, **kwargs)
 
 
-def use_box_loss_beta(model, beta: float):
+def use_detectron2_losses(model, box_loss_beta: float):
     """Swap the detector's RPN and RoI heads for the subclasses above (same parameters)."""
     model.rpn.__class__ = RPN
-    model.rpn.box_loss_beta = beta
-    model.roi_heads.__class__ = BoxLossRoIHeads
-    model.roi_heads.set_box_loss_beta(beta)
+    model.rpn.box_loss_beta = box_loss_beta
+    model.roi_heads.__class__ = Detectron2LossRoIHeads
+    model.roi_heads.set_losses(box_loss_beta)
 
 
 def build_detector(m, num_classes: int, data) -> nn.Module:
     """`m` is a ModelSpec, `data` a DataSpec (input sizes); num_classes excludes background."""
     backbone = build_backbone(m)
-    norm = norm_layer(m.norm, m.norm_groups)
+    norm = norm_layer(m.head_norm, m.norm_groups)  # FPN and heads
     freeze_stages(backbone.body, backbone.stage_names, m.freeze_at)
     fpn = BackboneWithFPN(
         backbone.body,
@@ -222,13 +242,15 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
         out_channels=m.fpn_channels,
         extra_blocks=LastLevelMaxPool(),  # P6 for the RPN, as detectron2's FPN
         norm_layer=norm)
-    msra_init_(fpn.fpn)
+    xavier_init_(fpn.fpn)  # detectron2's FPN: c2_xavier_fill (so is torchvision's; said here)
 
     anchors = AnchorGenerator(tuple((s,) for s in m.anchor_sizes),
                               ((0.5, 1.0, 2.0),) * len(m.anchor_sizes))
     box_head = FastRCNNConvFCHead((m.fpn_channels, 7, 7), [m.box_head_conv_dim] * m.box_head_convs,
                                   [m.box_head_fc_dim], norm_layer=norm)
-    msra_init_(box_head)
+    msra_init_(box_head)  # detectron2's FastRCNNConvFCHead: MSRA convs, Xavier fc
+    for fc in (x for x in box_head.modules() if isinstance(x, nn.Linear)):
+        xavier_init_(fc)
     mean, std = pixel_normalization(m)
     common = dict(
         min_size=data.train_min_size, max_size=data.train_max_size,
@@ -254,7 +276,7 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
         mask_pool = RoIPooler(["0", "1", "2", "3"], 14, m.roi_sampling_ratio, m.roi_align_aligned)
         model = MaskRCNN(fpn, mask_roi_pool=mask_pool, mask_head=mask_head,
                          mask_predictor=mask_predictor, **common)
-    use_box_loss_beta(model, m.box_loss_beta)
+    use_detectron2_losses(model, m.box_loss_beta)
     model.transform = BatchedPasteTransform(data.train_min_size, data.train_max_size, mean, std)
     model.input_sizes = {True: (data.train_min_size, data.train_max_size),
                          False: (data.test_min_size, data.test_max_size)}

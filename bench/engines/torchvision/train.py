@@ -29,7 +29,7 @@ from bench.engines.metrics_log import open_session
 from bench.engines.torchvision.evaluate import evaluate
 from bench.engines.torchvision.model import build_detector, load_backbone_weights, use_input_sizes
 from bench.imagenet import load_imagenet_backbone
-from bench.norms import is_norm
+from bench.norms import is_norm, use_torch_sync_bn
 from bench.rundir import RunDir
 
 LOG_PERIOD = 20
@@ -147,6 +147,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     if spec.init == "imagenet" and state is None:  # a resumed run needs only its checkpoint
         load_backbone_weights(model, load_imagenet_backbone(spec.pretrained, spec.model, log=log),
                               log=log)
+    if device.type == "cuda":
+        use_torch_sync_bn(model)
     model.to(device).train()
     use_input_sizes(model, train=True)
     net = model  # what is saved, evaluated, and loaded into; `model` may be its DDP wrapper
