@@ -162,13 +162,23 @@ def cmd_plan(args):
         print(f"not yet supported: {u['study']} ({u['recipe']}): {u['reason']}")
 
 
+def _only(specs, only):
+    """The runs whose id contains `only`; none is a mistake (a typo), not an empty success."""
+    if not only:
+        return specs
+    kept = [s for s in specs if only in s.run_id]
+    if specs and not kept:
+        from bench.spec import SpecError
+        raise SpecError(f"--only {only!r} matches none of the {len(specs)} runs (e.g. "
+                        f"{specs[0].run_id}); `bench plan` lists their ids")
+    return kept
+
+
 def cmd_speed(args):
     import torch
 
     from bench import speed
-    specs = [s for study in _studies(args) for s in study.runs]
-    if args.only:
-        specs = [s for s in specs if args.only in s.run_id]
+    specs = _only([s for study in _studies(args) for s in study.runs], args.only)
     device = _device(args.device)
     import importlib.util
     has_d2 = importlib.util.find_spec("detectron2") is not None
@@ -241,9 +251,7 @@ def _print_table(rows, cols):
 def cmd_run(args):
     from bench import runner
     studies = _studies(args)
-    specs = [s for study in studies for s in study.runs]
-    if args.only:
-        specs = [s for s in specs if args.only in s.run_id]
+    specs = _only([s for study in studies for s in study.runs], args.only)
     root = Path(args.runs_root) if args.runs_root else runs_root()
     device = _device(args.device)
     slot_names = runner.default_slots(device, args.threads, args.per_gpu)
@@ -341,6 +349,23 @@ class PreflightError(RuntimeError):
     """What would fail a run hours in, found before it starts."""
 
 
+def _check_dataset_files(files):
+    """Both annotation files parse, and every val image is there: a run would otherwise
+    fail at its first evaluation, hours in (train images are read all along; not stat'ed)."""
+    from bench.data.coco import load_coco
+    try:
+        load_coco(files.train_annotations)
+        val = load_coco(files.val_annotations)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+    missing = [im["file_name"] for im in val.imgs.values()
+               if not (files.val_images / im["file_name"]).is_file()]
+    if missing:
+        raise PreflightError(f"{files.val_images}: {len(missing)} of the {len(val.imgs)} val "
+                             f"images in {files.val_annotations.name} are missing (e.g. "
+                             f"{missing[0]}); restore them, or regenerate the dataset")
+
+
 def _preflight(studies, specs, root, slots=None, device="cpu", nodes=None):
     """Fail in seconds, before any training, on what would fail hours later."""
     from bench.data import registry, subsets
@@ -355,6 +380,8 @@ def _preflight(studies, specs, root, slots=None, device="cpu", nodes=None):
         engines.get(engine)  # an engine that is not installed: one line on how to get it
     for dataset in sorted({s.data.dataset for s in specs}):
         registry.resolve(dataset)  # raises DatasetMissing naming the path and the fix
+    for dataset in sorted({s.data.dataset for s in todo}):
+        _check_dataset_files(registry.resolve(dataset))
     if slots is not None:  # each run fits on this machine's GPUs (or CPU slots)
         from bench.runner import Nodes, check_fits
         check_fits(specs, slots, device, nodes or Nodes())
@@ -368,11 +395,11 @@ def _preflight(studies, specs, root, slots=None, device="cpu", nodes=None):
     for dataset, n, seed in sorted({(s.data.dataset, s.data.train_images, s.data.subset_seed)
                                     for s in todo if s.data.train_images is not None}):
         files = registry.resolve(dataset)
-        path = registry.subset_file(files, n, seed)  # missing COCO subset: DatasetMissing
         try:
+            path = registry.subset_file(files, n, seed)  # missing COCO subset: DatasetMissing
             subsets.read_subset(path, files.train_annotations, size=n, seed=seed)
         except ValueError as e:
-            raise PreflightError(str(e)) from None
+            raise PreflightError(f"data.train_images={n} on {dataset}: {e}") from None
     checked = set()
     for s in todo:
         if s.init != "imagenet" or (s.pretrained, s.model) in checked:
@@ -441,10 +468,17 @@ def cmd_subsets(args):
         raise FileNotFoundError(f"--annotations {ann}: no such file; give the path of "
                                 f"instances_train2017.json")
     out = Path(args.out) if args.out else ann.parent.parent / "bench_subsets"
+    from bench.data.coco import AnnotationError
+    from bench.spec import SpecError
+    bad = [n for n in args.sizes if n <= 0]
+    if bad:
+        raise SpecError(f"--sizes {bad[0]}: a subset is a positive number of images")
     try:
         paths = subsets.write_subsets(ann, sorted(args.sizes), out, args.seed)
+    except AnnotationError:
+        raise
     except ValueError as e:  # more images asked than the file has
-        raise SystemExit(f"bench subsets: {ann}: {e}") from None
+        raise SpecError(f"{ann}: {e}") from None
     for path in paths:
         doc = json.loads(path.read_text())
         print(f"{path}: {doc['size']} images, ids sha256 {doc['image_ids_sha256'][:12]}, "
@@ -498,14 +532,25 @@ def cmd_figures(args):
                            Path(args.recipes)))
 
 
+def _count(least: int):
+    """An argparse type: an integer of at least `least` (argparse names the option)."""
+    def parse(text):
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
 def _local_run_options(p):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--slots", type=int, default=0,
+    p.add_argument("--slots", type=_count(0), default=0,
                    help="runs at a time (default: one per GPU, or cores/threads on a CPU)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
-    p.add_argument("--per-gpu", type=int, default=1,
+    p.add_argument("--threads", type=_count(1), default=1, help="CPU threads per run")
+    p.add_argument("--per-gpu", type=_count(1), default=1,
                    help="runs sharing one GPU (small models such as the mini study's)")
-    p.add_argument("--workers", type=int, default=0, help="data loader processes per run")
+    p.add_argument("--workers", type=_count(0), default=0, help="data loader processes per run")
     p.add_argument("--only", default=None, help="only runs whose id contains this text")
     p.add_argument("--no-fork", action="store_true",
                    help="train every run from iteration 0 (default: a shorter schedule starts "
@@ -540,8 +585,8 @@ def main(argv=None):
     p = sub.add_parser("speed", help="time train steps of each distinct model of a study")
     _common(p)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20, help="timed steps (the median is kept)")
+    p.add_argument("--warmup", type=_count(0), default=5)
+    p.add_argument("--iters", type=_count(1), default=20, help="timed steps (the median is kept)")
     p.add_argument("--only", default=None, help="only runs whose id contains this text")
     p.add_argument("--record", action="store_true",
                    help="append the measurements to results/throughput.csv")
@@ -617,6 +662,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if getattr(args, "coco", None):  # for this process and the run workers it starts
         os.environ["BENCH_COCO"] = args.coco
+    from bench.data.coco import AnnotationError
     from bench.data.registry import DatasetMissing
     from bench.engines import EngineUnavailable
     from bench.runner import NoSlots
@@ -627,8 +673,8 @@ def main(argv=None):
     signal.signal(signal.SIGUSR2, signal.default_int_handler)  # a Slurm job's warning
     try:
         return args.fn(args) or 0
-    except (SpecError, DatasetMissing, EngineUnavailable, OSError, NoSlots,
-            PreflightError) as e:  # OSError: a path that cannot be read or written, named
+    except (SpecError, DatasetMissing, EngineUnavailable, OSError, NoSlots, PreflightError,
+            AnnotationError) as e:  # OSError: a path that cannot be read or written, named
         print(f"bench {args.cmd}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

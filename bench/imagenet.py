@@ -74,6 +74,9 @@ def load_imagenet_backbone(path: str, model_spec, log=print) -> dict:
                                  f"{meta[key]!r}, but this run has model.{key}="
                                  f"{getattr(model_spec, key)!r}; pre-train a matching backbone")
         return obj["backbone"]
+    if not (isinstance(obj, dict) and all(torch.is_tensor(v) for v in obj.values())):
+        raise ValueError(f"pretrained checkpoint {file} holds a {type(obj).__name__}, not a "
+                         f"state dict of tensors; point `pretrained` at a backbone checkpoint")
     _check_norm_statistics(file, obj, model_spec.norm)
     return obj
 

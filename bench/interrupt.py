@@ -56,7 +56,7 @@ def quiet_launcher():
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
 
-def _default_in_child():
+def default_signals_in_child():
     # A forked helper (the dataset generator's pool, a data loader worker) inherits the
     # handlers. It must die on SIGTERM as usual, or Pool.terminate() waits forever for a
     # worker that only set a flag; Slurm's USR2 (which reaches every process of a job) and a
@@ -81,5 +81,5 @@ def install():
     for sig in SIGNALS:
         signal.signal(sig, request)
     if not _fork_hook:
-        os.register_at_fork(after_in_child=_default_in_child)
+        os.register_at_fork(after_in_child=default_signals_in_child)
         _fork_hook = True

@@ -67,11 +67,30 @@ class Study:
     fork: bool = True
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML keeps the last of two equal keys without a word; a recipe with `run:` twice
+    would silently lose the first section, so a repeated key is an error here."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise SpecError(f"{path}: no such recipe file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory, not a recipe file") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: is not a text (UTF-8) file; a recipe is YAML") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -276,6 +295,10 @@ def load(path, overrides=None) -> Study:
     if "init" in run:
         raise SpecError(f"{where}: run.init is set by compare.init (every run has a scratch and an "
                         f"imagenet twin); remove it from run")
+    for section in ("model", "data", "solver", "eval", "checkpoint"):
+        if run.get(section) is not None and not isinstance(run[section], dict):
+            raise SpecError(f"{where}: run.{section}: must be a mapping of its fields, got "
+                            f"{run[section]!r}")
     for k in ("max_iter", "steps", "lr"):
         if k in (run.get("solver") or {}):
             raise SpecError(f"{where}: run.solver.{k} is computed from solver.schedule, batch and "
@@ -343,6 +366,10 @@ def load(path, overrides=None) -> Study:
     pretrain = None
     if doc.get("pretrain") is not None:
         pretrain = from_dict(PretrainSpec, doc["pretrain"], f"{where}: pretrain")
+        for key in ("epochs", "batch", "lr"):
+            if not getattr(pretrain, key) > 0:
+                raise SpecError(f"{where}: pretrain.{key}={getattr(pretrain, key)!r} must be "
+                                f"greater than 0")
     forking = doc.get("fork", True)
     if not isinstance(forking, bool):
         raise SpecError(f"{where}: fork: must be true (shorter schedules start from the longest "

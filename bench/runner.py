@@ -127,6 +127,10 @@ def check_fits(specs, slots, device, nodes=Nodes()):
                               f"{'GPU' if device == 'cuda' else 'CPU slot'}(s) each; use a "
                               f"node count that divides it (--nnodes)")
             continue
+        if distinct == 0:
+            raise NoSlots(f"no {'GPU' if device == 'cuda' else 'CPU slot'} to run on; "
+                          + ("this machine has no CUDA GPU: use --device cpu" if device == "cuda"
+                             else "--slots must be at least 1"))
         if spec.gpus > distinct:
             raise NoSlots(f"{spec.name} asks for gpus={spec.gpus} but this machine has {distinct} "
                           f"{'GPU' if device == 'cuda' else 'CPU slot'}(s); --set gpus={distinct} "
@@ -209,7 +213,7 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
                 if rc == 0 and status.get("state") == "done":
                     outcome.done.append(job.spec.run_id)
                 else:
-                    reason = status.get("error") or f"exit code {rc}, see {job.run_dir / 'log.txt'}"
+                    reason = status.get("error") or _exit_reason(rc, job.run_dir)
                     outcome.failed.append((job.spec.run_id, reason))
                     tqdm.write(f"FAILED {job.spec.run_id}: {reason}")
             running = still
@@ -392,6 +396,24 @@ def kill_tree(pid):
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _exit_reason(rc: int, run_dir: Path) -> str:
+    """Why a worker ended without recording a failure, in one line: its signal, or the
+    last line it logged (e.g. another process holds the run)."""
+    log = Path(run_dir) / "log.txt"
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return f"killed by {name}; rerun to resume it from its last checkpoint (log: {log})"
+    try:
+        last = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        last = []
+    tail = f": {last[-1].strip()[:300]}" if last else ""
+    return f"exit code {rc}{tail} (log: {log})"
 
 
 def _launch(job, device, threads, workers, nodes=Nodes()):

@@ -21,10 +21,9 @@ _NAMED = re.compile(r"^(\d+(?:\.\d+)?)x$")
 _EXPLICIT = re.compile(r"^(\d+)iter$")
 
 
-def _exact(value: float, what: str) -> int:
+def _exact(value: float, what: str, fix: str) -> int:
     if abs(value - round(value)) > 1e-6:
-        raise SpecError(f"{what} comes to {value:g} iterations, not a whole number; "
-                        f"choose a batch that divides the reference schedule")
+        raise SpecError(f"{what} comes to {value:g} iterations, not a whole number; {fix}")
     return int(round(value))
 
 
@@ -38,7 +37,10 @@ def resolve(solver: SolverSpec) -> SolverSpec:
             ref_steps = [ref_total - d for d in solver.drops_from_end]
         else:
             ref_steps = [ref_total * 2 / 3, ref_total * 8 / 9]
-        max_iter = _exact(ref_total * scale, f"schedule {solver.schedule} at batch {solver.batch}")
+        max_iter = _exact(ref_total * scale, f"schedule {solver.schedule} at batch {solver.batch}",
+                          "choose a batch that divides the reference schedule"
+                          if scale != 1 else "choose solver.unit_iters it multiplies to a whole "
+                          "number")
     elif m_explicit:
         # An explicit length is at the run's own batch; drops follow the rule, scaled.
         max_iter = int(m_explicit.group(1))
@@ -47,7 +49,10 @@ def resolve(solver: SolverSpec) -> SolverSpec:
     else:
         raise SpecError(f"solver.schedule: {solver.schedule!r} is not a schedule; allowed: "
                         f"'<N>x' (e.g. 1x, 3x, 6x, 0.5x) or '<N>iter' (e.g. 5000iter)")
-    steps = tuple(_exact(s * scale, f"an LR drop of {solver.schedule}") for s in ref_steps)
+    steps = tuple(_exact(s * scale, f"an LR drop of {solver.schedule} at batch {solver.batch}",
+                         "a 1x drops the LR at 2/3 and 8/9 of solver.unit_iters (choose one "
+                         "divisible by 9) and longer schedules at solver.drops_from_end; the "
+                         "batch must divide them too") for s in ref_steps)
     if any(s <= 0 for s in steps):
         raise SpecError(f"solver.schedule: {solver.schedule} is shorter than its LR drops "
                         f"{tuple(solver.drops_from_end)} from the end; use a longer schedule")

@@ -81,3 +81,25 @@ def test_he2019_preflight_names_what_blocks_a_run_before_any_training(coco_root,
     (line,) = out.stderr.strip().splitlines()
     assert out.returncode == 2 and "R-50-GN.pkl is not a readable pickle" in line
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_damaged_coco_is_one_line_before_any_training(coco_root, tmp_path):
+    """A missing val image would fail the run at its first evaluation, hours in; a
+    truncated annotation file at its start, in json's words. Both are found first, named."""
+    study = tmp_path / "study.yaml"
+    study.write_text(nine_iteration_pair("coco-damaged", "  data: {dataset: coco}"))
+    runs = ["--runs-root", str(tmp_path / "runs"), "--coco", str(coco_root)]
+    victim = sorted((coco_root / "val2017").iterdir())[0]
+    victim.unlink()
+    out = _bench("run", str(study), *runs)
+    assert out.returncode == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert "1 of the" in line and victim.name in line and "val images" in line
+
+    ann = coco_root / "annotations/instances_val2017.json"
+    ann.write_text(ann.read_text()[:500])
+    out = _bench("run", str(study), *runs)
+    assert out.returncode == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert f"{ann}: not a COCO annotation file (JSONDecodeError" in line
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pth"))

@@ -62,3 +62,37 @@ def test_a_disk_without_room_for_the_checkpoints_is_one_line_before_training(tmp
         cli._check_storage(tmp_path / "runs", [spec], parallel=2)
     monkeypatch.undo()
     cli._check_storage(tmp_path / "runs", [spec], parallel=2)  # this disk has the room
+
+
+def test_a_failed_evaluation_keeps_its_checkpoint_and_the_rerun_evaluates_it(tmp_path,
+                                                                             monkeypatch):
+    """The checkpoint of an eval iteration is written before the evaluation: a crash in it
+    (a missing val image, a killed process) loses no training, and the resumed run
+    evaluates that iteration first, ending as the run that never failed."""
+    from bench.engines.torchvision import train as tv
+    spec = next(s for s in recipe.load(write_recipe(tmp_path, scratch_study(9))).runs
+                if s.init == "scratch")
+    quiet = dict(log=lambda m: None)
+    whole = tv.train(spec, tmp_path / "whole", **quiet)
+
+    def broken(*a, **k):
+        raise OSError("image val/000000000005.jpg is unreadable")
+    with monkeypatch.context() as m:
+        m.setattr(tv, "evaluate", broken)
+        with pytest.raises(OSError, match="unreadable"):
+            tv.train(spec, tmp_path / "run", **quiet)
+    rd = RunDir(tmp_path / "run")
+    assert (rd.checkpoints / "model_0000009.pth").is_file()  # the training is kept
+    assert not [r for r in rd.read_metrics() if r["type"] == "eval"]
+
+    messages = []
+    tv.train(spec, rd.path, log=messages.append)
+    assert any("evaluating iteration 9" in m for m in messages)
+    assert rd.read_status()["state"] == "done"
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("wall", "time", "data_time",
+                                                         "eval_time")} for r in rows]
+    assert strip(rd.read_metrics()) == strip(whole.read_metrics())
+    tv.train(spec, rd.path, **quiet)  # a further rerun has nothing left to do
+    assert len([r for r in rd.read_metrics() if r["type"] == "eval"]) == 1

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from bench import recipe
 from bench.analysis import table
@@ -17,6 +18,11 @@ from bench.rundir import RunDir
 from bench.runner import run_dir_for
 
 pytestmark = pytest.mark.slow
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in ("wall", "time", "data_time", "eval_time")}
+            for r in rows]
 
 
 def bench(*args, runs=None, timeout=600, check=True):
@@ -90,8 +96,9 @@ def test_status_lists_every_run(finished_study):
 
 def test_killed_study_rerun_resumes_and_loses_nothing(tmp_path, finished_study):
     """SIGKILL the runner and its workers mid-study; the rerun redoes no finished run and
-    resumes the interrupted one from its checkpoint with no duplicated metrics rows."""
-    path, _, _ = finished_study
+    resumes the interrupted one from its checkpoint with no duplicated metrics rows, and
+    every run ends with bitwise the weights and metrics of the uninterrupted study."""
+    path, whole, _ = finished_study
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "bench.cli", "run", str(path), "--slots", "1",
            "--only=-2x-", "--runs-root", str(runs)]
@@ -127,6 +134,12 @@ def test_killed_study_rerun_resumes_and_loses_nothing(tmp_path, finished_study):
         assert [r["iteration"] for r in rows if r["type"] == "eval"] == [9, 18]
         if s.run_id in done_before:  # finished work is never redone
             assert (run_dir_for(s, runs) / "metrics.jsonl").read_bytes() == done_before[s.run_id]
+        ref = RunDir(run_dir_for(s, whole))
+        last = f"model_{s.solver.max_iter:07d}.pth"
+        a = torch.load(rd.checkpoints / last, weights_only=False)["model"]
+        b = torch.load(ref.checkpoints / last, weights_only=False)["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), s.run_id
+        assert strip_timing(rows) == strip_timing(ref.read_metrics()), s.run_id
     log = "".join((run_dir_for(s, runs) / "log.txt").read_text() for s in specs)
     assert "resumed" in log
 

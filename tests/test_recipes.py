@@ -56,6 +56,13 @@ def test_set_overrides_reach_every_run():
     assert all(r.solver.lr == pytest.approx(r.solver.base_lr * 4 / 16) for r in study.runs)
 
 
+def test_a_binary_file_is_not_a_recipe(tmp_path):
+    path = tmp_path / "photo.yaml"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(SpecError, match="is not a text"):
+        recipe.load(path)
+
+
 @pytest.mark.parametrize("body,needle", [
     ("run: {model: {nrom: GN}}", "run.model: unknown key 'nrom'; allowed: arch, backbone"),
     ("run: {model: {norm: gn}}", "run.model.norm: 'gn' is not allowed; allowed: one of GN, SyncBN"),
@@ -94,6 +101,10 @@ def test_set_overrides_reach_every_run():
     ("run: {plugins: [x.py]}", "run.plugins is set by the suite"),
     ("run: {name: mine}", "run.name is set by the suite"),
     ("unsupported: no engine\nvary: {schedule: [1x]}", "an unsupported study has no runs"),
+    ("run: {solver: 3}", "run.solver: must be a mapping of its fields, got 3"),
+    ("run: {solver: {batch: 8}}\nrun: {model: {depth: 18}}", "key 'run' appears twice"),
+    ("pretrain: {epochs: 0}", "pretrain.epochs=0 must be greater than 0"),
+    ("pretrain: {batch: -1}", "pretrain.batch=-1 must be greater than 0"),
 ])
 def test_bad_recipes_name_the_file_the_key_and_the_allowed_values(tmp_path, body, needle):
     path = write_recipe(tmp_path, f"study: bad\n{BASE}{body}\n")

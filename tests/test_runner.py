@@ -109,3 +109,14 @@ def test_a_file_system_without_flock_is_one_clear_error_not_a_busy_run(tmp_path,
     with pytest.raises(OSError, match=r"cannot lock .*\.lock \(No locks available\): the runs "
                                       r"root's file system must support flock"):
         rd.lock()
+
+
+def test_a_worker_that_ends_without_a_recorded_failure_is_explained_in_one_line(tmp_path):
+    from bench.runner import _exit_reason
+    (tmp_path / "log.txt").write_text("step 3\nanother process (pid 17) is training this run; "
+                                      "not starting a second\n\n")
+    held = _exit_reason(3, tmp_path)
+    assert held.startswith("exit code 3: another process (pid 17) is training this run")
+    killed = _exit_reason(-9, tmp_path)
+    assert killed.startswith("killed by SIGKILL; rerun to resume it from its last checkpoint")
+    assert "\n" not in held + killed

@@ -11,11 +11,21 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 
+class AnnotationError(ValueError):
+    """An annotation file that is not COCO's format (named, with what to do)."""
+
+
 def load_coco(ann_file):
     import contextlib
     import io
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
-        return COCO(str(ann_file))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+            return COCO(str(ann_file))
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, AssertionError) as e:
+        # a truncated download, or not COCO's layout; json's error says where
+        raise AnnotationError(f"{ann_file}: not a COCO annotation file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); download or "
+                         f"generate it again") from None
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -50,7 +60,12 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def load_image(self, image_id):
         info = self.coco.imgs[image_id]
-        img = Image.open(f"{self.image_dir}/{info['file_name']}").convert("RGB")
+        path = f"{self.image_dir}/{info['file_name']}"
+        try:
+            img = Image.open(path).convert("RGB")
+        except OSError as e:  # PIL's "Truncated File Read" names no file
+            raise OSError(f"image {path} is unreadable ({e}); restore it, or regenerate the "
+                          f"dataset") from None
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # uint8 CHW
 
     def get(self, index, hflip=False):

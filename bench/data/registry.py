@@ -46,9 +46,12 @@ def resolve(name: str, generate: bool = True) -> DatasetFiles:
         ann = root / "annotations" / "instances_train2017.json"
         if not ann.is_file():
             raise DatasetMissing(
-                f"COCO not found: {ann} does not exist; put COCO 2017 under "
-                f"$DETECTRON2_DATASETS/coco or pass --coco PATH (make reproduce-he2019 COCO=PATH), or run `make mini` for the "
-                f"embedded dataset")
+                f"COCO not found: {ann} does not exist; "
+                + (f"--coco (BENCH_COCO) points at {root}, which must hold COCO 2017's "
+                   f"annotations/, train2017/ and val2017/" if os.environ.get("BENCH_COCO") else
+                   "put COCO 2017 under $DETECTRON2_DATASETS/coco or pass --coco PATH (make "
+                   "reproduce-he2019 COCO=PATH)")
+                + ", or run `make mini` for the embedded dataset")
         files = DatasetFiles(name, root / "train2017", ann, root / "val2017",
                              root / "annotations" / "instances_val2017.json",
                              root / "bench_subsets")

@@ -24,6 +24,7 @@ from PIL import Image
 
 from bench.data import shapes
 from bench.hashing import file_sha256
+from bench.interrupt import default_signals_in_child
 from bench.paths import cache_root
 
 GENERATOR_VERSION = 3
@@ -142,8 +143,10 @@ def _parallel(fn, jobs, workers):
     # fork, not spawn: spawn re-imports the caller's __main__, which in a script without a
     # main guard regenerates the dataset in every child, recursively. The workers touch only
     # numpy, PIL and pycocotools, never torch, so forking a torch-holding parent is safe.
+    # The workers take the default signal handlers: the CLI's SIGTERM handler raises
+    # KeyboardInterrupt, and Pool.terminate() (at the end of every map) sends SIGTERM.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(workers) as pool:
+    with mp.get_context(method).Pool(workers, initializer=default_signals_in_child) as pool:
         return [r for part in pool.map(fn, jobs) for r in part]
 
 

@@ -190,13 +190,34 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     stepper = Stepper(model, optimizer, micro, solver.amp, world)
     if state is not None and state.get("grad_scaler") and stepper.scaler:
         stepper.scaler.load_state_dict(state["grad_scaler"])
-    if start >= solver.max_iter:
+    def is_eval(done):
+        return bool(spec.eval.period and done % spec.eval.period == 0) or done == solver.max_iter
+
+    # The checkpoint of an eval iteration is saved before the evaluation, so a failed or
+    # killed evaluation loses no training; its resume evaluates first.
+    pending_eval = state is not None and is_eval(start) and not _evaluated(rd, start, world,
+                                                                           device)
+    if start >= solver.max_iter and not pending_eval:
         if world.main:
             rd.truncate_metrics(start)
             rd.write_status("done", iteration=start, max_iter=solver.max_iter)
         return rd
 
     log_row, spent = open_session(rd, start, solver.max_iter, len(train_set), world.main)
+
+    def evaluate_at(done):
+        # plain BN's running statistics drift apart per process (buffers are not
+        # broadcast while training): evaluate everywhere with rank 0's, the saved ones
+        distributed.broadcast_buffers(net, world)
+        stats = evaluate(net, val_set, device, masks=spec.model.arch == "mask_rcnn",
+                         backend=spec.eval.backend, world=world)
+        if world.main:
+            log_row({"type": "eval", "iteration": done, "images_seen": done * solver.batch,
+                     "wall": time.time(), **{k: _clean(v) for k, v in stats.items()}})
+
+    if pending_eval:
+        log(f"evaluating iteration {start}: its checkpoint was saved, its evaluation was not")
+        evaluate_at(start)
     stream = TrainStream(train_set, seed=spec.seed, hflip=spec.data.hflip,
                          group=micro if spec.data.aspect_grouping else 0)
     # The loader gets its own generator: creating its iterator would otherwise draw a seed
@@ -266,19 +287,11 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
             window = {"time": 0.0, "data_time": 0.0, "timed": 0, "n": 0}
             losses_sum = {}
 
-        is_eval = (spec.eval.period and done % spec.eval.period == 0) or done == solver.max_iter
-        if is_eval:
-            # plain BN's running statistics drift apart per process (buffers are not
-            # broadcast while training): evaluate everywhere with rank 0's, the saved ones
-            distributed.broadcast_buffers(net, world)
-            stats = evaluate(net, val_set, device, masks=spec.model.arch == "mask_rcnn",
-                             backend=spec.eval.backend, world=world)
-            if world.main:
-                log_row({"type": "eval", "iteration": done, "images_seen": done * solver.batch,
-                         "wall": time.time(), **{k: _clean(v) for k, v in stats.items()}})
         if (done % spec.checkpoint.period == 0 or done == solver.max_iter or done in fork_points
-                or stepper.stop):
+                or stepper.stop or is_eval(done)):
             save(done)
+        if is_eval(done):
+            evaluate_at(done)
         if stepper.stop and done < solver.max_iter:
             log(f"stopped at iteration {done} on request, checkpoint saved; rerun to resume")
             if world.main:
@@ -294,6 +307,13 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
                         finished=time.time(), train_seconds=spent())
     distributed.barrier(world)
     return rd
+
+
+def _evaluated(rd, iteration, world, device) -> bool:
+    """Whether metrics.jsonl holds the eval row of `iteration` (rank 0 reads; all agree)."""
+    found = world.main and any(r.get("type") == "eval" and r.get("iteration") == iteration
+                               for r in rd.read_metrics())
+    return distributed.mean(torch.tensor([float(found)], device=device), world).item() > 0
 
 
 run = engines.recording_failure(train)
