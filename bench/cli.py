@@ -489,6 +489,10 @@ def cmd_status(args):
     from bench import status
     from bench.runner import run_dir_for
     root = Path(args.runs_root) if args.runs_root else runs_root()
+    if not root.is_dir():
+        raise FileNotFoundError(f"runs root {root} is not a directory (no run has started "
+                                f"there); pass the one `bench run` used: --runs-root or "
+                                f"$BENCH_RUNS")
     specs = [s for study in _studies(args) for s in study.runs]
     rows = status.table(specs, lambda s: run_dir_for(s, root))
     _print_table(rows, status.COLUMNS)

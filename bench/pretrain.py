@@ -80,6 +80,21 @@ def is_done(path: str, model_spec, p) -> bool:
     return all(meta.get(k) == v for k, v in want.items())
 
 
+def set_aside(path: str):
+    """Rename an existing checkpoint at `path` (and its .json) out of the way as a new one
+    takes its place, so the backbone that finished runs started from is never lost; returns
+    the new name, or None when there was none."""
+    file = resolve_cache_path(path)
+    if not file.is_file():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(file.stat().st_mtime))
+    kept = file.with_name(f"{file.stem}.replaced-{stamp}{file.suffix}")
+    file.rename(kept)
+    if file.with_suffix(".json").is_file():
+        file.with_suffix(".json").rename(kept.with_suffix(".json"))
+    return kept
+
+
 def pretrain(model_spec, p, out_path: str, device="cpu", workers=0, log=print) -> dict:
     """Train the backbone as a classifier on the source set; `workers` loader processes keep a
     GPU fed (the data order and flips come from seeded generators either way)."""
@@ -123,6 +138,9 @@ def pretrain(model_spec, p, out_path: str, device="cpu", workers=0, log=print) -
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(file.name + ".tmp")
     torch.save({"backbone": model.body.state_dict(), "meta": meta}, tmp)
+    old = set_aside(out_path)
+    if old:  # the backbone finished runs may have started from is never lost
+        log(f"{out_path}: the checkpoint there was pre-trained otherwise; kept as {old}")
     tmp.replace(file)
     atomic_write_text(file.with_suffix(".json"), json.dumps(meta, indent=1))
     log(f"pretrained backbone saved to {file}: source val top-1 {top1:.1f}%")

@@ -101,7 +101,17 @@ class RunDir:
         atomic_write_text(self.spec_file, yaml.safe_dump(_plain(doc), sort_keys=False))
 
     def read_spec_doc(self) -> dict:
-        return yaml.safe_load(self.spec_file.read_text())
+        try:
+            doc = yaml.safe_load(self.spec_file.read_text())
+        except yaml.YAMLError as e:
+            doc = e
+        if not (isinstance(doc, dict) and isinstance(doc.get("spec"), dict)):
+            from bench.spec import SpecError
+            why = f"not YAML: {str(doc).splitlines()[0]}" if isinstance(doc, Exception) else \
+                "no `spec:` mapping"
+            raise SpecError(f"{self.spec_file}: the run's record is damaged ({why}); restore it, "
+                            f"or delete {self.path} to train the run again")
+        return doc
 
     def read_spec(self):
         from bench.spec import RunSpec
@@ -133,10 +143,15 @@ class RunDir:
 
     # -- status -----------------------------------------------------------------------
     def read_status(self) -> dict:
+        """The run's status; an unreadable or damaged file reads as queued (a rerun finds
+        its checkpoints and metrics, which are the record, and rewrites it)."""
         try:
-            return json.loads(self.status_file.read_text())
+            doc = json.loads(self.status_file.read_text())
         except (OSError, ValueError):
             return {"state": "queued"}
+        if not isinstance(doc, dict) or doc.get("state") not in STATES:
+            return {"state": "queued"}
+        return doc
 
     def write_status(self, state, **fields):
         assert state in STATES, state
@@ -161,9 +176,11 @@ class RunDir:
             return rows
         for line in self.metrics_file.read_text().splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(row, dict) and isinstance(row.get("iteration"), int):
+                rows.append(row)
         return rows
 
     def append_metrics(self, row: dict):

@@ -181,6 +181,28 @@ def test_a_stopped_detectron2_run_resumes_where_it_stopped(tmp_path, monkeypatch
 
 
 @needs_d2
+def test_a_failed_detectron2_evaluation_keeps_its_checkpoint_and_is_redone(tmp_path,
+                                                                          monkeypatch,
+                                                                          both_engines):
+    from bench.engines.detectron2 import train as d2train
+    spec, whole = both_engines["detectron2"]
+    first_eval = next(r["iteration"] for r in whole.read_metrics() if r["type"] == "eval")
+
+    def broken(*a, **k):
+        raise OSError("image val/5.jpg is unreadable")
+    with monkeypatch.context() as m:
+        m.setattr(d2train, "inference_on_dataset", broken)
+        with pytest.raises(OSError, match="unreadable"):
+            _train(spec, tmp_path / "run", d2train)
+    rd = RunDir(tmp_path / "run")
+    assert [it for it, _ in checkpoint.list_checkpoints(rd.checkpoints)] == [first_eval]
+    _train(spec, tmp_path / "run", d2train)
+    assert [(r["type"], r["iteration"]) for r in rd.read_metrics()] == \
+        [(r["type"], r["iteration"]) for r in whole.read_metrics()]
+    assert rd.read_status()["state"] == "done"
+
+
+@needs_d2
 def test_the_pretrained_side_starts_from_the_checkpoint_in_detectron2s_resnet(tmp_path):
     from detectron2.modeling import build_model
     from bench.engines.detectron2.train import _load_backbone, detectron2_cfg

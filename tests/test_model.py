@@ -313,3 +313,17 @@ def test_mask_targets_are_detectron2s_binary_aligned_crops():
     half = detectron2_mask_targets(mask, torch.tensor([[6., 10., 34., 38.]]), idx, 28)
     assert set(half.unique().tolist()) == {0.0, 1.0}
     assert half[:, :, :14].sum() == 0 and half[:, :, 14:].all()
+
+
+def test_a_replaced_pretrained_checkpoint_is_kept_aside(tmp_path, monkeypatch):
+    """Pre-training again with other settings writes the same path; the backbone that
+    finished runs started from stays on disk under another name."""
+    from bench import pretrain
+    monkeypatch.setenv("BENCH_DATA", str(tmp_path))
+    (tmp_path / "pretrained").mkdir()
+    (tmp_path / "pretrained/x.pth").write_bytes(b"old weights")
+    (tmp_path / "pretrained/x.json").write_text("{}")
+    kept = pretrain.set_aside("cache:pretrained/x.pth")
+    assert kept.name.startswith("x.replaced-") and kept.read_bytes() == b"old weights"
+    assert kept.with_suffix(".json").is_file() and not (tmp_path / "pretrained/x.pth").exists()
+    assert pretrain.set_aside("cache:pretrained/x.pth") is None

@@ -6,8 +6,11 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from bench import recipe, status
 from bench.rundir import RunDir
+from bench.spec import SpecError
 from conftest import write_recipe
 from test_slurm import scratch_study
 
@@ -65,3 +68,30 @@ def test_status_is_a_table_with_a_summary_and_the_failures(tmp_path):
                                 "GPU-h", "where", "updated"]
     assert "2 runs: 1 failed, 1 queued; 0.01 GPU-hours used" in out.stdout
     assert f"  failed {spec.run_id}: NonFiniteLoss: loss is nan at iteration 20" in lines
+
+
+def test_damaged_run_files_read_as_unknown_not_as_a_traceback(tmp_path):
+    """status.json and metrics.jsonl are rewritten by a rerun: damage reads as queued, and a
+    row that is not a metrics row is skipped. spec.yaml is the run's record: its damage is
+    one line naming the file. A runs root that does not exist is named too."""
+    path = write_recipe(tmp_path, scratch_study(180))
+    spec = _spec(tmp_path)
+    from bench.runner import run_dir_for
+    rd = RunDir(run_dir_for(spec, tmp_path / "runs"))
+    rd.write_spec(spec)
+    rd.status_file.write_text("[1]")
+    rd.metrics_file.write_text('[1]\n{"type": "train", "iteration": 20, "loss": 1.5}\n{"state": 5}\n')
+    assert rd.read_status() == {"state": "queued"}
+    assert [r["iteration"] for r in rd.read_metrics()] == [20]
+
+    def status(root):
+        return subprocess.run([sys.executable, "-m", "bench.cli", "status", str(path),
+                               "--runs-root", str(root)], capture_output=True, text=True,
+                              timeout=120)
+    assert status(tmp_path / "runs").returncode == 0
+    out = status(tmp_path / "nowhere")
+    assert out.returncode == 2 and "nowhere is not a directory" in out.stderr
+
+    rd.spec_file.write_text("spec: [unclosed\n")
+    with pytest.raises(SpecError, match=r"spec.yaml: the run's record is damaged \(not YAML"):
+        rd.read_spec()

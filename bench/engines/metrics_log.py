@@ -32,6 +32,18 @@ class MetricsLog:
             self.board.close()
 
 
+def evaluated(rd, iteration: int, world, device) -> bool:
+    """Whether metrics.jsonl holds the eval row of `iteration` (rank 0 reads; all agree).
+    Engines save an eval iteration's checkpoint before evaluating, so a resume from it
+    evaluates first when the row is missing."""
+    import torch
+
+    from bench import distributed
+    found = world.main and any(r.get("type") == "eval" and r.get("iteration") == iteration
+                               for r in rd.read_metrics())
+    return distributed.mean(torch.tensor([float(found)], device=device), world).item() > 0
+
+
 def open_session(rd, start: int, max_iter: int, train_images: int, main: bool = True):
     """Start a training session of run dir `rd` at iteration `start`: metrics rows past the
     checkpoint dropped, status "running". Returns (MetricsLog, spent): spent() is the

@@ -39,7 +39,7 @@ from bench import checkpoint, distributed, engines, fork, interrupt
 from bench.engines.detectron2 import data as d2data
 from bench.engines.detectron2.config import Untranslatable, flatten, translate
 from bench.engines.detectron2.weights import to_detectron2
-from bench.engines.metrics_log import open_session
+from bench.engines.metrics_log import evaluated, open_session
 from bench.engines.torchvision.evaluate import STAT_NAMES, no_detection_stats
 from bench.imagenet import load_imagenet_backbone
 from bench.rundir import RunDir
@@ -146,6 +146,13 @@ class RunDirHook(HookBase):
         self.time = self.data_time = 0.0
         self.timed = 0
 
+    def evaluate_at(self, done):
+        stats = self.evaluate()
+        if self.world.main:
+            self.log_row({"type": "eval", "iteration": done,
+                          "images_seen": done * self.spec.solver.batch, "wall": time.time(),
+                          **stats})
+
     def before_step(self):
         self.t_step = time.perf_counter()
 
@@ -178,18 +185,16 @@ class RunDirHook(HookBase):
             self.window.update(n=0, losses={})
             self.time = self.data_time = 0.0
             self.timed = 0
-        if (spec.eval.period and done % spec.eval.period == 0) or done == solver.max_iter:
-            stats = self.evaluate()
-            if world.main:
-                self.log_row({"type": "eval", "iteration": done,
-                              "images_seen": done * solver.batch, "wall": time.time(), **stats})
         stop = interrupt.requested()
         if world.size > 1:  # every process stops after the same iteration
             flag = torch.tensor([float(stop)], device=self.device)
             stop = distributed.mean(flag, world).item() > 0
+        # an eval iteration's checkpoint first: a failed evaluation loses no training
         if (done % spec.checkpoint.period == 0 or done == solver.max_iter
-                or done in self.save.fork_points or stop):
+                or done in self.save.fork_points or stop or is_eval(spec, done)):
             self.save(done)
+        if is_eval(spec, done):
+            self.evaluate_at(done)
         if stop and done < solver.max_iter:
             self.log(f"stopped at iteration {done} on request, checkpoint saved; rerun to resume")
             if world.main:
@@ -247,7 +252,9 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         {"n": 0, "losses": {}}
     window["losses"] = dict(window["losses"])
 
-    if start >= solver.max_iter:
+    pending_eval = state is not None and is_eval(spec, start) and not evaluated(rd, start, world,
+                                                                                device)
+    if start >= solver.max_iter and not pending_eval:
         if world.main:
             rd.truncate_metrics(start)
             rd.write_status("done", iteration=start, max_iter=solver.max_iter)
@@ -311,7 +318,11 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     hook = RunDirHook(spec, rd, world, device, evaluate, save, log_row, spent, log, window)
     trainer.register_hooks([hooks.LRScheduler(optimizer=optimizer, scheduler=scheduler), hook])
     try:
-        trainer.train(start, solver.max_iter)
+        if pending_eval:
+            log(f"evaluating iteration {start}: its checkpoint was saved, its evaluation was not")
+            hook.evaluate_at(start)
+        if start < solver.max_iter:
+            trainer.train(start, solver.max_iter)
     except FloatingPointError as e:  # detectron2's check of the loss, on rank 0
         last = checkpoint.list_checkpoints(rd.checkpoints)
         first = str(e).splitlines()[0]
@@ -326,6 +337,11 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
                         finished=time.time(), train_seconds=spent())
     distributed.barrier(world)
     return rd
+
+
+def is_eval(spec, done: int) -> bool:
+    return bool(spec.eval.period and done % spec.eval.period == 0) or \
+        done == spec.solver.max_iter
 
 
 def _close_loader(trainer):

@@ -25,7 +25,7 @@ from bench import checkpoint, distributed, engines, fork, interrupt, schedule
 from bench.data import registry
 from bench.data.coco import CocoDetection, load_coco
 from bench.data.sampler import PositionSampler, TrainStream, collate
-from bench.engines.metrics_log import open_session
+from bench.engines.metrics_log import evaluated, open_session
 from bench.engines.torchvision.evaluate import evaluate
 from bench.engines.torchvision.model import build_detector, load_backbone_weights, use_input_sizes
 from bench.imagenet import load_imagenet_backbone
@@ -195,8 +195,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
 
     # The checkpoint of an eval iteration is saved before the evaluation, so a failed or
     # killed evaluation loses no training; its resume evaluates first.
-    pending_eval = state is not None and is_eval(start) and not _evaluated(rd, start, world,
-                                                                           device)
+    pending_eval = state is not None and is_eval(start) and not evaluated(rd, start, world,
+                                                                          device)
     if start >= solver.max_iter and not pending_eval:
         if world.main:
             rd.truncate_metrics(start)
@@ -307,13 +307,6 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
                         finished=time.time(), train_seconds=spent())
     distributed.barrier(world)
     return rd
-
-
-def _evaluated(rd, iteration, world, device) -> bool:
-    """Whether metrics.jsonl holds the eval row of `iteration` (rank 0 reads; all agree)."""
-    found = world.main and any(r.get("type") == "eval" and r.get("iteration") == iteration
-                               for r in rd.read_metrics())
-    return distributed.mean(torch.tensor([float(found)], device=device), world).item() > 0
 
 
 run = engines.recording_failure(train)
