@@ -101,11 +101,17 @@ def has_started(child_dir) -> bool:
     return rd.checkpoints.is_dir() and any(rd.checkpoints.glob("model_*.pth"))
 
 
-def ready(parent_dir, f) -> bool:
-    """Has the parent saved its checkpoint at the fork point (its rows up to f are written
-    before it)?"""
+def ready(parent_spec, parent_dir, f) -> bool:
+    """Has the parent saved its checkpoint at the fork point, with its rows up to f? Train
+    rows are written before a checkpoint; an eval iteration's checkpoint comes before its
+    evaluation (so a failed one loses no training), so there the eval row must be in too."""
+    from bench import schedule
     from bench.checkpoint import checkpoint_path
-    return checkpoint_path(RunDir(parent_dir).checkpoints, f).is_file()
+    rd = RunDir(parent_dir)
+    if not checkpoint_path(rd.checkpoints, f).is_file():
+        return False
+    return not schedule.is_eval_iteration(parent_spec, f) or any(
+        r.get("type") == "eval" and r["iteration"] == f for r in rd.read_metrics())
 
 
 def fork(parent_spec, parent_dir, child_spec, child_dir, f):

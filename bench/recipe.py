@@ -145,7 +145,10 @@ def load_doc(path, overrides=None) -> dict:
     path = Path(path)
     doc = _read_yaml(path)
     if "base" in doc:
-        base_path = (path.parent / doc["base"]).resolve()
+        base_path = (path.parent / str(doc["base"])).resolve()
+        if not base_path.is_file():
+            raise SpecError(f"{path}: base: {doc['base']!r} is not a recipe file ({base_path}); "
+                            f"the path is relative to {path.parent}")
         base = _read_yaml(base_path)
         if "base" in base:
             raise SpecError(f"{base_path}: a base recipe may not have its own `base:` (one level "

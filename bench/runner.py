@@ -186,7 +186,7 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
             for job in list(waiting):  # a child starts once its parent saved the fork point
                 parent_dir = run_dir_for(job.parent, runs_root)
                 parent_busy = any(j.spec.run_id == job.parent.run_id for j in queue + running)
-                if fork.ready(parent_dir, job.fork_iteration) or not parent_busy:
+                if fork.ready(job.parent, parent_dir, job.fork_iteration) or not parent_busy:
                     waiting.remove(job)
                     _fork_or_start(job, parent_dir, log)
                     queue.append(job)
@@ -244,7 +244,7 @@ def _plan_forks(queue, specs, runs_root, log) -> list:
         parent, f = link
         parent_dir = run_dir_for(parent, runs_root)
         job.parent, job.fork_iteration = parent, f
-        if fork.ready(parent_dir, f):
+        if fork.ready(parent, parent_dir, f):
             waiting.append(job)  # forks on the first pass of the loop
             continue
         done = [it for it, _ in list_checkpoints(RunDir(parent_dir).checkpoints)]

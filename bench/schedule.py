@@ -60,6 +60,12 @@ def resolve(solver: SolverSpec) -> SolverSpec:
                    lr=solver.base_lr * solver.batch / solver.ref_batch)
 
 
+def is_eval_iteration(spec, done: int) -> bool:
+    """Whether a run evaluates after iteration `done`: every eval.period, and at the end."""
+    return bool(spec.eval.period and done % spec.eval.period == 0) or \
+        done == spec.solver.max_iter
+
+
 def lr_factor(solver: SolverSpec, iteration: int) -> float:
     """Multiplier of solver.lr at `iteration` (0-based): linear warm-up, then steps."""
     factor = solver.gamma ** sum(1 for s in solver.steps if iteration >= s)

@@ -123,6 +123,13 @@ def test_base_inheritance_is_one_level_only(tmp_path):
         recipe.load(tmp_path / "c.yaml")
 
 
+def test_a_missing_base_names_the_recipe_that_refers_to_it(tmp_path):
+    path = write_recipe(tmp_path, "study: x\nbase: ../nowhere.yaml\n", "mine.yaml")
+    with pytest.raises(SpecError, match=r"mine.yaml: base: '../nowhere.yaml' is not a recipe "
+                                        r"file \(.*nowhere.yaml\); the path is relative to"):
+        recipe.load(path)
+
+
 def test_invalid_yaml_names_the_line(tmp_path):
     path = write_recipe(tmp_path, "study: x\nrun: {model: [\n")
     with pytest.raises(SpecError, match=r"line \d+ is not valid YAML"):

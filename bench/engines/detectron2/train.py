@@ -35,7 +35,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from torch.nn.parallel import DistributedDataParallel
 
-from bench import checkpoint, distributed, engines, fork, interrupt
+from bench import checkpoint, distributed, engines, fork, interrupt, schedule
 from bench.engines.detectron2 import data as d2data
 from bench.engines.detectron2.config import Untranslatable, flatten, translate
 from bench.engines.detectron2.weights import to_detectron2
@@ -190,10 +190,11 @@ class RunDirHook(HookBase):
             flag = torch.tensor([float(stop)], device=self.device)
             stop = distributed.mean(flag, world).item() > 0
         # an eval iteration's checkpoint first: a failed evaluation loses no training
+        evaluates = schedule.is_eval_iteration(spec, done)
         if (done % spec.checkpoint.period == 0 or done == solver.max_iter
-                or done in self.save.fork_points or stop or is_eval(spec, done)):
+                or done in self.save.fork_points or stop or evaluates):
             self.save(done)
-        if is_eval(spec, done):
+        if evaluates:
             self.evaluate_at(done)
         if stop and done < solver.max_iter:
             self.log(f"stopped at iteration {done} on request, checkpoint saved; rerun to resume")
@@ -252,8 +253,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         {"n": 0, "losses": {}}
     window["losses"] = dict(window["losses"])
 
-    pending_eval = state is not None and is_eval(spec, start) and not evaluated(rd, start, world,
-                                                                                device)
+    pending_eval = (state is not None and schedule.is_eval_iteration(spec, start)
+                    and not evaluated(rd, start, world, device))
     if start >= solver.max_iter and not pending_eval:
         if world.main:
             rd.truncate_metrics(start)
@@ -337,11 +338,6 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
                         finished=time.time(), train_seconds=spent())
     distributed.barrier(world)
     return rd
-
-
-def is_eval(spec, done: int) -> bool:
-    return bool(spec.eval.period and done % spec.eval.period == 0) or \
-        done == spec.solver.max_iter
 
 
 def _close_loader(trainer):

@@ -191,7 +191,7 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     if state is not None and state.get("grad_scaler") and stepper.scaler:
         stepper.scaler.load_state_dict(state["grad_scaler"])
     def is_eval(done):
-        return bool(spec.eval.period and done % spec.eval.period == 0) or done == solver.max_iter
+        return schedule.is_eval_iteration(spec, done)
 
     # The checkpoint of an eval iteration is saved before the evaluation, so a failed or
     # killed evaluation loses no training; its resume evaluates first.
