@@ -97,6 +97,9 @@ def _syncbn_rank(rank, init_file, sizes, out_dir):
     (y * coef[lo:lo + sizes[rank]]).sum().backward()
     torch.save({"y": y.detach(), "dx": part.grad, "dw": bn.weight.grad, "db": bn.bias.grad,
                 "mean": bn.running_mean, "var": bn.running_var}, f"{out_dir}/rank{rank}.pt")
+    # both done before either closes its connections: a rank tearing down while the other
+    # is still in a collective aborts it (seen once on a loaded 2-core machine)
+    dist.barrier()
     dist.destroy_process_group()
 
 
