@@ -190,13 +190,11 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     stepper = Stepper(model, optimizer, micro, solver.amp, world)
     if state is not None and state.get("grad_scaler") and stepper.scaler:
         stepper.scaler.load_state_dict(state["grad_scaler"])
-    def is_eval(done):
-        return schedule.is_eval_iteration(spec, done)
 
     # The checkpoint of an eval iteration is saved before the evaluation, so a failed or
     # killed evaluation loses no training; its resume evaluates first.
-    pending_eval = state is not None and is_eval(start) and not evaluated(rd, start, world,
-                                                                          device)
+    pending_eval = (state is not None and schedule.is_eval_iteration(spec, start)
+                    and not evaluated(rd, start, world, device))
     if start >= solver.max_iter and not pending_eval:
         if world.main:
             rd.truncate_metrics(start)
@@ -287,10 +285,11 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
             window = {"time": 0.0, "data_time": 0.0, "timed": 0, "n": 0}
             losses_sum = {}
 
+        evaluates = schedule.is_eval_iteration(spec, done)
         if (done % spec.checkpoint.period == 0 or done == solver.max_iter or done in fork_points
-                or stepper.stop or is_eval(done)):
+                or stepper.stop or evaluates):
             save(done)
-        if is_eval(done):
+        if evaluates:
             evaluate_at(done)
         if stepper.stop and done < solver.max_iter:
             log(f"stopped at iteration {done} on request, checkpoint saved; rerun to resume")
