@@ -327,3 +327,17 @@ def test_a_replaced_pretrained_checkpoint_is_kept_aside(tmp_path, monkeypatch):
     assert kept.name.startswith("x.replaced-") and kept.read_bytes() == b"old weights"
     assert kept.with_suffix(".json").is_file() and not (tmp_path / "pretrained/x.pth").exists()
     assert pretrain.set_aside("cache:pretrained/x.pth") is None
+
+
+def test_anchors_are_detectron2s_exact_boxes_not_rounded_to_whole_pixels():
+    """detectron2 centres an anchor of area size² and height/width ratio r on every
+    stride-th pixel with corners at ±w/2, ±h/2; torchvision rounds the corners (an 8-pixel
+    anchor at r = 0.5 became 12 x 6), which changed the positive anchors and RPN targets."""
+    import math
+    generator = detector(SCRATCH).rpn.anchor_generator
+    for size, cell in zip(SCRATCH.model.anchor_sizes, generator.cell_anchors):
+        for ratio, box in zip((0.5, 1.0, 2.0), cell):
+            w = math.sqrt(size ** 2 / ratio)
+            h = ratio * w
+            assert box.tolist() == pytest.approx([-w / 2, -h / 2, w / 2, h / 2], abs=1e-5)
+    assert generator.cell_anchors[0][0].tolist() != [-6.0, -3.0, 6.0, 3.0]  # torchvision's

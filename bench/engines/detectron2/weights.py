@@ -1,4 +1,5 @@
-"""Our ResNet checkpoints (torchvision's layout) under detectron2's ResNet names.
+"""Our ResNet checkpoints (torchvision's layout) under detectron2's ResNet names, and a whole
+detectron2 detector's weights in the torchvision engine's model.
 
 Every ImageNet initialization the suite reads (`bench pretrain` checkpoints, torchvision's
 weights, Detectron's Caffe2 `.pkl`) comes out of bench.imagenet in torchvision's layout
@@ -8,6 +9,8 @@ Pure tensors: tested without detectron2.
 """
 
 import re
+
+import torch
 
 _BLOCK = re.compile(r"^layer(\d)\.(\d+)\.(.+)$")
 _NORM = re.compile(r"^bn(\d)\.(.+)$")
@@ -48,5 +51,75 @@ def to_detectron2(state: dict, source: str = "checkpoint") -> dict:
             continue
         if name == "stem.conv1.weight":
             value = value.flip(1)  # RGB -> BGR input channels
+        out[name] = value
+    return out
+
+
+_D2_BACKBONE = re.compile(r"^backbone\.bottom_up\.(.+)$")
+_D2_FPN = re.compile(r"^backbone\.fpn_(lateral|output)(\d)\.(norm\.)?(\w+)$")
+_D2_HEAD_CONV = re.compile(r"^roi_heads\.(box|mask)_head\.(?:conv|mask_fcn)(\d+)\.(norm\.)?(\w+)$")
+_D2_RENAMED = {"proposal_generator.rpn_head.conv.": "rpn.head.conv.0.0.",
+               "proposal_generator.rpn_head.objectness_logits.": "rpn.head.cls_logits.",
+               "proposal_generator.rpn_head.anchor_deltas.": "rpn.head.bbox_pred.",
+               "roi_heads.box_predictor.": "roi_heads.box_predictor.",
+               "roi_heads.mask_head.deconv.": "roi_heads.mask_predictor.conv5_mask.",
+               "roi_heads.mask_head.predictor.": "roi_heads.mask_predictor.mask_fcn_logits."}
+
+
+def _our_backbone_names(d2_backbone_keys):
+    """{detectron2 bottom_up key: our backbone.body key}, by inverting `_rename`."""
+    out = {}
+    for key in d2_backbone_keys:
+        rest = key[len("backbone.bottom_up."):]
+        if rest.startswith("stem.conv1.norm."):
+            ours = "bn1." + rest[len("stem.conv1.norm."):]
+        elif rest.startswith("stem."):
+            ours = rest[len("stem."):]
+        else:
+            stage, block, tail = rest.split(".", 2)
+            tail = re.sub(r"^conv(\d)\.norm\.", r"bn\1.", tail)
+            tail = re.sub(r"^shortcut\.norm\.", "downsample.1.", tail)
+            tail = re.sub(r"^shortcut\.", "downsample.0.", tail)
+            ours = f"layer{int(stage[3:]) - 1}.{block}.{tail}"
+        assert _rename(ours) == rest, (key, ours)
+        out[key] = "backbone.body." + ours
+    return out
+
+
+def detector_from_detectron2(state: dict) -> dict:
+    """A detectron2 R-FPN Mask / Faster R-CNN state dict in the torchvision engine's layout
+    (bench.engines.torchvision.model.build_detector with the same ModelSpec): a renaming, the
+    first conv turned from BGR to RGB, and the background score moved from detectron2's last
+    row to torchvision's first. With it the same weights run through both engines, which is
+    how their losses, gradients and evaluations are compared (tests/test_detectron2_engine.py).
+    """
+    backbone = _our_backbone_names([k for k in state if _D2_BACKBONE.match(k)])
+    box_convs = max((int(m.group(2)) for k in state if (m := _D2_HEAD_CONV.match(k))
+                     and m.group(1) == "box"), default=0)
+    out = {}
+    for key, value in state.items():
+        if key in backbone:
+            name = backbone[key]
+            if name == "backbone.body.conv1.weight":
+                value = value.flip(1)  # BGR -> RGB input channels
+        elif (m := _D2_FPN.match(key)):
+            blocks = "inner_blocks" if m.group(1) == "lateral" else "layer_blocks"
+            name = (f"backbone.fpn.{blocks}.{int(m.group(2)) - 2}."
+                    f"{'1' if m.group(3) else '0'}.{m.group(4)}")
+        elif (m := _D2_HEAD_CONV.match(key)):
+            name = (f"roi_heads.{m.group(1)}_head.{int(m.group(2)) - 1}."
+                    f"{'1' if m.group(3) else '0'}.{m.group(4)}")
+        elif key.startswith("roi_heads.box_head.fc1."):
+            # torchvision's FastRCNNConvFCHead: the convs, a Flatten, then the fc
+            name = f"roi_heads.box_head.{box_convs + 1}." + key[len("roi_heads.box_head.fc1."):]
+        elif key.startswith("roi_heads.box_head.fc"):
+            raise ValueError(f"{key}: the torchvision engine's box head has one fc layer")
+        else:
+            prefix = next((p for p in _D2_RENAMED if key.startswith(p)), None)
+            if prefix is None:
+                raise ValueError(f"{key}: not a weight of detectron2's R-FPN Mask / Faster R-CNN")
+            name = _D2_RENAMED[prefix] + key[len(prefix):]
+        if name.startswith("roi_heads.box_predictor.cls_score."):
+            value = torch.cat([value[-1:], value[:-1]])  # background: last -> first
         out[name] = value
     return out

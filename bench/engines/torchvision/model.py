@@ -102,6 +102,25 @@ class RoIPooler(MultiScaleRoIAlign):
         return out
 
 
+class Anchors(AnchorGenerator):
+    """detectron2's anchors (DefaultAnchorGenerator, offset 0): a box of area size² and
+    height/width ratio r centred on every stride-th pixel, corners at ±w/2, ±h/2 exactly.
+
+    torchvision rounds the corners of its cell anchors to whole pixels, which moves the small
+    anchors by up to half a pixel (an 8-pixel anchor at ratio 0.5 is 12 x 6, not 11.3 x 5.7):
+    a different set of positive anchors and RPN targets from the same image. Only the cell
+    anchors are ours; torchvision lays them over the feature maps."""
+
+    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32,
+                         device=torch.device("cpu")):
+        scales = torch.as_tensor(scales, dtype=dtype, device=device)
+        ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
+        h = torch.sqrt(ratios)
+        ws = (scales[None, :] / h[:, None]).reshape(-1)
+        hs = (scales[None, :] * h[:, None]).reshape(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+
+
 class BoxPredictor(nn.Module):
     """detectron2's FastRCNNOutputLayers: K+1 class scores, box deltas for the K foreground
     classes only, initialized N(0, 0.01) and N(0, 0.001) with zero bias.
@@ -244,8 +263,7 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
         norm_layer=norm)
     xavier_init_(fpn.fpn)  # detectron2's FPN: c2_xavier_fill (so is torchvision's; said here)
 
-    anchors = AnchorGenerator(tuple((s,) for s in m.anchor_sizes),
-                              ((0.5, 1.0, 2.0),) * len(m.anchor_sizes))
+    anchors = Anchors(tuple((s,) for s in m.anchor_sizes), ((0.5, 1.0, 2.0),) * len(m.anchor_sizes))
     box_head = FastRCNNConvFCHead((m.fpn_channels, 7, 7), [m.box_head_conv_dim] * m.box_head_convs,
                                   [m.box_head_fc_dim], norm_layer=norm)
     msra_init_(box_head)  # detectron2's FastRCNNConvFCHead: MSRA convs, Xavier fc
