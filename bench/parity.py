@@ -8,6 +8,7 @@ engine's model on the CPU (no run dir records them); everything else is measured
 """
 
 import dataclasses
+import re
 import statistics
 
 from bench.rundir import RunDir
@@ -58,37 +59,64 @@ def _measured(rd: RunDir) -> dict:
             "box AP": last.get("bbox/AP"), "mask AP": last.get("segm/AP")}
 
 
+def _spread(values):
+    """{"mean", "min", "max"} of the seeds' values that exist (None when none does)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            "n": len(values)}
+
+
 def rows(study, root):
-    """One row per run of the torchvision engine with its detectron2 twin's figures beside."""
+    """One row per run of the torchvision engine, its seeds pooled, with its detectron2 twin's
+    figures beside: parameter counts, median s/iter, and final box / mask AP as the mean over
+    seeds with their min-max, and the difference of the means (tv - d2)."""
     check(study)
     by_key = {}
     for spec in study.runs:
-        twin = dataclasses.replace(spec, engine="torchvision", name="")
-        by_key.setdefault(twin, {})[spec.engine] = spec
+        twin = dataclasses.replace(spec, engine="torchvision", name="", seed=0)
+        by_key.setdefault(twin, {}).setdefault(spec.engine, []).append(spec)
     out = []
     for specs in by_key.values():
-        tv, d2 = specs["torchvision"], specs["detectron2"]
-        row = {"run": tv.name}
-        for tag, spec in (("tv", tv), ("d2", d2)):
-            rd = RunDir(root / spec.study / spec.run_id)
-            row[f"params {tag}"] = parameters(spec)
-            for key, value in _measured(rd).items():
-                row[f"{key} {tag}"] = value
+        tv = specs["torchvision"][0]
+        row = {"run": re.sub(r"-seed\d+", "", tv.name),
+               "seeds": ",".join(str(s.seed) for s in specs["torchvision"])}
+        for tag, engine in (("tv", "torchvision"), ("d2", "detectron2")):
+            measured = [_measured(RunDir(root / s.study / s.run_id)) for s in specs[engine]]
+            row[f"params {tag}"] = parameters(specs[engine][0])
+            times = [m["s/iter"] for m in measured if m["s/iter"] is not None]
+            row[f"s/iter {tag}"] = statistics.median(times) if times else None
+            for key in ("box AP", "mask AP"):
+                row[f"{key} {tag}"] = _spread([m[key] for m in measured])
+            done = sum(m["state"] == "done" for m in measured)
+            row[f"state {tag}"] = f"{done}/{len(measured)} done"
+        for key in ("box AP", "mask AP"):
+            a, b = row[f"{key} tv"], row[f"{key} d2"]
+            row[f"{key} tv-d2"] = a["mean"] - b["mean"] if a and b else None
         out.append(row)
     return out
 
 
-COLUMNS = ["run", "params tv", "params d2", "s/iter tv", "s/iter d2", "box AP tv", "box AP d2",
-           "mask AP tv", "mask AP d2", "state tv", "state d2"]
+COLUMNS = ["run", "seeds", "params tv", "params d2", "s/iter tv", "s/iter d2", "box AP tv",
+           "box AP d2", "box AP tv-d2", "mask AP tv", "mask AP d2", "mask AP tv-d2", "state tv",
+           "state d2"]
 
 
 def format_table(table) -> str:
-    def fmt(v):
+    def fmt(column, v):
         if v is None:
             return "-"
+        if isinstance(v, dict):  # seeds: mean [min-max]
+            mean = f"{v['mean']:.1f}"
+            return mean if v["n"] == 1 else f"{mean} [{v['min']:.1f}-{v['max']:.1f}]"
+        if column.endswith("tv-d2"):
+            return f"{v:+.1f}"
         if isinstance(v, float):
-            return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+            return f"{v:.3f}"  # s/iter
         return f"{v:,}" if isinstance(v, int) else str(v)
-    cells = [COLUMNS] + [[fmt(r.get(c)) for c in COLUMNS] for r in table]
+    cells = [COLUMNS] + [[fmt(c, r.get(c)) for c in COLUMNS] for r in table]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines + ["AP: mean over the seeds [min-max]; tv-d2: difference of the "
+                              "means"])

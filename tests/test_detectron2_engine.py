@@ -196,6 +196,29 @@ def _one_batch_through_both_engines(arch, images=4):
 
 
 @needs_d2
+def test_both_engines_optimizers_give_every_parameter_the_same_lr_momentum_and_decay():
+    from detectron2.modeling import build_model
+    from detectron2.solver import build_optimizer as d2_optimizer
+    from bench.engines.detectron2.train import detectron2_cfg
+    from bench.engines.detectron2.weights import torchvision_names
+    from bench.engines.torchvision.model import build_detector
+    from bench.engines.torchvision.train import build_optimizer
+    spec = next(s for s in recipe.load(REPO / "recipes/parity/pair.yaml").runs
+                if s.init == "scratch")
+    cfg = detectron2_cfg(spec, 8)
+    theirs, ours = build_model(cfg), build_detector(spec.model, 8, spec.data)
+
+    def settings(optimizer, model):
+        name = {id(p): n for n, p in model.named_parameters()}
+        return {name[id(p)]: (g["lr"], g["momentum"], g["weight_decay"], g["nesterov"])
+                for g in optimizer.param_groups for p in g["params"]}
+    mine = settings(build_optimizer(ours, spec.solver), ours)
+    their = settings(d2_optimizer(cfg, theirs), theirs)
+    assert mine == {torchvision_names(their)[k]: v for k, v in their.items()}
+    assert {decay for _, _, decay, _ in mine.values()} == {1e-4, 0.0}  # norms: no decay
+
+
+@needs_d2
 @pytest.mark.parametrize("arch", ["mask_rcnn", "faster_rcnn"])
 def test_the_same_weights_and_images_give_both_engines_the_same_losses_and_gradients(
         arch, monkeypatch):
@@ -338,8 +361,11 @@ def test_bench_parity_prints_both_engines_side_by_side(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     table = out.stdout[out.stdout.index("params tv"):].splitlines()
     scratch = next(line.split() for line in table if "-scratch-" in line)
-    assert scratch[1] == scratch[2]  # the same parameter count in both engines
-    assert json.loads("[" + ",".join(scratch[3:5]) + "]")  # measured s/iter, both
+    assert "seed" not in scratch[0] and scratch[1] == "0,1"  # the seeds pooled in one row
+    assert scratch[2] == scratch[3]  # the same parameter count in both engines
+    assert json.loads("[" + ",".join(scratch[4:6]) + "]")  # measured s/iter, both
+    assert scratch[-4:] == ["2/2", "done", "2/2", "done"]
+    assert "mean over the seeds [min-max]" in table[-1]
 
 
 @needs_d2

@@ -86,22 +86,18 @@ def _our_backbone_names(d2_backbone_keys):
     return out
 
 
-def detector_from_detectron2(state: dict) -> dict:
-    """A detectron2 R-FPN Mask / Faster R-CNN state dict in the torchvision engine's layout
-    (bench.engines.torchvision.model.build_detector with the same ModelSpec): a renaming, the
-    first conv turned from BGR to RGB, and the background score moved from detectron2's last
-    row to torchvision's first. With it the same weights run through both engines, which is
-    how their losses, gradients and evaluations are compared (tests/test_detectron2_engine.py).
-    """
-    backbone = _our_backbone_names([k for k in state if _D2_BACKBONE.match(k)])
-    box_convs = max((int(m.group(2)) for k in state if (m := _D2_HEAD_CONV.match(k))
+def torchvision_names(keys) -> dict:
+    """{detectron2 key: the torchvision engine's key} for the parameters and buffers of a
+    detectron2 R-FPN Mask / Faster R-CNN (bench.engines.torchvision.model.build_detector
+    builds the same tensors under these names)."""
+    keys = list(keys)
+    backbone = _our_backbone_names([k for k in keys if _D2_BACKBONE.match(k)])
+    box_convs = max((int(m.group(2)) for k in keys if (m := _D2_HEAD_CONV.match(k))
                      and m.group(1) == "box"), default=0)
     out = {}
-    for key, value in state.items():
+    for key in keys:
         if key in backbone:
             name = backbone[key]
-            if name == "backbone.body.conv1.weight":
-                value = value.flip(1)  # BGR -> RGB input channels
         elif (m := _D2_FPN.match(key)):
             blocks = "inner_blocks" if m.group(1) == "lateral" else "layer_blocks"
             name = (f"backbone.fpn.{blocks}.{int(m.group(2)) - 2}."
@@ -119,7 +115,22 @@ def detector_from_detectron2(state: dict) -> dict:
             if prefix is None:
                 raise ValueError(f"{key}: not a weight of detectron2's R-FPN Mask / Faster R-CNN")
             name = _D2_RENAMED[prefix] + key[len(prefix):]
-        if name.startswith("roi_heads.box_predictor.cls_score."):
+        out[key] = name
+    return out
+
+
+def detector_from_detectron2(state: dict) -> dict:
+    """A detectron2 R-FPN Mask / Faster R-CNN state dict (or its gradients) in the torchvision
+    engine's layout: renamed (torchvision_names), the first conv turned from BGR to RGB, and
+    the background score moved from detectron2's last row to torchvision's first. With it the
+    same weights run through both engines, which is how their losses, gradients and
+    evaluations are compared (tests/test_detectron2_engine.py)."""
+    out = {}
+    for key, name in torchvision_names(state).items():
+        value = state[key]
+        if name == "backbone.body.conv1.weight":
+            value = value.flip(1)  # BGR -> RGB input channels
+        elif name.startswith("roi_heads.box_predictor.cls_score."):
             value = torch.cat([value[-1:], value[:-1]])  # background: last -> first
         out[name] = value
     return out
