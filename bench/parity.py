@@ -47,31 +47,33 @@ def parameters(spec) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _measured(rd: RunDir) -> dict:
+def _measured(rd: RunDir, max_iter: int) -> dict:
     rows = rd.read_metrics()
     # the first train row includes start-up (data workers, allocator): the median skips it
     times = [r["time"] for r in rows if r.get("type") == "train" and "time" in r]
-    evals = [r for r in rows if r.get("type") == "eval"]
-    last = evals[-1] if evals else {}
+    # the final AP only: an unfinished run's last evaluation is not its result
+    final = next((r for r in rows if r.get("type") == "eval" and r["iteration"] == max_iter),
+                 {})
     return {"state": rd.read_status().get("state", "queued"),
-            "iteration": last.get("iteration"),
             "s/iter": statistics.median(times) if times else None,
-            "box AP": last.get("bbox/AP"), "mask AP": last.get("segm/AP")}
+            "box AP": final.get("bbox/AP"), "mask AP": final.get("segm/AP")}
 
 
 def _spread(values):
-    """{"mean", "min", "max"} of the seeds' values that exist (None when none does)."""
-    values = [v for v in values if v is not None]
-    if not values:
+    """{"mean", "min", "max", "n", "of"} of the seeds' values that exist (None when none
+    does): n of the `of` seeds have one."""
+    have = [v for v in values if v is not None]
+    if not have:
         return None
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
-            "n": len(values)}
+    return {"mean": statistics.fmean(have), "min": min(have), "max": max(have),
+            "n": len(have), "of": len(values)}
 
 
-def rows(study, root):
+def rows(study, root, count=parameters):
     """One row per run of the torchvision engine, its seeds pooled, with its detectron2 twin's
-    figures beside: parameter counts, median s/iter, and final box / mask AP as the mean over
-    seeds with their min-max, and the difference of the means (tv - d2)."""
+    figures beside: parameter counts (`count(spec)`), median s/iter, and final box / mask AP
+    as the mean over seeds with their min-max, and the difference of the means (tv - d2),
+    given only when every seed of both engines has its final AP."""
     check(study)
     by_key = {}
     for spec in study.runs:
@@ -83,8 +85,9 @@ def rows(study, root):
         row = {"run": re.sub(r"-seed\d+", "", tv.name),
                "seeds": ",".join(str(s.seed) for s in specs["torchvision"])}
         for tag, engine in (("tv", "torchvision"), ("d2", "detectron2")):
-            measured = [_measured(RunDir(root / s.study / s.run_id)) for s in specs[engine]]
-            row[f"params {tag}"] = parameters(specs[engine][0])
+            measured = [_measured(RunDir(root / s.study / s.run_id), s.solver.max_iter)
+                        for s in specs[engine]]
+            row[f"params {tag}"] = count(specs[engine][0])
             times = [m["s/iter"] for m in measured if m["s/iter"] is not None]
             row[f"s/iter {tag}"] = statistics.median(times) if times else None
             for key in ("box AP", "mask AP"):
@@ -93,7 +96,8 @@ def rows(study, root):
             row[f"state {tag}"] = f"{done}/{len(measured)} done"
         for key in ("box AP", "mask AP"):
             a, b = row[f"{key} tv"], row[f"{key} d2"]
-            row[f"{key} tv-d2"] = a["mean"] - b["mean"] if a and b else None
+            complete = a and b and a["n"] == a["of"] and b["n"] == b["of"]
+            row[f"{key} tv-d2"] = a["mean"] - b["mean"] if complete else None
         out.append(row)
     return out
 
@@ -107,9 +111,11 @@ def format_table(table) -> str:
     def fmt(column, v):
         if v is None:
             return "-"
-        if isinstance(v, dict):  # seeds: mean [min-max]
-            mean = f"{v['mean']:.1f}"
-            return mean if v["n"] == 1 else f"{mean} [{v['min']:.1f}-{v['max']:.1f}]"
+        if isinstance(v, dict):  # seeds: mean [min-max], and how many have one if not all
+            text = f"{v['mean']:.1f}"
+            if v["n"] > 1:
+                text += f" [{v['min']:.1f}-{v['max']:.1f}]"
+            return text if v["n"] == v["of"] else f"{text} ({v['n']} of {v['of']})"
         if column.endswith("tv-d2"):
             return f"{v:+.1f}"
         if isinstance(v, float):

@@ -98,6 +98,33 @@ def test_the_parity_study_runs_every_pair_through_both_engines(tmp_path):
         parity.check(recipe.load(REPO / "recipes/mini/study.yaml"))
 
 
+def test_bench_parity_pools_seeds_and_compares_final_aps_only(tmp_path):
+    from bench import parity
+    study = recipe.load(REPO / "recipes/parity/pair.yaml")
+    final = study.runs[0].solver.max_iter
+    ap = {("torchvision", 0): 30.0, ("torchvision", 1): 34.0, ("detectron2", 0): 31.0,
+          ("detectron2", 1): 32.0}
+    for spec in study.runs:
+        rd = RunDir(tmp_path / spec.study / spec.run_id)
+        rd.write_spec(spec)
+        rd.append_metrics({"type": "train", "iteration": 20, "time": 0.5})
+        rd.append_metrics({"type": "eval", "iteration": 360, "bbox/AP": 99.0, "segm/AP": 99.0})
+        unfinished = spec.init == "imagenet" and spec.engine == "detectron2" and spec.seed == 1
+        if not unfinished:  # its last evaluation is not a final AP
+            rd.append_metrics({"type": "eval", "iteration": final,
+                               "bbox/AP": ap[spec.engine, spec.seed], "segm/AP": 20.0})
+        rd.write_status("running" if unfinished else "done")
+    table = parity.rows(study, tmp_path, count=lambda spec: 1000)
+    scratch, imagenet = sorted(table, key=lambda row: "imagenet" in row["run"])
+    assert "seed" not in scratch["run"] and scratch["seeds"] == "0,1"
+    assert scratch["box AP tv"] == {"mean": 32.0, "min": 30.0, "max": 34.0, "n": 2, "of": 2}
+    assert scratch["box AP tv-d2"] == pytest.approx(32.0 - 31.5)
+    assert imagenet["box AP d2"]["n"] == 1 and imagenet["box AP tv-d2"] is None
+    text = parity.format_table(table)
+    assert "32.0 [30.0-34.0]" in text and "+0.5" in text and "31.0 (1 of 2)" in text
+    assert "2/2 done" in text and "1/2 done" in text and "99.0" not in text
+
+
 @pytest.mark.skipif(HAS_D2, reason="detectron2 is installed here")
 @pytest.mark.parametrize("cmd", ["run", "parity"])
 def test_without_detectron2_asking_for_it_is_one_line_saying_how_to_install_it(tmp_path, cmd):
@@ -122,6 +149,7 @@ def test_a_detectron2_detectors_weights_take_the_torchvision_engines_names():
           "backbone.bottom_up.res3.0.shortcut.weight": torch.zeros(1),
           "backbone.bottom_up.res3.0.shortcut.norm.weight": torch.zeros(1),
           "backbone.bottom_up.res5.1.conv2.norm.weight": torch.zeros(1),
+          "backbone.bottom_up.res4.0.conv1.norm.num_batches_tracked": torch.zeros(1),  # BN
           "backbone.fpn_lateral2.weight": torch.zeros(1),
           "backbone.fpn_output5.norm.bias": torch.zeros(1),
           "proposal_generator.rpn_head.anchor_deltas.weight": torch.zeros(1),
@@ -137,6 +165,7 @@ def test_a_detectron2_detectors_weights_take_the_torchvision_engines_names():
         "backbone.body.conv1.weight", "backbone.body.bn1.bias",
         "backbone.body.layer2.0.downsample.0.weight",
         "backbone.body.layer2.0.downsample.1.weight", "backbone.body.layer4.1.bn2.weight",
+        "backbone.body.layer3.0.bn1.num_batches_tracked",
         "backbone.fpn.inner_blocks.0.0.weight", "backbone.fpn.layer_blocks.3.1.bias",
         "rpn.head.bbox_pred.weight", "roi_heads.box_head.0.0.weight",
         "roi_heads.box_head.3.1.weight", "roi_heads.box_head.5.weight",
@@ -153,12 +182,26 @@ def test_a_detectron2_detectors_weights_take_the_torchvision_engines_names():
 
 # -- with detectron2 -----------------------------------------------------------------------
 
-def _one_batch_through_both_engines(arch, images=4):
+def _crop(image, target, width):
+    """The left `width` columns of an image and its objects (boxes clipped, those left
+    under a pixel wide dropped): a non-square input from the square embedded data."""
+    boxes = target["boxes"].clone()
+    boxes[:, 2] = boxes[:, 2].clamp(max=width)
+    keep = boxes[:, 2] - boxes[:, 0] >= 1
+    out = dict(target, boxes=boxes[keep], labels=target["labels"][keep])
+    if "masks" in target:
+        out["masks"] = target["masks"][keep][:, :, :width].contiguous()
+    return image[:, :, :width].contiguous(), out
+
+
+def _one_batch_through_both_engines(arch, images=4, width=96):
     """The loss terms and parameter gradients of one training forward/backward pass of the
     torchvision engine's model and of detectron2's, holding the same weights (detectron2's
     init, mapped) and reading the same images, flips and targets. Both engines' samplers
     draw with torch.randperm; the caller makes it the identity, so both take the same
-    anchors and RoIs and every difference left is one of computation."""
+    anchors and RoIs and every difference left is one of computation. The images are cut to
+    128 x `width`: at 96 the padded width over 32 is odd, which is where the engines' P6
+    anchor strides once differed."""
     from detectron2.modeling import build_model
     from detectron2.structures import BitMasks, Boxes, Instances
     from detectron2.utils.events import EventStorage
@@ -176,7 +219,7 @@ def _one_batch_through_both_engines(arch, images=4):
     ours = build_detector(spec.model, classes, spec.data).train()
     ours.load_state_dict(detector_from_detectron2(theirs.state_dict()))
     use_input_sizes(ours, train=True)
-    batch = [train_set.get(i, hflip=i % 2 == 1) for i in range(images)]
+    batch = [_crop(*train_set.get(i, hflip=i % 2 == 1), width) for i in range(images)]
     inputs = []
     for image, target in batch:
         gt = Instances(tuple(image.shape[1:]), gt_boxes=Boxes(target["boxes"].clone()),
@@ -184,6 +227,13 @@ def _one_batch_through_both_engines(arch, images=4):
         if "masks" in target:
             gt.gt_masks = BitMasks(target["masks"].bool())
         inputs.append({"image": image.flip(0), "instances": gt})  # BGR
+    # the anchors both engines lay over the same padded batch
+    image_list, _ = ours.transform([image.float() / 255 for image, _ in batch])
+    features = list(ours.backbone(image_list.tensors).values())
+    our_anchors = ours.rpn.anchor_generator(image_list, features)[0]
+    their_anchors = torch.cat([a.tensor for a in theirs.proposal_generator.anchor_generator(
+        features)])
+    assert torch.equal(our_anchors, their_anchors)
     our_losses = ours([image.float() / 255 for image, _ in batch], [dict(t) for _, t in batch])
     with EventStorage(0):
         their_losses = theirs(inputs)
@@ -234,7 +284,7 @@ def test_the_same_weights_and_images_give_both_engines_the_same_losses_and_gradi
         # float32 through GroupNorm: the inputs differ by rounding (x / 255 then normalized,
         # or normalized from 0-255), and GN divides by small standard deviations
         diff = (grad - their_grads[key]).norm() / their_grads[key].norm().clamp(min=1e-12)
-        assert diff < 2e-2, (key, diff.item())
+        assert diff < 1e-2, (key, diff.item())  # 3e-3 at most measured
 
 
 def _train(spec, run_dir, engine_module=None):
@@ -424,6 +474,33 @@ def test_bench_speed_times_the_same_model_through_detectron2_and_prints_the_rati
     assert "detectron2 / torchvision s/iter:" in out.stdout
     rows = (tmp_path / "t.csv").read_text().splitlines()[1:]
     assert sorted(r.split(",")[2] for r in rows) == ["detectron2", "torchvision"]
+
+
+def test_bench_parity_pools_seeds_and_compares_final_aps_only(tmp_path):
+    from bench import parity
+    study = recipe.load(REPO / "recipes/parity/pair.yaml")
+    final = study.runs[0].solver.max_iter
+    ap = {("torchvision", 0): 30.0, ("torchvision", 1): 34.0, ("detectron2", 0): 31.0,
+          ("detectron2", 1): 32.0}
+    for spec in study.runs:
+        rd = RunDir(tmp_path / spec.study / spec.run_id)
+        rd.write_spec(spec)
+        rd.append_metrics({"type": "train", "iteration": 20, "time": 0.5})
+        rd.append_metrics({"type": "eval", "iteration": 360, "bbox/AP": 99.0, "segm/AP": 99.0})
+        unfinished = spec.init == "imagenet" and spec.engine == "detectron2" and spec.seed == 1
+        if not unfinished:  # its last evaluation is not a final AP
+            rd.append_metrics({"type": "eval", "iteration": final,
+                               "bbox/AP": ap[spec.engine, spec.seed], "segm/AP": 20.0})
+        rd.write_status("running" if unfinished else "done")
+    table = parity.rows(study, tmp_path, count=lambda spec: 1000)
+    scratch, imagenet = sorted(table, key=lambda row: "imagenet" in row["run"])
+    assert "seed" not in scratch["run"] and scratch["seeds"] == "0,1"
+    assert scratch["box AP tv"] == {"mean": 32.0, "min": 30.0, "max": 34.0, "n": 2, "of": 2}
+    assert scratch["box AP tv-d2"] == pytest.approx(32.0 - 31.5)
+    assert imagenet["box AP d2"]["n"] == 1 and imagenet["box AP tv-d2"] is None
+    text = parity.format_table(table)
+    assert "32.0 [30.0-34.0]" in text and "+0.5" in text and "31.0 (1 of 2)" in text
+    assert "2/2 done" in text and "1/2 done" in text and "99.0" not in text
 
 
 @pytest.mark.skipif(HAS_D2, reason="detectron2 is installed here")

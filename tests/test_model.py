@@ -1,6 +1,8 @@
 """The detector as the paper trains it: nothing frozen from scratch; the whole backbone loaded
 from the checkpoint when pre-trained; norms in backbone, FPN and heads."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -341,3 +343,46 @@ def test_anchors_are_detectron2s_exact_boxes_not_rounded_to_whole_pixels():
             h = ratio * w
             assert box.tolist() == pytest.approx([-w / 2, -h / 2, w / 2, h / 2], abs=1e-5)
     assert generator.cell_anchors[0][0].tolist() != [-6.0, -3.0, 6.0, 3.0]  # torchvision's
+
+
+def test_anchors_sit_at_strides_of_two_to_the_level_in_fp32_whatever_the_padded_size():
+    """An image padded to 128 x 96 has a 2-cell-wide P6 (96 / 32 = 3, halved up): its
+    anchors still step 64 pixels, as detectron2's, not 96 // 2 = 48 (torchvision's padded
+    size // grid size; COCO's 800 x 1344 batches gave P6 a stride of 61). Features in bf16
+    (AMP without GN) leave the anchors in fp32."""
+    from torchvision.models.detection.image_list import ImageList
+    generator = detector(SCRATCH).rpn.anchor_generator
+    images = ImageList(torch.zeros(1, 3, 128, 96), [(128, 96)])
+    features = [torch.zeros(1, 1, 128 // s, -(-96 // s), dtype=torch.bfloat16)
+                for s in (4, 8, 16, 32, 64)]
+    anchors = generator(images, features)[0]
+    assert anchors.dtype == torch.float32
+    p6 = anchors[-2 * 2 * 3:]  # 2 x 2 cells, 3 ratios each, in row-major order
+    centres = (p6[:, :2] + p6[:, 2:]) / 2
+    assert sorted(set(centres[:, 0].tolist())) == [0.0, 64.0]
+    assert sorted(set(centres[:, 1].tolist())) == [0.0, 64.0]
+    assert generator.cell_anchors[-1].dtype == torch.float32
+
+
+def test_rpn_losses_are_normalized_by_the_anchors_a_batch_may_sample_as_detectron2():
+    """detectron2 divides both RPN losses by batch_per_image x images even when an image
+    has fewer anchors to sample (torchvision divides by those it sampled)."""
+    model = detector(SCRATCH)
+    rpn = model.rpn
+    per_image = rpn.fg_bg_sampler.batch_size_per_image
+    labels = [torch.tensor([1., 0., 0., -1.]), torch.tensor([0., 0., -1., -1.])]  # 5 sampled
+    targets = [torch.ones(4, 4), torch.ones(4, 4)]
+    objectness, deltas = torch.zeros(8, 1), torch.zeros(8, 4)
+    objectness_loss, box_loss = rpn.compute_loss(objectness, deltas, labels, targets)
+    assert objectness_loss.item() == pytest.approx(5 * math.log(2) / (2 * per_image))
+    assert box_loss.item() == pytest.approx(4 / (2 * per_image))  # one positive, L1 of 4 ones
+
+
+def test_box_deltas_are_decoded_in_fp32_as_detectron2():
+    model = detector(SCRATCH)
+    boxes = [torch.tensor([[10., 20., 50., 90.]])]
+    deltas = torch.tensor([[0.1, -0.2, 0.3, 0.05]])
+    for coder in (model.rpn.box_coder, model.roi_heads.box_coder):
+        half = coder.decode(deltas.to(torch.bfloat16), boxes)
+        assert half.dtype == torch.float32
+        assert torch.equal(half, coder.decode(deltas.to(torch.bfloat16).float(), boxes))

@@ -81,7 +81,8 @@ def _our_backbone_names(d2_backbone_keys):
             tail = re.sub(r"^shortcut\.norm\.", "downsample.1.", tail)
             tail = re.sub(r"^shortcut\.", "downsample.0.", tail)
             ours = f"layer{int(stage[3:]) - 1}.{block}.{tail}"
-        assert _rename(ours) == rest, (key, ours)
+        # _rename has no place for BN's batch counters; everything else must round-trip
+        assert ours.endswith("num_batches_tracked") or _rename(ours) == rest, (key, ours)
         out[key] = "backbone.body." + ours
     return out
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
@@ -103,22 +104,39 @@ class RoIPooler(MultiScaleRoIAlign):
 
 
 class Anchors(AnchorGenerator):
-    """detectron2's anchors (DefaultAnchorGenerator, offset 0): a box of area size² and
-    height/width ratio r centred on every stride-th pixel, corners at ±w/2, ±h/2 exactly.
+    """detectron2's anchors (DefaultAnchorGenerator, offset 0): for each size and then each
+    height/width ratio r, a box of area size² with corners at exactly ±w/2, ±h/2, centred on
+    every stride-th pixel of its level, stride 2^level, in fp32.
 
-    torchvision rounds the corners of its cell anchors to whole pixels, which moves the small
-    anchors by up to half a pixel (an 8-pixel anchor at ratio 0.5 is 12 x 6, not 11.3 x 5.7):
-    a different set of positive anchors and RPN targets from the same image. Only the cell
-    anchors are ours; torchvision lays them over the feature maps."""
+    torchvision's own generator differs in three ways, each of which changes the positive
+    anchors, RPN targets and proposals of the same image: it rounds the corners to whole
+    pixels (an 8-pixel anchor at r = 0.5 is 12 x 6, not 11.3 x 5.7); it takes a level's stride
+    as padded image size // grid size, so P6 of an image whose padded side / 32 is odd (COCO's
+    800 x 1344: a 13-row P6) gets a stride of 61, not 64; and it casts the anchors to the
+    features' dtype (bf16 or fp16 under AMP without GN: 8-pixel steps past 1,024)."""
 
     def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32,
                          device=torch.device("cpu")):
-        scales = torch.as_tensor(scales, dtype=dtype, device=device)
-        ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
-        h = torch.sqrt(ratios)
-        ws = (scales[None, :] / h[:, None]).reshape(-1)
-        hs = (scales[None, :] * h[:, None]).reshape(-1)
-        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+        boxes = []
+        for size in scales:  # detectron2's arithmetic (Python floats) and order
+            for ratio in aspect_ratios:
+                w = math.sqrt(size ** 2.0 / ratio)
+                h = ratio * w
+                boxes.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+        return torch.tensor(boxes, dtype=dtype, device=device)
+
+    def forward(self, image_list, feature_maps):
+        grid_sizes = [f.shape[-2:] for f in feature_maps]
+        padded = image_list.tensors.shape[-2:]
+        device = feature_maps[0].device
+        # each level's stride is the power of two nearest padded size / grid size (the
+        # RoI pooler's scales are found the same way)
+        strides = [[torch.tensor(2 ** round(math.log2(size / cells)), dtype=torch.int64,
+                                 device=device) for size, cells in zip(padded, grid)]
+                   for grid in grid_sizes]
+        self.set_cell_anchors(torch.float32, device)
+        per_level = self.grid_anchors(grid_sizes, strides)
+        return [torch.cat(per_level) for _ in image_list.image_sizes]
 
 
 class BoxPredictor(nn.Module):
@@ -175,21 +193,32 @@ def box_regression_loss(pred, target, beta: float):
 
 
 class RPN(RegionProposalNetwork):
-    """torchvision's RPN with the box loss's beta from the ModelSpec; normalization as
-    torchvision's and detectron2's (the sampled anchors of the batch)."""
+    """torchvision's RPN with the box loss's beta from the ModelSpec, and detectron2's
+    normalization of both losses: by the anchors the batch may sample (batch per image x
+    images), not by those it did sample, which are fewer when an image has too few negative
+    anchors (torchvision divides by those)."""
 
     box_loss_beta = 1 / 9
 
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
         pos, neg = self.fg_bg_sampler(labels)
+        normalizer = self.fg_bg_sampler.batch_size_per_image * len(labels)
         pos = torch.where(torch.cat(pos, dim=0))[0]
         sampled = torch.cat([pos, torch.where(torch.cat(neg, dim=0))[0]])
         labels, regression_targets = torch.cat(labels, dim=0), torch.cat(regression_targets, dim=0)
         box_loss = box_regression_loss(pred_bbox_deltas[pos], regression_targets[pos],
-                                       self.box_loss_beta) / sampled.numel()
-        objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled],
-                                                             labels[sampled])
+                                       self.box_loss_beta) / normalizer
+        objectness_loss = F.binary_cross_entropy_with_logits(
+            objectness.flatten()[sampled], labels[sampled], reduction="sum") / normalizer
         return objectness_loss, box_loss
+
+
+class Fp32BoxCoder(BoxCoder):
+    """Box deltas decoded in fp32, as detectron2's Box2BoxTransform does: under AMP the
+    heads' deltas are bf16 or fp16, and torchvision's coder decodes in their dtype."""
+
+    def decode_single(self, rel_codes, boxes):
+        return super().decode_single(rel_codes.float(), boxes.float())
 
 
 def _fastrcnn_loss(beta):
@@ -242,9 +271,12 @@ class Detectron2LossRoIHeads(RoIHeads):
 
 
 def use_detectron2_losses(model, box_loss_beta: float):
-    """Swap the detector's RPN and RoI heads for the subclasses above (same parameters)."""
+    """Swap the detector's RPN, RoI heads and box coders for the subclasses above (same
+    parameters)."""
     model.rpn.__class__ = RPN
     model.rpn.box_loss_beta = box_loss_beta
+    model.rpn.box_coder.__class__ = Fp32BoxCoder
+    model.roi_heads.box_coder.__class__ = Fp32BoxCoder
     model.roi_heads.__class__ = Detectron2LossRoIHeads
     model.roi_heads.set_losses(box_loss_beta)
 
