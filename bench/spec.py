@@ -22,8 +22,9 @@ Norm = Literal["GN", "SyncBN", "FrozenBN", "BN", "none"]
 # 2: box losses became L1 (model.box_loss_beta 0, was torchvision's 1/9)
 # 3: the torchvision engine took detectron2's Xavier init for the FPN and the box-head fc,
 #    its binary, aligned mask targets, and FrozenBN in the backbone only (no norm after it)
-# 4: the torchvision engine's anchors are detectron2's (unrounded corners; torchvision
-#    rounds them to whole pixels)
+# 4: the torchvision engine's anchors are detectron2's (unrounded corners, strides of 2^level
+#    whatever the padded size, fp32), its RPN losses are normalized by batch-per-image x
+#    images, and box deltas are decoded in fp32 (bench/engines/torchvision/model.py)
 SPEC_VERSION = 4
 
 
