@@ -90,9 +90,9 @@ def test_the_parity_study_runs_every_pair_through_both_engines(tmp_path):
     from bench import parity
     study = recipe.load(REPO / "recipes/parity/pair.yaml")
     parity.check(study)
-    # two seeds of each arm through each engine
-    assert sorted(s.engine for s in study.runs) == ["detectron2"] * 4 + ["torchvision"] * 4
-    assert sorted({s.seed for s in study.runs}) == [0, 1]
+    # three seeds of each arm through each engine
+    assert sorted(s.engine for s in study.runs) == ["detectron2"] * 6 + ["torchvision"] * 6
+    assert sorted({s.seed for s in study.runs}) == [0, 1, 2]
     with pytest.raises(SpecError, match=r"a parity study varies `engine: \[torchvision, "
                                         r"detectron2\]`; this one runs torchvision only"):
         parity.check(recipe.load(REPO / "recipes/mini/study.yaml"))
@@ -102,8 +102,8 @@ def test_bench_parity_pools_seeds_and_compares_final_aps_only(tmp_path):
     from bench import parity
     study = recipe.load(REPO / "recipes/parity/pair.yaml")
     final = study.runs[0].solver.max_iter
-    ap = {("torchvision", 0): 30.0, ("torchvision", 1): 34.0, ("detectron2", 0): 31.0,
-          ("detectron2", 1): 32.0}
+    ap = {("torchvision", 0): 30.0, ("torchvision", 1): 34.0, ("torchvision", 2): 32.0,
+          ("detectron2", 0): 31.0, ("detectron2", 1): 32.0, ("detectron2", 2): 31.5}
     for spec in study.runs:
         rd = RunDir(tmp_path / spec.study / spec.run_id)
         rd.write_spec(spec)
@@ -116,13 +116,13 @@ def test_bench_parity_pools_seeds_and_compares_final_aps_only(tmp_path):
         rd.write_status("running" if unfinished else "done")
     table = parity.rows(study, tmp_path, count=lambda spec: 1000)
     scratch, imagenet = sorted(table, key=lambda row: "imagenet" in row["run"])
-    assert "seed" not in scratch["run"] and scratch["seeds"] == "0,1"
-    assert scratch["box AP tv"] == {"mean": 32.0, "min": 30.0, "max": 34.0, "n": 2, "of": 2}
+    assert "seed" not in scratch["run"] and scratch["seeds"] == "0,1,2"
+    assert scratch["box AP tv"] == {"mean": 32.0, "min": 30.0, "max": 34.0, "n": 3, "of": 3}
     assert scratch["box AP tv-d2"] == pytest.approx(32.0 - 31.5)
-    assert imagenet["box AP d2"]["n"] == 1 and imagenet["box AP tv-d2"] is None
+    assert imagenet["box AP d2"]["n"] == 2 and imagenet["box AP tv-d2"] is None
     text = parity.format_table(table)
-    assert "32.0 [30.0-34.0]" in text and "+0.5" in text and "31.0 (1 of 2)" in text
-    assert "2/2 done" in text and "1/2 done" in text and "99.0" not in text
+    assert "32.0 [30.0-34.0]" in text and "+0.5" in text and "31.2 [31.0-31.5] (2 of 3)" in text
+    assert "3/3 done" in text and "2/3 done" in text and "99.0" not in text
 
 
 @pytest.mark.skipif(HAS_D2, reason="detectron2 is installed here")
@@ -404,7 +404,7 @@ def test_bench_parity_prints_both_engines_side_by_side(tmp_path):
                                                 f"base: {REPO}/recipes/mini/_model.yaml"))
     out = subprocess.run([sys.executable, "-m", "bench.cli", "parity", str(path), "--only",
                           "scratch", "--runs-root", str(tmp_path / "runs"),
-                          "--set", "vary.schedule=[40iter]",
+                          "--set", "vary.schedule=[40iter]", "--set", "vary.seed=[0, 1]",
                           "--set", "solver.drops_from_end=[16, 4]",
                           "--set", "data.dataset=shapes-tiny", "--set", "eval.period=40"],
                          capture_output=True, text=True, timeout=900)
@@ -480,8 +480,8 @@ def test_bench_parity_pools_seeds_and_compares_final_aps_only(tmp_path):
     from bench import parity
     study = recipe.load(REPO / "recipes/parity/pair.yaml")
     final = study.runs[0].solver.max_iter
-    ap = {("torchvision", 0): 30.0, ("torchvision", 1): 34.0, ("detectron2", 0): 31.0,
-          ("detectron2", 1): 32.0}
+    ap = {("torchvision", 0): 30.0, ("torchvision", 1): 34.0, ("torchvision", 2): 32.0,
+          ("detectron2", 0): 31.0, ("detectron2", 1): 32.0, ("detectron2", 2): 31.5}
     for spec in study.runs:
         rd = RunDir(tmp_path / spec.study / spec.run_id)
         rd.write_spec(spec)
@@ -494,13 +494,13 @@ def test_bench_parity_pools_seeds_and_compares_final_aps_only(tmp_path):
         rd.write_status("running" if unfinished else "done")
     table = parity.rows(study, tmp_path, count=lambda spec: 1000)
     scratch, imagenet = sorted(table, key=lambda row: "imagenet" in row["run"])
-    assert "seed" not in scratch["run"] and scratch["seeds"] == "0,1"
-    assert scratch["box AP tv"] == {"mean": 32.0, "min": 30.0, "max": 34.0, "n": 2, "of": 2}
+    assert "seed" not in scratch["run"] and scratch["seeds"] == "0,1,2"
+    assert scratch["box AP tv"] == {"mean": 32.0, "min": 30.0, "max": 34.0, "n": 3, "of": 3}
     assert scratch["box AP tv-d2"] == pytest.approx(32.0 - 31.5)
-    assert imagenet["box AP d2"]["n"] == 1 and imagenet["box AP tv-d2"] is None
+    assert imagenet["box AP d2"]["n"] == 2 and imagenet["box AP tv-d2"] is None
     text = parity.format_table(table)
-    assert "32.0 [30.0-34.0]" in text and "+0.5" in text and "31.0 (1 of 2)" in text
-    assert "2/2 done" in text and "1/2 done" in text and "99.0" not in text
+    assert "32.0 [30.0-34.0]" in text and "+0.5" in text and "31.2 [31.0-31.5] (2 of 3)" in text
+    assert "3/3 done" in text and "2/3 done" in text and "99.0" not in text
 
 
 @pytest.mark.skipif(HAS_D2, reason="detectron2 is installed here")
