@@ -90,9 +90,9 @@ def test_the_parity_study_runs_every_pair_through_both_engines(tmp_path):
     from bench import parity
     study = recipe.load(REPO / "recipes/parity/pair.yaml")
     parity.check(study)
-    # three seeds of each arm through each engine
-    assert sorted(s.engine for s in study.runs) == ["detectron2"] * 6 + ["torchvision"] * 6
-    assert sorted({s.seed for s in study.runs}) == [0, 1, 2]
+    # five seeds of each arm through each engine
+    assert sorted(s.engine for s in study.runs) == ["detectron2"] * 10 + ["torchvision"] * 10
+    assert sorted({s.seed for s in study.runs}) == [0, 1, 2, 3, 4]
     with pytest.raises(SpecError, match=r"a parity study varies `engine: \[torchvision, "
                                         r"detectron2\]`; this one runs torchvision only"):
         parity.check(recipe.load(REPO / "recipes/mini/study.yaml"))
@@ -392,6 +392,20 @@ def test_the_pretrained_side_starts_from_the_checkpoint_in_detectron2s_resnet(tm
     loaded = model.backbone.bottom_up
     assert torch.equal(loaded.res5[1].conv2.weight, body.layer4[1].conv2.weight)
     assert torch.equal(loaded.stem.conv1.weight, body.conv1.weight.flip(1))
+    # both engines' pre-trained arms start from the same backbone: every tensor the
+    # torchvision engine loads, detectron2's model holds too (once mapped back)
+    from bench.engines.detectron2.weights import detector_from_detectron2
+    from bench.engines.torchvision.model import build_detector, load_backbone_weights
+    from bench.imagenet import load_imagenet_backbone
+    ours = build_detector(spec.model, 3, spec.data)
+    load_backbone_weights(ours, load_imagenet_backbone(spec.pretrained, spec.model,
+                                                       log=lambda msg: None),
+                          log=lambda msg: None)
+    theirs = detector_from_detectron2(model.state_dict())
+    body_keys = [k for k in ours.state_dict() if k.startswith("backbone.body.")]
+    assert len(body_keys) == 60
+    for key in body_keys:
+        assert torch.equal(ours.state_dict()[key], theirs[key]), key
     torch.save({"backbone": body.state_dict(), "meta": {**meta, "width": 32}}, file)
     with pytest.raises(ValueError, match="was trained with width=32"):
         _load_backbone(model, spec, log=lambda msg: None)
