@@ -23,36 +23,64 @@ from bench.engines.torchvision.model import use_input_sizes
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
+def same_size_batches(dataset, indices, batch_size):
+    """`indices` cut into batches of at most `batch_size` images that all have one size.
+
+    Why: the model pads a batch to its largest image and GroupNorm normalizes over that
+    padding, so an image batched with a larger one (a portrait with a landscape) would get
+    other detections than alone; Detectron and detectron2 test one image at a time. Images
+    of one size are resized alike and padded alike whether alone or together, and every
+    later stage (RPN, RoI heads, BN/FrozenBN in eval) works per image, so these batches
+    give each image what a batch of one gives it (tests/test_evaluate.py). The sizes come
+    from the annotation file; `predict` checks them on the loaded pixels."""
+    groups = {}
+    for i in indices:
+        info = dataset.coco.imgs[dataset.ids[i]]
+        groups.setdefault((info.get("height"), info.get("width")), []).append(i)
+    for members in groups.values():
+        for start in range(0, len(members), batch_size):
+            yield members[start:start + batch_size]
+
+
 @torch.no_grad()
 def predict(model, dataset, device, batch_size=8, indices=None):
-    """COCO-format results for `dataset` images: (bbox results, segm results)."""
+    """COCO-format results for `dataset` images: (bbox results, segm results). Each image's
+    detections are those of a forward pass of that image alone (same_size_batches)."""
     was_training = model.training
     model.eval()
     use_input_sizes(model, train=False)
     boxes_out, segms_out = [], []
     indices = list(range(len(dataset))) if indices is None else list(indices)
-    for start in range(0, len(indices), batch_size):
-        items = [dataset.get(i) for i in indices[start:start + batch_size]]
-        images = [img.to(device, torch.float32) / 255 for img, _ in items]
-        outputs = model(images)
-        for (_, target), out in zip(items, outputs):
-            image_id = target["image_id"]
-            boxes = out["boxes"].cpu().numpy()
-            scores = out["scores"].cpu().numpy().tolist()
-            cats = [dataset.cat_ids[int(l) - 1] for l in out["labels"].cpu()]
-            xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).tolist()
-            for b, s, c in zip(xywh, scores, cats):
-                boxes_out.append({"image_id": image_id, "category_id": c, "bbox": b, "score": s})
-            if "masks" in out:
-                binary = (out["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
-                for m, s, c in zip(binary, scores, cats):
-                    rle = mask_utils.encode(np.asfortranarray(m))
-                    rle["counts"] = rle["counts"].decode("ascii")
-                    segms_out.append({"image_id": image_id, "category_id": c,
-                                      "segmentation": rle, "score": s})
+    for batch in same_size_batches(dataset, indices, batch_size):
+        loaded = [dataset.get(i) for i in batch]
+        # an annotation file whose sizes do not match its images: split by the real sizes
+        by_shape = {}
+        for item in loaded:
+            by_shape.setdefault(tuple(item[0].shape), []).append(item)
+        for items in by_shape.values():
+            images = [img.to(device, torch.float32) / 255 for img, _ in items]
+            for (_, target), out in zip(items, model(images)):
+                _append_results(dataset, target["image_id"], out, boxes_out, segms_out)
     model.train(was_training)
     use_input_sizes(model, train=was_training)
     return boxes_out, segms_out
+
+
+def _append_results(dataset, image_id, out, boxes_out, segms_out):
+    """One image's detections in COCO's result format (xywh boxes, RLE masks)."""
+    boxes = out["boxes"].cpu().numpy()
+    scores = out["scores"].cpu().numpy().tolist()
+    cats = [dataset.cat_ids[int(l) - 1] for l in out["labels"].cpu()]
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).tolist()
+    for b, s, c in zip(xywh, scores, cats):
+        boxes_out.append({"image_id": image_id, "category_id": c, "bbox": b, "score": s})
+    if "masks" in out:
+        binary = (out["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+        for m, s, c in zip(binary, scores, cats):
+            rle = mask_utils.encode(np.asfortranarray(m))
+            rle["counts"] = rle["counts"].decode("ascii")
+            segms_out.append({"image_id": image_id, "category_id": c,
+                              "segmentation": rle, "score": s})
 
 
 BACKENDS = ("pycocotools", "faster-coco-eval")
