@@ -2,7 +2,8 @@
 
     bench data                      generate the embedded datasets (cached)
     bench pretrain RECIPE...        pre-train the backbone a recipe names as its imagenet init
-    bench plan RECIPE... [--json]   list every run a study expands to, with its GPU-hours
+    bench plan RECIPE... [--json] [--full]   list every run a study expands to, with its
+                                    GPU-hours (--full: and every resolved value of each run)
     bench speed RECIPE... [--record]  time train steps of each model, for the throughput table
     bench subsets --annotations F   draw the nested 1k/10k/35k training subsets of a dataset
     bench run RECIPE...             train and evaluate every run (skips finished ones)
@@ -20,6 +21,8 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 from bench.paths import runs_root
 
@@ -87,9 +90,10 @@ def cmd_pretrain(args):
                               workers=workers)
 
 
-def plan_rows(studies, root, gpu="H100"):
+def plan_rows(studies, root, gpu="H100", full=False):
     """One row per run: what it trains, and its GPU-hours from the measured throughput table
-    (None when this model was never measured on a `gpu`: no estimate, never a guess)."""
+    (None when this model was never measured on a `gpu`: no estimate, never a guess); with
+    `full`, also the whole resolved RunSpec of each run (what it will train, every value)."""
     from bench import fork, speed
     from bench.runner import is_done, run_dir_for
     table = speed.read_table()
@@ -114,7 +118,18 @@ def plan_rows(studies, root, gpu="H100"):
                 "gpu_hours_forked": round(hours * (1 - fork_at / s.solver.max_iter), 2)
                 if measured else None,
                 "done": is_done(run_dir_for(s, root))})
+            if full:
+                rows[-1]["spec"] = s.to_dict()
     return rows
+
+
+class _FlowListDumper(yaml.SafeDumper):
+    """Block mappings with lists on one line (`steps: [120000, 160000]`): a spec to read."""
+
+
+for _seq in (list, tuple):
+    _FlowListDumper.add_representer(_seq, lambda dumper, value: dumper.represent_sequence(
+        "tag:yaml.org,2002:seq", value, flow_style=True))
 
 
 def cmd_plan(args):
@@ -122,7 +137,7 @@ def cmd_plan(args):
         raise SystemExit("bench plan: --gpu must name a device, e.g. --gpu H100 (or --gpu CPU)")
     root = Path(args.runs_root) if args.runs_root else runs_root()
     studies = _studies(args)
-    rows = plan_rows(studies, root, args.gpu)
+    rows = plan_rows(studies, root, args.gpu, full=args.full)
     unsupported = [{"study": st.name, "recipe": str(st.path), "reason": st.unsupported}
                    for st in studies if st.unsupported]
     known = [r["gpu_hours"] for r in rows if r["gpu_hours"] is not None]
@@ -143,6 +158,12 @@ def cmd_plan(args):
         _print_table(shown, ["run_id", "arch", "backbone", "norm", "init", "schedule",
                              "iterations", "lr_drops", "lr", "batch", "train_images", "gpus",
                              "fork", "GPU-h", "forked", "done"])
+    if args.full:
+        # every value, as detectron2 dumps its config: what a user checks before GPU time
+        for r in rows:
+            print(f"\n# {r['run_id']} ({r['study']})")
+            print(yaml.dump(r["spec"], Dumper=_FlowListDumper, sort_keys=False).rstrip())
+        print()
     if total is not None:
         digits = 1 if total >= 1 else 3
         cost = f"{total:,.{digits}f} GPU-hours on {args.gpu}"
@@ -582,6 +603,8 @@ def main(argv=None):
     p = sub.add_parser("plan", help="list the runs of a study and their GPU-hours")
     _common(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--full", action="store_true", help="also print (with --json: write) every "
+                                                       "resolved value of each run's spec")
     p.add_argument("--gpu", default="H100", help="estimate GPU-hours from throughput rows "
                                                  "measured on this device (default: H100)")
     p.set_defaults(fn=cmd_plan)

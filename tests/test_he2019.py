@@ -158,3 +158,21 @@ def test_make_reproduce_he2019_dry_run_prints_the_plan_and_without_coco_stops(tm
     assert real.returncode != 0
     assert f"{tmp_path / 'coco'}/annotations/instances_train2017.json does not exist" in real.stderr
     assert "make mini" in real.stderr
+
+
+def test_plan_full_shows_every_resolved_value_of_every_run(tmp_path):
+    """`bench plan --full` is the config dump a user reads before spending GPU time: every
+    field of every run's resolved spec, enough to rebuild the run exactly."""
+    from bench.spec import RunSpec
+    recipe_file = str(REPO / "recipes/he2019/r50_gn.yaml")
+    out = _bench("plan", recipe_file, "--json", "--full", "--runs-root", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    runs = json.loads(out.stdout)["runs"]
+    for row, spec in zip(runs, HE2019["he2019-r50-gn"].runs):
+        assert row["spec"] == json.loads(json.dumps(spec.to_dict()))
+        assert RunSpec.from_dict(row["spec"]).run_id == row["run_id"]
+    text = _bench("plan", recipe_file, "--full", "--runs-root", str(tmp_path))
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.count("\n# mask_rcnn-resnet50-GN-") == len(runs)
+    assert text.stdout.count("freeze_at:") == len(runs)
+    assert "steps: [120000, 160000]" in text.stdout
