@@ -77,9 +77,11 @@ class ModelSpec:
     box_head_conv_dim: int = 256
     box_head_fc_dim: int = 1024
     roi_batch_per_image: int = 512
-    # Box regression loss of the RPN and the box head: smooth L1 with this beta; 0 is L1,
-    # detectron2's default (SMOOTH_L1_BETA 0.0). torchvision's own models use 1/9.
+    # Box regression loss of the box head (and of the RPN unless rpn_box_loss_beta is set):
+    # smooth L1 with this beta; 0 is L1, detectron2's default (SMOOTH_L1_BETA 0.0).
+    # torchvision's own models use 1/9; Detectron (Caffe2) 1/9 in the RPN, 1.0 in the head.
     box_loss_beta: float = 0.0
+    rpn_box_loss_beta: Optional[float] = None   # None: box_loss_beta
     mask_head_convs: int = 4
     mask_head_dim: int = 256
     # RoI pooling as detectron2's FPN configs (POOLER_TYPE ROIAlignV2, POOLER_SAMPLING_RATIO 0):
@@ -135,6 +137,11 @@ class SolverSpec:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     weight_decay_norm: float = 0.0      # detectron2 default: no decay on norm parameters
+    # Every parameter named `bias` (conv, fc and norm biases, GN's beta too) trains at
+    # bias_lr_factor x the LR with weight_decay_bias (None: weight_decay), as detectron2's
+    # BIAS_LR_FACTOR / WEIGHT_DECAY_BIAS; Detectron (Caffe2) used 2x and 0
+    bias_lr_factor: float = 1.0
+    weight_decay_bias: Optional[float] = None
     gamma: float = 0.1
     # Mixed precision on a GPU (torch.autocast): bf16, or fp16 with a gradient scaler.
     amp: Literal["off", "bf16", "fp16"] = "off"

@@ -246,7 +246,9 @@ def _one_batch_through_both_engines(arch, images=4, width=96):
 
 
 @needs_d2
-def test_both_engines_optimizers_give_every_parameter_the_same_lr_momentum_and_decay():
+@pytest.mark.parametrize("solver", [{}, {"bias_lr_factor": 2.0, "weight_decay_bias": 0.0}],
+                         ids=["detectron2 defaults", "Detectron's 2x bias LR, no bias decay"])
+def test_both_engines_optimizers_give_every_parameter_the_same_lr_momentum_and_decay(solver):
     from detectron2.modeling import build_model
     from detectron2.solver import build_optimizer as d2_optimizer
     from bench.engines.detectron2.train import detectron2_cfg
@@ -255,6 +257,7 @@ def test_both_engines_optimizers_give_every_parameter_the_same_lr_momentum_and_d
     from bench.engines.torchvision.train import build_optimizer
     spec = next(s for s in recipe.load(REPO / "recipes/parity/pair.yaml").runs
                 if s.init == "scratch")
+    spec = dataclasses.replace(spec, solver=dataclasses.replace(spec.solver, **solver))
     cfg = detectron2_cfg(spec, 8)
     theirs, ours = build_model(cfg), build_detector(spec.model, 8, spec.data)
 
@@ -266,6 +269,7 @@ def test_both_engines_optimizers_give_every_parameter_the_same_lr_momentum_and_d
     their = settings(d2_optimizer(cfg, theirs), theirs)
     assert mine == {torchvision_names(their)[k]: v for k, v in their.items()}
     assert {decay for _, _, decay, _ in mine.values()} == {1e-4, 0.0}  # norms: no decay
+    assert len({lr for lr, _, _, _ in mine.values()}) == (2 if solver else 1)
 
 
 @needs_d2

@@ -386,3 +386,26 @@ def test_box_deltas_are_decoded_in_fp32_as_detectron2():
         half = coder.decode(deltas.to(torch.bfloat16), boxes)
         assert half.dtype == torch.float32
         assert torch.equal(half, coder.decode(deltas.to(torch.bfloat16).float(), boxes))
+
+
+def test_biases_train_at_bias_lr_factor_with_their_own_decay_as_detectron():
+    """Detectron (Caffe2) trains every bias, GroupNorm's beta included, at twice the LR and
+    without weight decay; GN's gamma at the LR without decay; conv and fc weights with
+    decay. detectron2's BIAS_LR_FACTOR / WEIGHT_DECAY_BIAS express it, and so do we."""
+    from bench.engines.torchvision.train import build_optimizer
+    solver = replace(SCRATCH.solver, lr=0.02, bias_lr_factor=2.0, weight_decay_bias=0.0)
+    det = build_detector(SCRATCH.model, num_classes=8, data=SCRATCH.data)
+    setting = {id(p): (g["lr"], g["weight_decay"])
+               for g in build_optimizer(det, solver).param_groups for p in g["params"]}
+    named = dict(det.named_parameters())
+    gn = det.backbone.body.bn1
+    assert setting[id(gn.weight)] == (0.02, 0.0)                       # GN gamma
+    assert setting[id(gn.bias)] == (0.04, 0.0)                         # GN beta: a bias
+    assert setting[id(det.backbone.body.conv1.weight)] == (0.02, 1e-4)
+    assert setting[id(named["roi_heads.box_predictor.cls_score.bias"])] == (0.04, 0.0)
+    assert setting[id(named["roi_heads.box_predictor.cls_score.weight"])] == (0.02, 1e-4)
+    assert len(setting) == len(named)
+    # the defaults keep detectron2's: one LR, biases decayed as weights, norms not
+    plain = build_optimizer(det, replace(solver, bias_lr_factor=1.0, weight_decay_bias=None))
+    assert [(g["lr"], g["weight_decay"]) for g in plain.param_groups] == [(0.02, 1e-4),
+                                                                          (0.02, 0.0)]

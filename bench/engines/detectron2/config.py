@@ -73,7 +73,8 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
                     "PRE_NMS_TOPK_TEST": m.rpn_pre_nms_test,
                     "POST_NMS_TOPK_TEST": m.rpn_post_nms_test,
                     "BATCH_SIZE_PER_IMAGE": m.rpn_batch_per_image,
-                    "SMOOTH_L1_BETA": m.box_loss_beta},
+                    "SMOOTH_L1_BETA": m.box_loss_beta if m.rpn_box_loss_beta is None
+                    else m.rpn_box_loss_beta},
             "ROI_HEADS": {"NAME": "StandardROIHeads", "IN_FEATURES": ["p2", "p3", "p4", "p5"],
                           "NUM_CLASSES": num_classes,
                           "BATCH_SIZE_PER_IMAGE": m.roi_batch_per_image,
@@ -102,6 +103,7 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
         "SOLVER": {"IMS_PER_BATCH": s.batch, "BASE_LR": s.lr, "STEPS": list(s.steps),
                    "MAX_ITER": s.max_iter, "GAMMA": s.gamma, "MOMENTUM": s.momentum,
                    "WEIGHT_DECAY": s.weight_decay, "WEIGHT_DECAY_NORM": s.weight_decay_norm,
+                   "BIAS_LR_FACTOR": s.bias_lr_factor, "WEIGHT_DECAY_BIAS": s.weight_decay_bias,
                    "WARMUP_ITERS": s.warmup_iters, "WARMUP_FACTOR": s.warmup_factor,
                    "WARMUP_METHOD": "linear", "CHECKPOINT_PERIOD": spec.checkpoint.period,
                    "AMP": {"ENABLED": s.amp != "off"}},

@@ -270,11 +270,11 @@ class Detectron2LossRoIHeads(RoIHeads):
         return self._forward(self, *args, **kwargs)
 
 
-def use_detectron2_losses(model, box_loss_beta: float):
+def use_detectron2_losses(model, box_loss_beta: float, rpn_box_loss_beta: float = None):
     """Swap the detector's RPN, RoI heads and box coders for the subclasses above (same
-    parameters)."""
+    parameters). The RPN's beta is the box head's unless given."""
     model.rpn.__class__ = RPN
-    model.rpn.box_loss_beta = box_loss_beta
+    model.rpn.box_loss_beta = box_loss_beta if rpn_box_loss_beta is None else rpn_box_loss_beta
     model.rpn.box_coder.__class__ = Fp32BoxCoder
     model.roi_heads.box_coder.__class__ = Fp32BoxCoder
     model.roi_heads.__class__ = Detectron2LossRoIHeads
@@ -326,7 +326,7 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
         mask_pool = RoIPooler(["0", "1", "2", "3"], 14, m.roi_sampling_ratio, m.roi_align_aligned)
         model = MaskRCNN(fpn, mask_roi_pool=mask_pool, mask_head=mask_head,
                          mask_predictor=mask_predictor, **common)
-    use_detectron2_losses(model, m.box_loss_beta)
+    use_detectron2_losses(model, m.box_loss_beta, m.rpn_box_loss_beta)
     model.transform = BatchedPasteTransform(data.train_min_size, data.train_max_size, mean, std)
     model.input_sizes = {True: (data.train_min_size, data.train_max_size),
                          False: (data.test_min_size, data.test_max_size)}

@@ -42,15 +42,26 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def build_optimizer(model, solver):
-    """SGD with momentum; norm parameters get `weight_decay_norm` (detectron2's default 0)."""
-    norm_params, other = [], []
+    """SGD with momentum and detectron2's parameter groups: norm parameters get
+    `weight_decay_norm` (detectron2's default 0); every parameter named `bias`, a norm's
+    too, gets `bias_lr_factor` x the LR and `weight_decay_bias` (default: weight_decay).
+    The groups are always [other, norm] then the biases' when they differ, so checkpoints of
+    runs without bias settings resume as before; group 0 trains at the logged LR."""
+    bias_apart = solver.bias_lr_factor != 1.0 or solver.weight_decay_bias is not None
+    groups = {"other": [], "norm": [], "other bias": [], "norm bias": []}
     for module in model.modules():
-        for p in module.parameters(recurse=False):
+        for name, p in module.named_parameters(recurse=False):
             if p.requires_grad:
-                (norm_params if is_norm(module) else other).append(p)
-    groups = [{"params": other, "weight_decay": solver.weight_decay},
-              {"params": norm_params, "weight_decay": solver.weight_decay_norm}]
-    return torch.optim.SGD(groups, lr=solver.lr, momentum=solver.momentum)
+                kind = "norm" if is_norm(module) else "other"
+                groups[f"{kind} bias" if bias_apart and name == "bias" else kind].append(p)
+    bias_decay = solver.weight_decay if solver.weight_decay_bias is None else solver.weight_decay_bias
+    settings = {"other": (solver.weight_decay, 1.0), "norm": (solver.weight_decay_norm, 1.0),
+                "other bias": (bias_decay, solver.bias_lr_factor),
+                "norm bias": (bias_decay, solver.bias_lr_factor)}
+    return torch.optim.SGD(
+        [{"params": params, "weight_decay": settings[kind][0], "lr": solver.lr * settings[kind][1]}
+         for kind, params in groups.items() if params or kind in ("other", "norm")],
+        lr=solver.lr, momentum=solver.momentum)
 
 
 def datasets_for(spec):
