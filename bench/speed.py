@@ -39,8 +39,11 @@ DATASET_SHAPES = {"coco": ((480, 640), 7, 80), "shapes": ((128, 128), 4, 8),
 
 # ModelSpec fields that change what a step computes but not what it costs
 # Fields that do not change a step's cost. stride_in_1x1 moves a stride between the first
-# two convolutions of three blocks (well under 1% of the detector's work).
-COST_FREE = ("pixel_mean", "pixel_std", "box_loss_beta", "stride_in_1x1")
+# two convolutions of three blocks (well under 1% of the detector's work); RoIAlign's
+# alignment shifts its sample points by half a pixel. (Its sampling ratio and freeze_at do
+# change the cost: a Detectron-convention run needs its own measurement.)
+COST_FREE = ("pixel_mean", "pixel_std", "box_loss_beta", "rpn_box_loss_beta", "stride_in_1x1",
+             "roi_align_aligned")
 
 
 def table_path() -> Path:

@@ -39,7 +39,9 @@ def test_learning_curve_studies_follow_the_papers_schedule_rule(name):
         assert r.solver.steps == (n * 90_000 - 60_000, n * 90_000 - 20_000)
         assert (r.solver.lr, r.solver.batch, r.gpus) == (0.02, 16, 8)
         assert (r.data.dataset, r.data.train_min_size, r.data.train_images) == ("coco", 800, None)
-        assert r.model.freeze_at == 0 and r.model.box_head_convs == 4
+        # Detectron's pre-trained arm freezes the stem and res2; its scratch arm nothing
+        assert r.model.freeze_at == (0 if r.init == "scratch" else 2)
+        assert r.model.box_head_convs == 4
         assert r.model.norm == name.split("-")[-1].replace("gn", "GN").replace("syncbn", "SyncBN")
 
 
@@ -120,13 +122,14 @@ def test_plan_estimates_only_from_measured_throughput(tmp_path, monkeypatch):
     plan = json.loads(out.stdout)
     assert plan["total_gpu_hours"] is None and all(r["gpu_hours"] is None for r in plan["runs"])
     from bench import speed
-    spec = HE2019["he2019-r50-gn"].runs[0]
-    row = {c: "" for c in speed.COLUMNS}
-    row.update(speed_key=speed.speed_key(spec), device="NVIDIA H100 80GB HBM3",
-               sec_per_iter="0.5")
-    speed.record([row], table)
+    # one model per arm (the pre-trained arm's frozen stem and res2 cost less)
+    keys = {speed.speed_key(spec) for spec in HE2019["he2019-r50-gn"].runs}
+    assert len(keys) == 2
+    rows = [{**{c: "" for c in speed.COLUMNS}, "speed_key": key,
+             "device": "NVIDIA H100 80GB HBM3", "sec_per_iter": "0.5"} for key in keys]
+    speed.record(rows, table)
     plan = json.loads(_bench("plan", str(REPO / "recipes/he2019/r50_gn.yaml"), "--json").stdout)
-    # every run of the study has this model: 0.5 s x iterations x 8 GPUs
+    # both models measured at 0.5 s: iterations x 0.5 s x 8 GPUs
     assert plan["total_gpu_hours"] == pytest.approx(sum(0.5 * r["iterations"] * 8 / 3600
                                                         for r in plan["runs"]), abs=0.1)
     other = json.loads(_bench("plan", str(REPO / "recipes/he2019/r50_gn.yaml"), "--json",

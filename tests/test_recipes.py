@@ -93,6 +93,11 @@ def test_a_binary_file_is_not_a_recipe(tmp_path):
      "compare.imagenet.model.freeze_at: 'two' has the wrong type"),
     ("compare: {init: [scratch, imagenet], scratch: {model: {freeze_at: 2}}}",
      "freeze_at=2 with init=scratch"),
+    ("compare: {init: [scratch, imagenet], imagenet: {model: {freeze_at: 7}}}",
+     "model.freeze_at=7: this backbone has a stem and 4 stages; allowed 0..5"),
+    ("run: {engine: detectron2, model: {depth: 18, width: 64, norm_groups: 32}}\n"
+     "compare: {init: [scratch, imagenet], imagenet: {model: {freeze_at: 6}}}",
+     "model.freeze_at 6: detectron2's ResNet has a stem and 4 stages; allowed 0..5"),
     ("compare: {init: [scratch, imagenet], pretrained: {x: 1}}", "compare.pretrained: unknown key"),
     ("unsupported: ''", "unsupported: must say why"),
     ("plugins: [missing_backbone.py]", "plugins: FileNotFoundError: plugin missing_backbone.py"),

@@ -40,6 +40,9 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
         raise Untranslatable(f"model.width {m.width} at depth {m.depth}: detectron2's R18/R34 "
                              f"are 64 wide (RES2_OUT_CHANNELS 64); use width 64 or "
                              f"engine: torchvision")
+    if not 0 <= m.freeze_at <= 5:
+        raise Untranslatable(f"model.freeze_at {m.freeze_at}: detectron2's ResNet has a stem and "
+                             f"4 stages; allowed 0..5")
     if m.norm == "GN" and m.norm_groups != 32:
         raise Untranslatable(f"model.norm_groups {m.norm_groups}: detectron2's GN has 32 groups; "
                              f"use norm_groups 32 or engine: torchvision")

@@ -56,6 +56,10 @@ def _freeze_batchnorms(module: nn.Module):
 def freeze_stages(body: nn.Module, stage_names, freeze_at: int):
     """Freeze the stem (freeze_at >= 1) and the first freeze_at - 1 stages, as detectron2:
     no gradients, and BN layers there become FrozenBatchNorm2d (GN has no statistics)."""
+    if freeze_at > len(stage_names) + 1:  # would silently freeze the whole backbone
+        raise ValueError(f"model.freeze_at={freeze_at}: this backbone has a stem and "
+                         f"{len(stage_names)} stages; allowed 0..{len(stage_names) + 1} (0 "
+                         f"nothing, 1 the stem, k the stem and the first k-1 stages)")
     if freeze_at <= 0:
         return
     frozen = [name for name, _ in body.named_children() if name not in stage_names]
