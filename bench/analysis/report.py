@@ -20,10 +20,13 @@ def markdown_pairs(pairs):
     lines = ["| schedule | iterations | train images | box AP scratch | box AP pre-trained | "
              "Δ box | mask AP scratch | mask AP pre-trained | Δ mask | state |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    # several seeds of one pair would otherwise read as duplicated rows
+    seeded = "seed" in pairs.columns and pairs["seed"].nunique() > 1
     for _, r in pairs.iterrows():
         n = "all" if r["train_images"] == -1 else str(int(r["train_images"]))
         engine = f" ({r['engine']})" if r.get("engine", "torchvision") != "torchvision" else ""
-        cells = [r["schedule"] + engine, str(int(r["max_iter"])), n]
+        seed = f", seed {int(r['seed'])}" if seeded else ""
+        cells = [r["schedule"] + engine + seed, str(int(r["max_iter"])), n]
         for m in ("bbox/AP", "segm/AP"):
             cells += [_fmt(r.get(f"{m} scratch", float("nan"))),
                       _fmt(r.get(f"{m} imagenet", float("nan"))),
