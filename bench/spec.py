@@ -25,6 +25,10 @@ Norm = Literal["GN", "SyncBN", "FrozenBN", "BN", "none"]
 # 4: the torchvision engine's anchors are detectron2's (unrounded corners, strides of 2^level
 #    whatever the padded size, fp32), its RPN losses are normalized by batch-per-image x
 #    images, and box deltas are decoded in fp32 (bench/engines/torchvision/model.py)
+#    The evaluation that batches only images of one size (bench/engines/torchvision/
+#    evaluate.py) kept version 4: it changes no embedded-data result (every image there is
+#    128 x 128, so the batches are the same), and no COCO run can carry a version-4 id
+#    from before it (version 4 and this fix landed the same day, on a machine without GPU).
 SPEC_VERSION = 4
 
 
