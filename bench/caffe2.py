@@ -2,10 +2,11 @@
 
 The paper's pre-trained runs start from these files: MSRA's ResNets (stride in the
 bottleneck's first 1x1 conv) and FAIR's GN ResNets (stride in the 3x3). They were trained
-on BGR images in 0-255 minus the mean [103.53, 116.28, 123.675], with no division (pixel
-std 1; detectron2's ThirdPartyModelCatalog notes). Our detector reads RGB, so the first
-conv's input channels are reversed here; the recipe sets `model.pixel_std: [1, 1, 1]`
-(checked on load) and, for MSRA's files, `model.stride_in_1x1: true` (reported if not).
+on BGR images in 0-255 minus a mean, with no division (pixel std 1): Detectron subtracts
+[102.9801, 115.9465, 122.7717] (its PIXEL_MEANS), detectron2's catalog [103.53, 116.28,
+123.675] for the same files. Our detector reads RGB, so the first conv's input channels are
+reversed here; the recipe sets `model.pixel_std: [1, 1, 1]` and one of those means (checked
+on load) and, for MSRA's files, `model.stride_in_1x1: true` (reported if not).
 
 Three kinds of normalization blobs, told apart by their names:
 * `gn`: FAIR's GN scale and bias (`*_gn_s`, `*_gn_b`);
@@ -40,8 +41,9 @@ _BLOCK = re.compile(rf"^res(\d)_(\d+)_branch(1|2a|2b|2c)_(w|{_KIND})$")
 _STEM_NORM = re.compile(rf"^(?:res_conv1|conv1)_({_KIND})$")
 _CONV = {"2a": "conv1", "2b": "conv2", "2c": "conv3"}
 _NORM = {"2a": "bn1", "2b": "bn2", "2c": "bn3"}
-# Caffe2's inputs, in RGB order like ModelSpec.pixel_mean / pixel_std
-EXPECTED_MEAN = (123.675, 116.28, 103.53)
+# Caffe2's inputs, in RGB order like ModelSpec.pixel_mean / pixel_std: Detectron's means
+# (the he2019 recipes) or detectron2's for the same files (the detectron2-zoo recipes)
+EXPECTED_MEANS = ((122.7717, 115.9465, 102.9801), (123.675, 116.28, 103.53))
 EXPECTED_STD = (1.0, 1.0, 1.0)
 
 
@@ -141,12 +143,13 @@ def convert(blobs: dict, model_spec, path="the checkpoint", eps: float = 1e-5):
 def check_conventions(path, blobs, model_spec, log=print):
     """The input normalization must be Caffe2's; the stride position should be the file's."""
     if tuple(model_spec.pixel_std) != EXPECTED_STD or \
-            tuple(model_spec.pixel_mean) != EXPECTED_MEAN:
+            tuple(model_spec.pixel_mean) not in EXPECTED_MEANS:
         raise NotACaffe2Checkpoint(
             f"{path} was trained on 0-255 images minus the mean, std 1; this run normalizes "
             f"with model.pixel_mean {list(model_spec.pixel_mean)} and pixel_std "
             f"{list(model_spec.pixel_std)}: set model.pixel_std: [1, 1, 1] and pixel_mean: "
-            f"{list(EXPECTED_MEAN)} for the imagenet init (compare.imagenet)")
+            f"{list(EXPECTED_MEANS[0])} (Detectron's) or {list(EXPECTED_MEANS[1])} "
+            f"(detectron2's) for the imagenet init")
     msra = norm_style(blobs, path) != "gn"
     if msra != model_spec.stride_in_1x1:
         log(f"note: {path} is a {'MSRA' if msra else 'FAIR'} ResNet, trained with the stride in "

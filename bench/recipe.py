@@ -171,7 +171,9 @@ POSITIVE = ("solver.batch", "solver.ref_batch", "solver.unit_iters", "solver.bas
             "checkpoint.period", "checkpoint.keep", "model.width", "model.norm_groups",
             "model.fpn_channels", "data.train_min_size", "data.train_max_size",
             "data.test_min_size", "data.test_max_size")
-NON_NEGATIVE = ("eval.period", "solver.warmup_iters", "model.freeze_at", "solver.micro_batch")
+NON_NEGATIVE = ("eval.period", "solver.warmup_iters", "model.freeze_at", "solver.micro_batch",
+                "solver.bias_lr_factor", "solver.weight_decay_bias", "model.box_loss_beta",
+                "model.rpn_box_loss_beta")
 
 
 def _get(spec, dotted):
@@ -185,8 +187,8 @@ def _check_ranges(spec: RunSpec, where: str):
         value = _get(spec, key)
         if not ((min(value) if value else 0) if isinstance(value, tuple) else value) > 0:
             raise SpecError(f"{where}: {key}={_get(spec, key)!r} must be greater than 0")
-    for key in NON_NEGATIVE:
-        if _get(spec, key) < 0:
+    for key in NON_NEGATIVE:  # None: an optional value left unset
+        if _get(spec, key) is not None and _get(spec, key) < 0:
             raise SpecError(f"{where}: {key}={_get(spec, key)!r} must not be negative")
     n = spec.data.train_images
     if n is not None and n <= 0:

@@ -142,8 +142,9 @@ class SolverSpec:
     weight_decay: float = 1e-4
     weight_decay_norm: float = 0.0      # detectron2 default: no decay on norm parameters
     # Every parameter named `bias` (conv, fc and norm biases, GN's beta too) trains at
-    # bias_lr_factor x the LR with weight_decay_bias (None: weight_decay), as detectron2's
-    # BIAS_LR_FACTOR / WEIGHT_DECAY_BIAS; Detectron (Caffe2) used 2x and 0
+    # bias_lr_factor x the LR with weight_decay_bias (None: weight_decay, or
+    # weight_decay_norm for a norm's bias), as detectron2's BIAS_LR_FACTOR /
+    # WEIGHT_DECAY_BIAS; Detectron (Caffe2) used 2x and 0
     bias_lr_factor: float = 1.0
     weight_decay_bias: Optional[float] = None
     gamma: float = 0.1

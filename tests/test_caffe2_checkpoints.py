@@ -6,6 +6,7 @@ a network whose outputs it knows."""
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -145,3 +146,19 @@ def test_a_checkpoint_missing_a_stage_fails_and_a_stride_mismatch_is_reported(tm
     state = load_imagenet_backbone(str(write_pkl(tmp_path / "b.pkl", cut)), spec, log=notes.append)
     with pytest.raises(ValueError, match="does not cover the backbone"):
         load_backbone_weights(build_detector(spec, 3, DataSpec()), state, log=notes.append)
+
+
+def test_every_recipe_that_loads_a_caffe2_file_normalizes_as_it_was_trained():
+    """The he2019 recipes subtract Detectron's means, the detectron2-zoo recipes detectron2's
+    for the same files; both are Caffe2's 0-255 BGR minus a mean, std 1, and load."""
+    from bench import recipe
+    from bench.caffe2 import check_conventions
+    from conftest import REPO
+    studies = recipe.load_all([REPO / "recipes/he2019", REPO / "recipes/detectron2-zoo"])
+    runs = [s for st in studies for s in st.runs
+            if s.init == "imagenet" and s.pretrained.endswith(".pkl")]
+    assert {s.study for s in runs} >= {"he2019-r50-gn", "he2019-less-data-1k"}
+    for spec in runs:
+        blobs = {"res2_0_branch2a_gn_s" if spec.model.norm == "GN" else "res2_0_branch2a_bn_s":
+                 np.zeros(1)}
+        check_conventions(spec.pretrained, blobs, spec.model, log=lambda msg: None)

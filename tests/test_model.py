@@ -405,6 +405,11 @@ def test_biases_train_at_bias_lr_factor_with_their_own_decay_as_detectron():
     assert setting[id(named["roi_heads.box_predictor.cls_score.bias"])] == (0.04, 0.0)
     assert setting[id(named["roi_heads.box_predictor.cls_score.weight"])] == (0.02, 1e-4)
     assert len(setting) == len(named)
+    # a bias LR alone keeps each kind's decay (detectron2's WEIGHT_DECAY_BIAS None)
+    only_lr = {id(p): (g["lr"], g["weight_decay"]) for g in build_optimizer(
+        det, replace(solver, weight_decay_bias=None)).param_groups for p in g["params"]}
+    assert only_lr[id(gn.bias)] == (0.04, 0.0)
+    assert only_lr[id(named["roi_heads.box_predictor.cls_score.bias"])] == (0.04, 1e-4)
     # the defaults keep detectron2's: one LR, biases decayed as weights, norms not
     plain = build_optimizer(det, replace(solver, bias_lr_factor=1.0, weight_decay_bias=None))
     assert [(g["lr"], g["weight_decay"]) for g in plain.param_groups] == [(0.02, 1e-4),

@@ -93,6 +93,8 @@ def test_a_binary_file_is_not_a_recipe(tmp_path):
      "compare.imagenet.model.freeze_at: 'two' has the wrong type"),
     ("compare: {init: [scratch, imagenet], scratch: {model: {freeze_at: 2}}}",
      "freeze_at=2 with init=scratch"),
+    ("run: {solver: {bias_lr_factor: -2}}", "solver.bias_lr_factor=-2.0 must not be negative"),
+    ("run: {model: {rpn_box_loss_beta: -0.1}}", "model.rpn_box_loss_beta=-0.1 must not be negative"),
     ("compare: {init: [scratch, imagenet], imagenet: {model: {freeze_at: 7}}}",
      "model.freeze_at=7: this backbone has a stem and 4 stages; allowed 0..5"),
     ("run: {engine: detectron2, model: {depth: 18, width: 64, norm_groups: 32}}\n"

@@ -173,8 +173,13 @@ class RunDirHook(HookBase):
         if done % LOG_PERIOD == 0 or done == solver.max_iter:
             if world.main:
                 n = self.window["n"]
+                # detectron2 logs the LR of its largest parameter group (the first of equal
+                # size), which with a bias_lr_factor can be the biases': log the base LR
+                groups = self.trainer.optimizer.param_groups
+                largest = max(groups, key=lambda g: len(g["params"]))
+                lr = storage.latest()["lr"][0] * solver.lr / largest.get("initial_lr", solver.lr)
                 row = {"type": "train", "iteration": done, "images_seen": done * solver.batch,
-                       "lr": storage.latest()["lr"][0], "time": self.time / self.timed,
+                       "lr": lr, "time": self.time / self.timed,
                        "data_time": self.data_time / self.timed, "wall": time.time(),
                        **{k: v / n for k, v in self.window["losses"].items()}}
                 if self.device.type == "cuda":

@@ -44,7 +44,8 @@ class NonFiniteLoss(FloatingPointError):
 def build_optimizer(model, solver):
     """SGD with momentum and detectron2's parameter groups: norm parameters get
     `weight_decay_norm` (detectron2's default 0); every parameter named `bias`, a norm's
-    too, gets `bias_lr_factor` x the LR and `weight_decay_bias` (default: weight_decay).
+    too, gets `bias_lr_factor` x the LR and `weight_decay_bias` (when None, the decay of its
+    kind: weight_decay, or weight_decay_norm for a norm's bias).
     The groups are always [other, norm] then the biases' when they differ, so checkpoints of
     runs without bias settings resume as before; group 0 trains at the logged LR."""
     bias_apart = solver.bias_lr_factor != 1.0 or solver.weight_decay_bias is not None
@@ -54,10 +55,11 @@ def build_optimizer(model, solver):
             if p.requires_grad:
                 kind = "norm" if is_norm(module) else "other"
                 groups[f"{kind} bias" if bias_apart and name == "bias" else kind].append(p)
-    bias_decay = solver.weight_decay if solver.weight_decay_bias is None else solver.weight_decay_bias
+    def bias_decay(kind_decay):  # detectron2: WEIGHT_DECAY_BIAS None keeps the kind's decay
+        return kind_decay if solver.weight_decay_bias is None else solver.weight_decay_bias
     settings = {"other": (solver.weight_decay, 1.0), "norm": (solver.weight_decay_norm, 1.0),
-                "other bias": (bias_decay, solver.bias_lr_factor),
-                "norm bias": (bias_decay, solver.bias_lr_factor)}
+                "other bias": (bias_decay(solver.weight_decay), solver.bias_lr_factor),
+                "norm bias": (bias_decay(solver.weight_decay_norm), solver.bias_lr_factor)}
     return torch.optim.SGD(
         [{"params": params, "weight_decay": settings[kind][0], "lr": solver.lr * settings[kind][1]}
          for kind, params in groups.items() if params or kind in ("other", "norm")],
