@@ -662,7 +662,7 @@ def main(argv=None):
                                        "COCO-format annotation file")
     p.add_argument("--annotations", required=True, help="e.g. datasets/coco/annotations/"
                                                         "instances_train2017.json")
-    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 35000])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 3500, 10000, 35000])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="default: bench_subsets/ beside annotations/, "
                                                "where `bench run` looks for them")

@@ -61,12 +61,13 @@ def test_every_numbered_row_of_the_paper_has_a_run_or_an_unsupported_recipe():
 
 def test_less_data_studies_use_nested_subsets_and_the_retuned_hyper_parameters():
     sizes = {}
-    for name in ("he2019-less-data-35k", "he2019-less-data-10k", "he2019-less-data-1k"):
+    for name in ("he2019-less-data-35k", "he2019-less-data-10k", "he2019-less-data-3.5k",
+                 "he2019-less-data-1k"):
         for r in HE2019[name].runs:
             sizes.setdefault(r.data.train_images, set()).add(r.data.subset_seed)
             assert (r.solver.lr, r.solver.gamma) == (0.04, 0.02)       # paper's footnote 2
             assert min(r.data.train_min_size) == 512 and max(r.data.train_min_size) == 800
-    assert sorted(sizes) == [1000, 10_000, 35_000] and all(v == {0} for v in sizes.values())
+    assert sorted(sizes) == [1000, 3500, 10_000, 35_000] and all(v == {0} for v in sizes.values())
     assert {r.solver.max_iter for r in HE2019["he2019-less-data-10k"].runs} == {60_000, 220_000}
 
 
@@ -155,7 +156,7 @@ def test_make_reproduce_he2019_dry_run_prints_the_plan_and_without_coco_stops(tm
     dry = subprocess.run(["make", "-s", "reproduce-he2019", "DRY_RUN=1"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0, dry.stderr
-    assert "56 runs" in dry.stdout and "not yet supported: he2019-vgg16-nobn" in dry.stdout
+    assert "76 runs" in dry.stdout and "not yet supported: he2019-vgg16-nobn" in dry.stdout
     real = subprocess.run(["make", "-s", "reproduce-he2019", f"COCO={tmp_path / 'coco'}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert real.returncode != 0
@@ -179,3 +180,28 @@ def test_plan_full_shows_every_resolved_value_of_every_run(tmp_path):
     assert text.stdout.count("\n# mask_rcnn-resnet50-GN-") == len(runs)
     assert text.stdout.count("freeze_at:") == len(runs)
     assert "steps: [120000, 160000]" in text.stdout
+
+
+def test_fig7_left_trains_35k_images_with_the_full_coco_hyper_parameters():
+    """Fig. 7 (left): on the same 35k subset as the re-tuned runs (middle), the full-COCO
+    hyper-parameters, with which the pre-trained model overfits."""
+    full, tuned = HE2019["he2019-less-data-35k-full-coco"], HE2019["he2019-less-data-35k"]
+    paper = HE2019["he2019-r50-gn"].runs[0]
+    for r in full.runs:
+        assert (r.data.train_images, r.data.subset_seed) == (35_000, 0)
+        assert (r.solver.base_lr, r.solver.gamma, r.data.train_min_size) == \
+            (paper.solver.base_lr, paper.solver.gamma, 800)
+    assert {r.solver.schedule for r in full.runs} == {r.solver.schedule for r in tuned.runs}
+    assert {r.data.subset_seed for r in tuned.runs} == {0}
+
+
+def test_fig5_train_aug_draws_the_shorter_side_from_640_to_800_at_the_papers_schedules():
+    """Fig. 5: scale augmentation in training needs longer schedules: the paper's points are
+    scratch 9x and pre-trained 6x; a matched pair runs both at both."""
+    for name in ("he2019-r50-gn-train-aug", "he2019-r101-gn-train-aug"):
+        runs = HE2019[name].runs
+        assert {(r.init, r.solver.schedule) for r in runs} >= {("scratch", "9x"),
+                                                                 ("imagenet", "6x")}
+        for r in runs:
+            assert r.data.train_min_size == (640, 672, 704, 736, 768, 800)
+            assert (r.data.test_min_size, r.solver.base_lr) == (800, 0.02)
