@@ -173,11 +173,11 @@ class RunDirHook(HookBase):
         if done % LOG_PERIOD == 0 or done == solver.max_iter:
             if world.main:
                 n = self.window["n"]
-                # detectron2 logs the LR of its largest parameter group (the first of equal
-                # size), which with a bias_lr_factor can be the biases': log the base LR
+                # detectron2 logs the LR of the group its LRScheduler hook picks (the largest),
+                # which with a bias_lr_factor can be the biases': log the base LR
                 groups = self.trainer.optimizer.param_groups
-                largest = max(groups, key=lambda g: len(g["params"]))
-                lr = storage.latest()["lr"][0] * solver.lr / largest.get("initial_lr", solver.lr)
+                picked = groups[hooks.LRScheduler.get_best_param_group_id(self.trainer.optimizer)]
+                lr = storage.latest()["lr"][0] * solver.lr / picked.get("initial_lr", solver.lr)
                 row = {"type": "train", "iteration": done, "images_seen": done * solver.batch,
                        "lr": lr, "time": self.time / self.timed,
                        "data_time": self.data_time / self.timed, "wall": time.time(),
