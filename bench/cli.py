@@ -658,7 +658,7 @@ def main(argv=None):
     p.set_defaults(fn=cmd_parity, slurm=False, nnodes=1, node_rank=0, master_addr="127.0.0.1",
                    master_port=29500)
 
-    p = sub.add_parser("subsets", help="draw nested training subsets (1k in 10k in 35k) of a "
+    p = sub.add_parser("subsets", help="draw nested training subsets (1k in 3.5k in 10k in 35k) of a "
                                        "COCO-format annotation file")
     p.add_argument("--annotations", required=True, help="e.g. datasets/coco/annotations/"
                                                         "instances_train2017.json")
