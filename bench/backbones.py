@@ -4,6 +4,8 @@ A builder takes the run's ModelSpec and returns a `Backbone`: the feature body (
 named children produce the C2..C5 maps) and their channel counts. The detection engines
 put the FPN on top; `bench pretrain` puts a classifier on top. Weight names follow
 torchvision's ResNet (conv1, bn1, layer1..layer4), so its ImageNet checkpoints load as is.
+A builder initializes its body for training from scratch as `model_spec.conv_init` says
+(`bench.norms.backbone_init_`).
 """
 
 from dataclasses import dataclass
@@ -12,7 +14,7 @@ from typing import Callable, Dict, List
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from bench.norms import msra_init_, norm_layer
+from bench.norms import backbone_init_, norm_layer
 
 BACKBONES: Dict[str, Callable] = {}
 
@@ -105,5 +107,5 @@ def resnet(model_spec) -> Backbone:
                          f"depth {model_spec.depth}")
     net = ResNet(model_spec.depth, model_spec.width,
                  norm_layer(model_spec.norm, model_spec.norm_groups), model_spec.stride_in_1x1)
-    msra_init_(net)
+    backbone_init_(net, model_spec.conv_init)
     return Backbone(net, ["layer1", "layer2", "layer3", "layer4"], net.out_channels)

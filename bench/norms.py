@@ -149,3 +149,34 @@ def xavier_init_(model: nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     return model
+
+
+def backbone_init_(model: nn.Module, style: str = "msra"):
+    """A backbone's scratch init (ModelSpec.conv_init): norm weight 1 and bias 0, conv biases
+    0, conv weights by `style`. "msra": He fill, fan_out (detectron2's c2_msra_fill).
+    "xavier": Caffe2's XavierFill, uniform within sqrt(3 / fan_in), what Detectron's GN
+    ResNets got (its ConvGN passes no weight_init, and brew's default is Xavier): variance
+    1 / fan_in rather than 2 / fan_out, so half where a conv keeps its width and ten times
+    more in the stem (3 -> 64 channels, 7 x 7). With a norm after every conv the forward pass
+    hardly sees the scale, but the size of an SGD step relative to a weight does."""
+    if style not in ("msra", "xavier"):
+        raise ValueError(f"model.conv_init {style!r}; allowed: msra, xavier")
+    msra_init_(model)
+    if style == "xavier":
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)  # bound sqrt(3 / fan_in)
+    return model
+
+
+def init_mask_logits_(conv: nn.Conv2d, style: str):
+    """ModelSpec.mask_logits_init: "normal", N(0, 0.001) as detectron2; "msra", He fill with
+    fan_out = K classes (Detectron's MSRAFill, which ignores the std it is given; with 80
+    classes std 0.158, where Detectron's 81 rows gave 0.157)."""
+    if style == "normal":
+        nn.init.normal_(conv.weight, std=0.001)
+    elif style == "msra":
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    else:
+        raise ValueError(f"model.mask_logits_init {style!r}; allowed: normal, msra")
+    nn.init.zeros_(conv.bias)

@@ -29,6 +29,8 @@ Norm = Literal["GN", "SyncBN", "FrozenBN", "BN", "none"]
 #    evaluate.py) kept version 4: it changes no embedded-data result (every image there is
 #    128 x 128, so the batches are the same), and no COCO run can carry a version-4 id
 #    from before it (version 4 and this fix landed the same day, on a machine without GPU).
+#    model.mask_target's default "polygon" kept version 4 for the same reasons: the embedded
+#    data's masks are RLE, which takes the bitmask path as before, and no COCO run exists.
 SPEC_VERSION = 4
 
 
@@ -92,6 +94,19 @@ class ModelSpec:
     # the half-pixel-aligned RoIAlign, adaptive sampling; 7x7 for boxes, 14x14 for masks
     roi_align_aligned: bool = True
     roi_sampling_ratio: int = 0
+    # Initialization of what a run does not load. The backbone's convs (scratch arm): "msra"
+    # (He fill, fan_out: detectron2's ResNets) or "xavier" (Caffe2's XavierFill, uniform
+    # within sqrt(3 / fan_in): Detectron's GN ResNets, whose ConvGN passes no fill, so
+    # brew's default applies). The mask head's 1x1 logits conv: "normal" (N(0, 0.001),
+    # detectron2) or "msra" (Detectron's MRCNN.CONV_INIT MSRAFill, std sqrt(2 / fan_out)).
+    conv_init: Literal["msra", "xavier"] = "msra"
+    mask_logits_init: Literal["normal", "msra"] = "normal"
+    # Mask targets of polygon annotations (COCO's): "polygon" rasterizes each RoI's polygons
+    # inside its box at 28 x 28, as detectron2 (PolygonMasks.crop_and_resize) and Detectron
+    # (polys_to_mask_wrt_box) do; "bitmask" reads the image-sized mask with RoIAlign
+    # (detectron2's MASK_FORMAT bitmask). RLE annotations (the embedded data) always take the
+    # bitmask path.
+    mask_target: Literal["polygon", "bitmask"] = "polygon"
     detections_per_image: int = 100
     score_thresh: float = 0.05
 

@@ -419,6 +419,38 @@ def test_the_pretrained_side_starts_from_the_checkpoint_in_detectron2s_resnet(tm
 
 
 @needs_d2
+def test_detectron2_takes_detectrons_inits_when_the_spec_asks_and_its_own_otherwise(tmp_path):
+    """model.conv_init and mask_logits_init have no detectron2 config key: the engine redraws
+    the weights of the model detectron2 built, and only when the spec is not detectron2's."""
+    from detectron2.modeling import build_model
+    from bench.engines.detectron2.train import _initialize, detectron2_cfg
+    from bench.spec import replace
+    spec = next(s for s in d2_study(tmp_path).runs if s.init == "scratch")
+
+    def built(spec):
+        torch.manual_seed(0)
+        model = build_model(detectron2_cfg(spec, num_classes=3))
+        _initialize(model, spec)
+        return model
+    own = built(spec)
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(
+        own.state_dict().values(),
+        build_model(detectron2_cfg(spec, num_classes=3)).state_dict().values()))
+    detectron = built(replace(spec, **{"model.conv_init": "xavier",
+                                       "model.mask_logits_init": "msra"}))
+    for name, conv in detectron.backbone.bottom_up.named_modules():
+        if isinstance(conv, torch.nn.Conv2d):
+            bound = (3 / conv.weight[0].numel()) ** 0.5
+            assert conv.weight.abs().max() <= bound, name
+    stem = detectron.backbone.bottom_up.stem.conv1.weight
+    assert stem.std().item() == pytest.approx((1 / stem[0].numel()) ** 0.5, rel=0.1)
+    logits = detectron.roi_heads.mask_head.predictor.weight
+    assert logits.std().item() == pytest.approx((2 / 3) ** 0.5, rel=0.15)
+    assert own.roi_heads.mask_head.predictor.weight.std().item() == pytest.approx(0.001, rel=0.15)
+
+
+@needs_d2
 def test_bench_parity_prints_both_engines_side_by_side(tmp_path):
     text = (REPO / "recipes/parity/pair.yaml").read_text()
     path = write_recipe(tmp_path, text.replace("base: ../mini/_model.yaml",

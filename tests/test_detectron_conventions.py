@@ -56,6 +56,14 @@ DETECTRON = [
     ("model.roi_align_aligned", False, f"{SCRATCH}:27,33 (Caffe2 RoIAlign: no half-pixel "
                                        "offset)"),
     ("model.roi_sampling_ratio", 2, f"{SCRATCH}:29,35 (ROI_XFORM_SAMPLING_RATIO)"),
+    ("model.conv_init", "xavier", "detectron/modeling/ResNet.py:259-268 (basic_gn_stem; the "
+                                  "blocks' ConvGN likewise pass no weight_init) and caffe2 "
+                                  "python/helpers/conv.py _ConvBase (default XavierFill)"),
+    ("model.mask_logits_init", "msra", f"{SCRATCH}:37 (MRCNN.CONV_INIT MSRAFill) and "
+                                       "detectron/modeling/mask_rcnn_heads.py:68-82 (its std "
+                                       "argument unused by MSRAFill)"),
+    ("model.mask_target", "polygon", "detectron/roi_data/mask_rcnn.py:41-76 and "
+                                     "detectron/utils/segms.py:104-128 (polys_to_mask_wrt_box)"),
     ("model.detections_per_image", 100, f"{DEFAULTS}:271 (TEST.DETECTIONS_PER_IM)"),
     ("model.score_thresh", 0.05, f"{DEFAULTS}:276 (TEST.SCORE_THRESH)"),
     ("data.train_max_size", 1333, f"{SCRATCH}:43 (TRAIN.MAX_SIZE)"),

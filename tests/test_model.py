@@ -13,7 +13,7 @@ from bench.engines.torchvision.model import build_detector, load_backbone_weight
 from bench.imagenet import load_imagenet_backbone
 from bench.norms import frozen_norms
 from bench.pretrain import Classifier
-from bench.spec import replace
+from bench.spec import RunSpec, SpecError, replace
 from conftest import REPO
 
 STUDY = recipe.load(REPO / "recipes/mini/study.yaml")
@@ -298,6 +298,29 @@ def test_scratch_init_is_detectron2s_msra_convs_and_xavier_fpn_and_fc():
     conv = det.roi_heads.box_head[0][0]  # the first of the 4 convs
     fan_out = conv.weight.shape[0] * conv.weight[0, 0].numel()
     assert conv.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.05)
+
+
+def test_detectrons_inits_xavier_backbone_convs_and_msra_mask_logits_when_asked():
+    """model.conv_init xavier: every backbone conv uniform within sqrt(3 / fan_in) (Caffe2's
+    XavierFill, which Detectron's GN ResNets got); model.mask_logits_init msra: the 1x1 mask
+    logits N(0, sqrt(2 / K)) (Detectron's MSRAFill), not detectron2's N(0, 0.001)."""
+    torch.manual_seed(0)
+    det = detector(replace(SCRATCH, **{"model.conv_init": "xavier",
+                                       "model.mask_logits_init": "msra"}))
+    convs = [m for m in det.backbone.body.modules() if isinstance(m, nn.Conv2d)]
+    assert convs
+    for conv in convs:
+        bound = (3 / conv.weight[0].numel()) ** 0.5
+        assert conv.weight.abs().max() <= bound
+        if conv.weight.numel() > 1000:
+            assert conv.weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.1)
+    logits = det.roi_heads.mask_predictor.mask_fcn_logits
+    assert logits.weight.std().item() == pytest.approx((2 / 8) ** 0.5, rel=0.1)
+    default = detector(SCRATCH).roi_heads.mask_predictor.mask_fcn_logits
+    assert default.weight.std().item() == pytest.approx(0.001, rel=0.1)
+    with pytest.raises(SpecError, match=r"model\.conv_init: 'he' is not allowed; allowed: "
+                                        r"one of msra, xavier"):
+        RunSpec.from_dict({"model": {"conv_init": "he"}}, "recipe.yaml:run")
 
 
 def test_mask_targets_are_detectron2s_binary_aligned_crops():

@@ -35,11 +35,15 @@ class CocoDetection(torch.utils.data.Dataset):
     annotation, as detectron2 does (FILTER_EMPTY_ANNOTATIONS).
     """
 
-    def __init__(self, image_dir, ann_file, image_ids=None, train=True, masks=True, coco=None):
+    def __init__(self, image_dir, ann_file, image_ids=None, train=True, masks=True, coco=None,
+                 polygons=False):
         self.image_dir = str(image_dir)
         self.coco = coco or load_coco(ann_file)
         self.train = train
         self.masks = masks
+        # also each instance's polygons (target["polygons"]: per instance a list of flat
+        # x, y arrays, or None for an RLE mask), for mask targets rasterized per RoI
+        self.polygons = polygons and masks
         self.cat_ids = sorted(self.coco.getCatIds())
         self.label_of = {c: i + 1 for i, c in enumerate(self.cat_ids)}  # 0 is background
         ids = sorted(self.coco.imgs) if image_ids is None else list(image_ids)
@@ -82,6 +86,8 @@ class CocoDetection(torch.utils.data.Dataset):
             masks = [self._mask(a, h, w) for a in anns]
             target["masks"] = (torch.from_numpy(np.stack(masks)) if masks
                                else torch.zeros((0, h, w), dtype=torch.uint8))
+        if self.polygons:
+            target["polygons"] = [polygons_of(a) for a in anns]
         if hflip:
             w = img.shape[2]
             img = img.flip(-1)
@@ -89,6 +95,10 @@ class CocoDetection(torch.utils.data.Dataset):
                                            boxes[:, 3]], dim=1)
             if self.masks:
                 target["masks"] = target["masks"].flip(-1)
+            if self.polygons:  # x -> w - x, as the boxes and the pixels (x + 0.5 -> w - x - 0.5)
+                target["polygons"] = [None if polys is None else
+                                      [np.stack([w - p[0::2], p[1::2]], 1).ravel() for p in polys]
+                                      for polys in target["polygons"]]
         return img, target
 
     def __getitem__(self, index):
@@ -103,3 +113,14 @@ class CocoDetection(torch.utils.data.Dataset):
         else:
             rle = seg
         return mask_utils.decode(rle)
+
+
+def polygons_of(ann):
+    """An annotation's polygons as float64 arrays (x0, y0, x1, y1, ...), or None when its mask
+    is RLE. Polygons of fewer than 3 points are dropped (pycocotools would read a 4-number
+    one as a box); an annotation left with none is None too."""
+    seg = ann.get("segmentation")
+    if not isinstance(seg, list):
+        return None
+    polys = [np.asarray(p, dtype=np.float64) for p in seg if len(p) >= 6]
+    return polys or None

@@ -16,6 +16,9 @@ NOT_EXPRESSED = {
     "eval.backend": "detectron2's COCOEvaluator uses its own fast COCOeval",
     "checkpoint.keep": "the engine saves through bench.checkpoint (atomic, last K), not "
                        "detectron2's PeriodicCheckpointer, which keeps every checkpoint",
+    "model.conv_init": "detectron2's ResNets are MSRA-filled; \"xavier\" is redrawn by the "
+                       "engine on the model detectron2 built",
+    "model.mask_logits_init": "detectron2's is N(0, 0.001); \"msra\" is redrawn by the engine",
     "model.pixel_mean/std order": "ours are RGB; detectron2 reads BGR (INPUT.FORMAT BGR), so "
                                   "both are reversed here",
 }
@@ -98,7 +101,8 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
                   "MIN_SIZE_TEST": d.test_min_size, "MAX_SIZE_TEST": d.test_max_size,
                   "RANDOM_FLIP": "horizontal" if d.hflip else "none",
                   # COCO's masks are polygons; the embedded datasets store RLE bitmaps
-                  "MASK_FORMAT": "polygon" if d.dataset == "coco" else "bitmask"},
+                  "MASK_FORMAT": "polygon" if d.dataset == "coco" and m.mask_target == "polygon"
+                  else "bitmask"},
         "DATASETS": {"TRAIN": [train_dataset] if train_dataset else [],
                      "TEST": [test_dataset] if test_dataset else []},
         "DATALOADER": {"ASPECT_RATIO_GROUPING": d.aspect_grouping,

@@ -42,6 +42,7 @@ from bench.engines.detectron2.weights import to_detectron2
 from bench.engines.metrics_log import evaluated, open_session
 from bench.engines.torchvision.evaluate import STAT_NAMES, no_detection_stats
 from bench.imagenet import load_imagenet_backbone
+from bench.norms import backbone_init_, init_mask_logits_
 from bench.rundir import RunDir
 
 LOG_PERIOD = 20
@@ -241,6 +242,7 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     # initial weights
     seed_all_rng(spec.seed + world.rank)
     model = build_model(cfg)
+    _initialize(model, spec)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)
     start, state = checkpoint.load_latest(rd.checkpoints, log=log)
@@ -364,6 +366,16 @@ def _mask_format(dicts):
             if not ann.get("iscrowd", 0) and "segmentation" in ann:
                 return "bitmask" if isinstance(ann["segmentation"], dict) else None
     return None
+
+
+def _initialize(model, spec):
+    """The inits detectron2's config has no key for (config.NOT_EXPRESSED), applied to the
+    model it built. A default spec redraws nothing, so its weights are detectron2's own."""
+    m = spec.model
+    if m.conv_init != "msra":  # detectron2's ResNet: c2_msra_fill, the "msra" of the spec
+        backbone_init_(model.backbone.bottom_up, m.conv_init)
+    if m.arch == "mask_rcnn" and m.mask_logits_init != "normal":  # detectron2: N(0, 0.001)
+        init_mask_logits_(model.roi_heads.mask_head.predictor, m.mask_logits_init)
 
 
 def _load_backbone(model, spec, log):

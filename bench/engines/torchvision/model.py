@@ -8,9 +8,12 @@ this file only wires them to the spec.
 import math
 import types
 from collections import OrderedDict
+from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from pycocotools import mask as mask_utils
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection._utils import BoxCoder
@@ -27,7 +30,7 @@ from torchvision.ops.poolers import LevelMapper, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from bench.backbones import build_backbone
-from bench.norms import msra_init_, norm_layer, xavier_init_
+from bench.norms import init_mask_logits_, msra_init_, norm_layer, xavier_init_
 
 
 def pixel_normalization(m):
@@ -171,17 +174,16 @@ class BoxPredictor(nn.Module):
 
 class MaskPredictor(nn.Module):
     """detectron2's mask predictor: 2x2 deconvolution (MSRA fill) and a 1x1 conv to K
-    class-specific masks, N(0, 0.001). torchvision's predictor has a background mask too;
-    its RoI heads pick each RoI's mask by class id (never 0), so a zero channel stands in."""
+    class-specific masks (init_mask_logits_). torchvision's predictor has a background mask
+    too; its RoI heads pick each RoI's mask by class id (never 0), so a zero channel stands in."""
 
-    def __init__(self, in_channels: int, num_classes: int):
+    def __init__(self, in_channels: int, num_classes: int, logits_init: str = "normal"):
         super().__init__()
         self.conv5_mask = nn.ConvTranspose2d(in_channels, in_channels, 2, 2)
         self.mask_fcn_logits = nn.Conv2d(in_channels, num_classes, 1)
         nn.init.kaiming_normal_(self.conv5_mask.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.conv5_mask.bias)
-        nn.init.normal_(self.mask_fcn_logits.weight, std=0.001)
-        nn.init.zeros_(self.mask_fcn_logits.bias)
+        init_mask_logits_(self.mask_fcn_logits, logits_init)
 
     def forward(self, x):
         logits = self.mask_fcn_logits(torch.relu(self.conv5_mask(x)))
@@ -238,14 +240,50 @@ def _fastrcnn_loss(beta):
     return loss
 
 
+class GtMasks(NamedTuple):
+    """An image's ground-truth masks as the mask loss reads them: the image-sized bitmasks
+    and, per instance, its polygons (None for an RLE mask; `polygons` None: bitmasks only)."""
+    bitmasks: torch.Tensor
+    polygons: Optional[list] = None
+
+
+def polygon_mask_in_box(polygons, box, size: int) -> torch.Tensor:
+    """One instance's polygons rasterized inside `box` on a size x size grid, as detectron2's
+    PolygonMasks.crop_and_resize and Detectron's polys_to_mask_wrt_box: the coordinates are
+    moved to the box's corner and scaled by size / box side, then pycocotools rasterizes them.
+    A box side below 0.1 pixel counts as 0.1 (detectron2; Detectron: 1 pixel)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    sx, sy = size / max(x1 - x0, 0.1), size / max(y1 - y0, 0.1)
+    scaled = [np.stack([(p[0::2] - x0) * sx, (p[1::2] - y0) * sy], 1).ravel().tolist()
+              for p in polygons]
+    rle = mask_utils.merge(mask_utils.frPyObjects(scaled, size, size))
+    return torch.from_numpy(mask_utils.decode(rle))
+
+
 def detectron2_mask_targets(gt_masks, boxes, matched_idxs, size):
-    """Each RoI's mask target as detectron2's BitMasks.crop_and_resize: the ground-truth mask
-    read by the half-pixel-aligned RoIAlign and thresholded at 0.5. torchvision's
-    project_masks_on_boxes reads it with the unaligned RoIAlign and keeps the soft values."""
-    rois = torch.cat([matched_idxs.to(boxes)[:, None], boxes], dim=1)
-    crops = roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0, sampling_ratio=0,
-                      aligned=True)[:, 0]
-    return (crops >= 0.5).to(rois.dtype)
+    """Each RoI's binary mask target, as detectron2 makes it. An instance with polygons
+    (ModelSpec.mask_target "polygon", COCO's annotations) has them rasterized inside the RoI
+    (polygon_mask_in_box, detectron2's MASK_FORMAT polygon); any other is read from its
+    image-sized mask by the half-pixel-aligned RoIAlign and thresholded at 0.5 (detectron2's
+    BitMasks.crop_and_resize). torchvision's project_masks_on_boxes reads it with the
+    unaligned RoIAlign and keeps the soft values."""
+    polygons = None
+    if isinstance(gt_masks, GtMasks):
+        gt_masks, polygons = gt_masks
+    out = boxes.new_zeros((len(boxes), size, size))
+    from_polygons = torch.zeros(len(boxes), dtype=torch.bool)
+    if polygons is not None:
+        for k, (i, box) in enumerate(zip(matched_idxs.tolist(), boxes.detach().cpu())):
+            if polygons[i] is not None:
+                out[k] = polygon_mask_in_box(polygons[i], box.tolist(), size).to(out)
+                from_polygons[k] = True
+    rest = torch.where(~from_polygons)[0].to(boxes.device)
+    if len(rest):
+        rois = torch.cat([matched_idxs[rest].to(boxes)[:, None], boxes[rest]], dim=1)
+        crops = roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0, sampling_ratio=0,
+                          aligned=True)[:, 0]
+        out[rest] = (crops >= 0.5).to(out.dtype)
+    return out
 
 
 def _with_names(fn, **names):
@@ -270,8 +308,12 @@ class Detectron2LossRoIHeads(RoIHeads):
         self._forward = _with_names(RoIHeads.forward, fastrcnn_loss=_fastrcnn_loss(box_loss_beta),
                                     maskrcnn_loss=mask_loss)
 
-    def forward(self, *args, **kwargs):
-        return self._forward(self, *args, **kwargs)
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if self.training and targets is not None and self.has_mask():
+            # the mask loss reads t["masks"]: hand it the polygons too (GtMasks)
+            targets = [{**t, "masks": GtMasks(t["masks"], t.get("polygons"))} if "masks" in t
+                       else t for t in targets]
+        return self._forward(self, features, proposals, image_shapes, targets)
 
 
 def use_detectron2_losses(model, box_loss_beta: float, rpn_box_loss_beta: float = None):
@@ -326,7 +368,7 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
         mask_head = MaskRCNNHeads(m.fpn_channels, [m.mask_head_dim] * m.mask_head_convs, 1,
                                   norm_layer=norm)
         msra_init_(mask_head)
-        mask_predictor = MaskPredictor(m.mask_head_dim, num_classes)
+        mask_predictor = MaskPredictor(m.mask_head_dim, num_classes, m.mask_logits_init)
         mask_pool = RoIPooler(["0", "1", "2", "3"], 14, m.roi_sampling_ratio, m.roi_align_aligned)
         model = MaskRCNN(fpn, mask_roi_pool=mask_pool, mask_head=mask_head,
                          mask_predictor=mask_predictor, **common)
@@ -366,7 +408,19 @@ def paste_masks(masks, boxes, height, width, chunk_pixels=2 ** 26):
 
 
 class BatchedPasteTransform(GeneralizedRCNNTransform):
-    """torchvision's transform, with the test-time mask pasting batched (paste_masks)."""
+    """torchvision's transform, with the test-time mask pasting batched (paste_masks) and
+    the targets' polygons (if any) resized with their image."""
+
+    def resize(self, image, target=None):
+        h, w = image.shape[-2:]
+        image, target = super().resize(image, target)
+        if target is not None and target.get("polygons") is not None:
+            sx, sy = image.shape[-1] / w, image.shape[-2] / h  # torchvision's box ratios
+            scale = np.array([sx, sy])
+            target["polygons"] = [None if polys is None else
+                                  [(p.reshape(-1, 2) * scale).ravel() for p in polys]
+                                  for polys in target["polygons"]]
+        return image, target
 
     def postprocess(self, result, image_shapes, original_image_sizes):
         if self.training:

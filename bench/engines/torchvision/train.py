@@ -70,7 +70,8 @@ def datasets_for(spec):
     files = registry.resolve(spec.data.dataset)
     ids = registry.train_ids(files, spec.data)
     masks = spec.model.arch == "mask_rcnn"
-    train = CocoDetection(files.train_images, files.train_annotations, ids, train=True, masks=masks)
+    train = CocoDetection(files.train_images, files.train_annotations, ids, train=True, masks=masks,
+                          polygons=spec.model.mask_target == "polygon")
     val = CocoDetection(files.val_images, files.val_annotations, train=False, masks=masks,
                         coco=load_coco(files.val_annotations))
     return train, val
