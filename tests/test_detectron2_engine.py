@@ -6,6 +6,7 @@ importable and skips with that reason when it is not."""
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -334,6 +335,25 @@ def test_detectron2_writes_the_torchvision_engines_rows_keys_and_schedule(both_e
     assert 0 <= last["bbox/AP"] <= 100 and 0 <= last["segm/AP"] <= 100
     assert last["detections"] > 0
     assert [p.name for p in rd.checkpoints.iterdir()] == ["model_0000040.pth"]  # keep: 1
+
+
+@needs_d2
+def test_a_detectron2_run_with_detectrons_bias_lr_logs_the_base_lr_and_detectrons_inits(
+        tmp_path):
+    """With 2x LR on biases the optimizer holds two LRs; the row's lr is the schedule's base
+    LR, as the torchvision engine logs it (detectron2's own LRScheduler hook would pick the
+    group with the most parameters). The Detectron inits train too."""
+    from bench.spec import replace
+    spec = next(s for s in d2_study(tmp_path).runs if s.init == "scratch")
+    spec = replace(spec, **{"solver.bias_lr_factor": 2.0, "solver.weight_decay_bias": 0.0,
+                            "model.conv_init": "xavier", "model.mask_logits_init": "msra"})
+    rd = _train(spec, tmp_path / "run")
+    rows = [r for r in rd.read_metrics() if r["type"] == "train"]
+    assert [r["iteration"] for r in rows] == [20, 40]
+    for row in rows:
+        assert row["lr"] == pytest.approx(
+            spec.solver.lr * schedule.lr_factor(spec.solver, row["iteration"] - 1))
+        assert math.isfinite(row["loss"])
 
 
 @needs_d2
