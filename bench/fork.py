@@ -148,7 +148,7 @@ def fork(parent_spec, parent_dir, child_spec, child_dir, f):
     # checkpoint without the rows before it would resume with the start of its curve lost).
     with crd.lock():  # nobody trains the child while its run dir is being written
         try:
-            _write_child(crd, parent_spec, child_spec, rows, source, f)
+            _write_child(crd, parent_spec, child_spec, rows, source, f, prd)
         except BaseException:
             # what a child that has not started holds is ours to undo: it trains from 0
             crd.metrics_file.unlink(missing_ok=True)
@@ -156,21 +156,32 @@ def fork(parent_spec, parent_dir, child_spec, child_dir, f):
             raise
 
 
-def _write_child(crd, parent_spec, child_spec, rows, source, f):
-    from bench.checkpoint import checkpoint_path
-    marked = [{**r, "forked_from": parent_spec.run_id} for r in rows]
-    atomic_write_text(crd.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n"
-                                                for r in marked))
-    crd.write_status("queued", iteration=f, max_iter=child_spec.solver.max_iter,
-                     forked_from=parent_spec.run_id, fork_iteration=f, train_seconds=0.0)
-    crd.checkpoints.mkdir(parents=True, exist_ok=True)
-    target = checkpoint_path(crd.checkpoints, f)
+def _place(source, target):
+    """`source` at `target`, atomically: a hard link where the file system allows (no copy
+    of a large file), else a copy."""
     tmp = target.with_name(f".{target.name}.fork-{os.getpid()}")
     try:
-        try:  # a hard link where the file system allows (no copy of a large file)
+        try:
             os.link(source, tmp)
         except OSError:
             shutil.copyfile(source, tmp)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_child(crd, parent_spec, child_spec, rows, source, f, prd):
+    from bench.checkpoint import checkpoint_path
+    # the per-image results of the inherited evaluations, before the rows that announce them
+    for row in rows:
+        kept = prd.per_image_file(row["iteration"])
+        if row.get("type") == "eval" and kept.is_file():
+            crd.per_image.mkdir(parents=True, exist_ok=True)
+            _place(kept, crd.per_image_file(row["iteration"]))
+    marked = [{**r, "forked_from": parent_spec.run_id} for r in rows]
+    atomic_write_text(crd.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                                for r in marked))
+    crd.write_status("queued", iteration=f, max_iter=child_spec.solver.max_iter,
+                     forked_from=parent_spec.run_id, fork_iteration=f, train_seconds=0.0)
+    crd.checkpoints.mkdir(parents=True, exist_ok=True)
+    _place(source, checkpoint_path(crd.checkpoints, f))

@@ -78,6 +78,12 @@ class RunDir:
         self.metrics_file = self.path / "metrics.jsonl"
         self.status_file = self.path / "status.json"
         self.checkpoints = self.path / "checkpoints"
+        # per-image COCOeval results of each evaluation (bench.per_image), for intervals
+        # over val images
+        self.per_image = self.path / "per_image"
+
+    def per_image_file(self, iteration: int) -> Path:
+        return self.per_image / f"{iteration:07d}.npz"
 
     # -- spec -------------------------------------------------------------------------
     def write_spec(self, spec):

@@ -14,7 +14,8 @@ import sys
 import pytest
 import torch
 
-from bench import checkpoint, recipe, schedule
+from bench import checkpoint, per_image, recipe, schedule
+from bench.analysis.bootstrap import Accumulator
 from bench.backbones import build_backbone
 from bench.engines.detectron2.weights import to_detectron2
 from bench.rundir import RunDir
@@ -331,6 +332,11 @@ def test_detectron2_writes_the_torchvision_engines_rows_keys_and_schedule(both_e
         lr = spec.solver.lr * schedule.lr_factor(spec.solver, row["iteration"] - 1)
         assert row["lr"] == pytest.approx(lr)
         assert all(row[k] > 0 for k in ("loss", "loss_classifier", "loss_mask", "time"))
+    for row in (r for r in rows if r["type"] == "eval"):  # per-image results give the AP
+        kept = per_image.load(rd.per_image_file(row["iteration"]))
+        for task in ("bbox", "segm"):
+            assert Accumulator(kept[task]).average_precision() == \
+                pytest.approx(row[f"{task}/AP"], abs=1e-6)
     last = rows[-1]
     assert 0 <= last["bbox/AP"] <= 100 and 0 <= last["segm/AP"] <= 100
     assert last["detections"] > 0

@@ -3,10 +3,12 @@ the parent's checkpoint there, it ends exactly as if trained on its own."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from bench import fork, interrupt, recipe, runner
+from bench import fork, interrupt, per_image, recipe, runner
+from bench.analysis.bootstrap import Accumulator
 from bench.engines.torchvision import train as train_mod
 from bench.rundir import RunDir
 from conftest import REPO, write_recipe
@@ -96,6 +98,17 @@ def test_a_forked_1x_run_ends_with_the_weights_and_metrics_of_the_1x_run_trained
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k  # bitwise: the CPU kernels here are deterministic
     assert untimed(forked) == untimed(ref)
+    # every evaluation kept its per-image results (the inherited ones too), which give its
+    # row's AP again
+    evals = [r for r in forked.read_metrics() if r["type"] == "eval"]
+    assert [r["iteration"] for r in evals] == [15, 30, 45]
+    for row in evals:
+        mine = per_image.load(forked.per_image_file(row["iteration"]))
+        theirs = per_image.load(ref.per_image_file(row["iteration"]))
+        for task in ("bbox", "segm"):
+            assert all(np.array_equal(mine[task][k], theirs[task][k]) for k in per_image.KEYS)
+            assert Accumulator(mine[task]).average_precision() == \
+                pytest.approx(row[f"{task}/AP"], abs=1e-6)
     rows = forked.read_metrics()
     assert {r["iteration"] for r in rows if "forked_from" in r} == {15, 20, 30}
     assert all(r["forked_from"] == three.run_id for r in rows if r["iteration"] <= 30)

@@ -35,7 +35,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from torch.nn.parallel import DistributedDataParallel
 
-from bench import checkpoint, distributed, engines, fork, interrupt, schedule
+from bench import checkpoint, distributed, engines, fork, interrupt, per_image, schedule
 from bench.engines.detectron2 import data as d2data
 from bench.engines.detectron2.config import Untranslatable, flatten, translate
 from bench.engines.detectron2.weights import to_detectron2
@@ -114,6 +114,7 @@ class Evaluator(COCOEvaluator):
     def reset(self):
         super().reset()
         self.detections = 0  # also when the val set gives no prediction to score
+        self.per_image = {}  # per task, bench.per_image's arrays of the last evaluation
 
     def _eval_predictions(self, predictions, img_ids=None):
         self.detections = sum(len(p.get("instances", [])) for p in predictions)
@@ -121,7 +122,10 @@ class Evaluator(COCOEvaluator):
 
     def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
         if coco_eval is None:
+            self.per_image[iou_type] = per_image.without_detections(self._coco_api, None,
+                                                                    iou_type)
             return no_detection_stats(self._coco_api)
+        self.per_image[iou_type] = per_image.from_cocoeval(coco_eval)
         return {n: float(v) * 100 if v >= 0 else float("nan")
                 for n, v in zip(STAT_NAMES, coco_eval.stats)}
 
@@ -148,8 +152,10 @@ class RunDirHook(HookBase):
         self.timed = 0
 
     def evaluate_at(self, done):
-        stats = self.evaluate()
+        out = self.evaluate()
         if self.world.main:
+            stats, kept = out
+            per_image.save(self.rd.per_image_file(done), kept)  # before the row announcing it
             self.log_row({"type": "eval", "iteration": done,
                           "images_seen": done * self.spec.solver.batch, "wall": time.time(),
                           **stats})
@@ -293,7 +299,10 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     test_loader = build_detection_test_loader(
         cfg, val_name, mapper=WorkerSafeMapper(DatasetMapper(cfg, is_train=False)))
     evaluator = Evaluator(val_name, tasks=("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",),
-                          distributed=world.size > 1, output_dir=None)
+                          distributed=world.size > 1, output_dir=None,
+                          # pycocotools' COCOeval, as the torchvision engine: detectron2's
+                          # C++ one keeps its per-image results out of Python
+                          use_fast_impl=False)
 
     def evaluate():
         t0 = time.time()
@@ -307,7 +316,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         # engine does: strict JSON readers choke on NaN
         stats = {f"{task}/{k}": None if v != v else v
                  for task in sorted(results) for k, v in results[task].items()}
-        return {**stats, "eval_time": time.time() - t0, "detections": evaluator.detections}
+        return {**stats, "eval_time": time.time() - t0, "detections": evaluator.detections}, \
+            evaluator.per_image
 
     fork_points = set(fork.requested(rd.path))
 

@@ -17,7 +17,7 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
-from bench import distributed
+from bench import distributed, per_image
 from bench.engines.torchvision.model import use_input_sizes
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -100,9 +100,13 @@ def _faster_coco_eval(coco_gt):
     return _FASTER_GT[key][1], faster_coco_eval.COCOeval_faster
 
 
-def coco_stats(coco_gt, results, iou_type, image_ids=None, backend="pycocotools") -> dict:
-    """The 12 COCOeval stats (percent) for `results`."""
+def coco_stats(coco_gt, results, iou_type, image_ids=None, backend="pycocotools",
+               per_image_out=None) -> dict:
+    """The 12 COCOeval stats (percent) for `results`; with a dict `per_image_out`, also
+    the per-image results (bench.per_image) under `iou_type`."""
     if not results:
+        if per_image_out is not None:
+            per_image_out[iou_type] = per_image.without_detections(coco_gt, image_ids, iou_type)
         return {f"{iou_type}/{n}": v for n, v in no_detection_stats(coco_gt, image_ids).items()}
     gt, evaluator = coco_gt, COCOeval
     if backend == "faster-coco-eval":
@@ -117,6 +121,10 @@ def coco_stats(coco_gt, results, iou_type, image_ids=None, backend="pycocotools"
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
+    if per_image_out is not None and getattr(ev, "evalImgs", None):
+        # (a backend that keeps its per-image results out of Python leaves none: the
+        # bootstrap then names the run and says to evaluate with pycocotools)
+        per_image_out[iou_type] = per_image.from_cocoeval(ev)
     # COCOeval reports -1 where a size range has no ground truth; keep it as NaN, not 0.
     return {f"{iou_type}/{n}": (float(v) * 100 if v >= 0 else float("nan"))
             for n, v in zip(STAT_NAMES, ev.stats)}
@@ -142,18 +150,20 @@ def no_detection_stats(coco_gt, image_ids=None) -> dict:
 
 
 def evaluate(model, dataset, device, masks=True, backend="pycocotools",
-             world=distributed.World()):
+             world=distributed.World(), per_image_out=None):
     """COCO stats of `model` on `dataset`; under DDP each process predicts every
-    world.size-th image and rank 0 scores them all (the others get None)."""
+    world.size-th image and rank 0 scores them all (the others get None). A dict
+    `per_image_out` receives the per-image results of each task (on rank 0)."""
     t0 = time.time()
     boxes, segms = predict(model, dataset, device,
                            indices=range(world.rank, len(dataset), world.size))
     boxes, segms = distributed.gather(boxes, world), distributed.gather(segms, world)
     if not world.main:
         return None
-    stats = coco_stats(dataset.coco, boxes, "bbox", dataset.ids, backend)
+    stats = coco_stats(dataset.coco, boxes, "bbox", dataset.ids, backend, per_image_out)
     if masks:
-        stats.update(coco_stats(dataset.coco, segms, "segm", dataset.ids, backend))
+        stats.update(coco_stats(dataset.coco, segms, "segm", dataset.ids, backend,
+                                per_image_out))
     stats["eval_time"] = time.time() - t0
     stats["detections"] = len(boxes)
     return stats

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from bench import checkpoint, distributed, engines, fork, interrupt, schedule
+from bench import checkpoint, distributed, engines, fork, interrupt, per_image, schedule
 from bench.data import registry
 from bench.data.coco import CocoDetection, load_coco
 from bench.data.sampler import PositionSampler, TrainStream, collate
@@ -221,9 +221,11 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         # plain BN's running statistics drift apart per process (buffers are not
         # broadcast while training): evaluate everywhere with rank 0's, the saved ones
         distributed.broadcast_buffers(net, world)
+        kept = {}
         stats = evaluate(net, val_set, device, masks=spec.model.arch == "mask_rcnn",
-                         backend=spec.eval.backend, world=world)
+                         backend=spec.eval.backend, world=world, per_image_out=kept)
         if world.main:
+            per_image.save(rd.per_image_file(done), kept)  # before the row that announces it
             log_row({"type": "eval", "iteration": done, "images_seen": done * solver.batch,
                      "wall": time.time(), **{k: _clean(v) for k, v in stats.items()}})
 
