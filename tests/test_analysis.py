@@ -4,6 +4,7 @@ unfinished runs are kept and labelled, and pairs line up scratch against pre-tra
 import json
 
 import pandas as pd
+import pytest
 import yaml
 
 from bench import recipe
@@ -177,6 +178,17 @@ def test_collect_copies_whole_rows_and_drops_runs_that_are_gone(tmp_path):
     assert sorted(p.name for p in copied.iterdir()) == ["metrics.jsonl", "spec.yaml",
                                                         "status.json"]
     assert (copied / "metrics.jsonl").read_text().endswith("}\n")  # the torn row is not copied
+    # the per-image results of the last evaluation go along (the intervals over val images
+    # need them); earlier ones, and any stale copy, do not
+    rd = RunDir(tmp_path / "runs" / "mini" / scratch.run_id)
+    for it in (27, 54):
+        rd.per_image.mkdir(exist_ok=True)
+        rd.per_image_file(it).write_bytes(b"%d" % it)
+    (copied / "per_image").mkdir()
+    (copied / "per_image" / "0000009.npz").write_bytes(b"stale")
+    collect.collect(tmp_path / "runs" / "mini", dest)
+    assert sorted(p.name for p in (copied / "per_image").iterdir()) == ["0000054.npz"]
+    assert (copied / "per_image" / "0000054.npz").read_bytes() == b"54"
 
 
 def test_make_figures_redraws_results_from_committed_files_byte_for_byte(tmp_path):
@@ -207,3 +219,63 @@ def test_make_figures_redraws_results_from_committed_files_byte_for_byte(tmp_pat
     page = (results / "index.html").read_text()
     assert "recipes/mini/study.yaml" in page and "mini/ap_vs_iterations.png" in page
     assert "No published number belongs to this study" in page
+
+
+def _per_image_run(root, spec, ap, hits, iteration=90):
+    """A run whose last eval kept per-image results: 40 images, one object each, the first
+    `hits` found (scored above every miss)."""
+    import numpy as np
+
+    from bench import per_image
+    rd = full_run(root, spec, [(iteration, ap)])
+    t, n = 10, 40
+    hit = np.arange(n) < hits
+    arrays = {"image_ids": np.arange(1, n + 1), "cat_ids": np.array([1]),
+              "iou_thrs": np.linspace(0.5, 0.95, t), "rec_thrs": np.linspace(0, 1, 101),
+              "gt_count": np.ones((1, n), dtype=np.int32), "det_image": np.arange(n),
+              "det_cat": np.zeros(n, dtype=np.int32),
+              "det_score": np.where(hit, 0.9, 0.1) - np.arange(n) * 1e-3,
+              "det_matched": np.repeat(hit[None], t, 0),
+              "det_ignored": np.zeros((t, n), dtype=bool)}
+    per_image.save(rd.per_image_file(iteration), {"bbox": arrays, "segm": arrays})
+    return rd
+
+
+def test_pair_gaps_carry_intervals_over_seeds_and_over_val_images(tmp_path):
+    """pairs.csv: each seed's difference with its bootstrap interval over val images;
+    gaps.csv: the seeds pooled, with Student's t interval over seeds (known answer) and
+    the bootstrap one; a pair whose runs kept no per-image results has none, said once."""
+    from bench.analysis import report
+    from bench.spec import replace
+    root = tmp_path / "runs"
+    (scratch, imagenet), (scratch2, imagenet2) = [p for p in STUDY.pairs
+                                                  if p[0].solver.schedule == "1x"]
+    for seed, (ap_s, ap_p) in enumerate(((1.0, 3.0), (1.4, 3.6))):
+        _per_image_run(root, replace(scratch, seed=seed, name=f"{scratch.name}-s{seed}"), ap_s,
+                       hits=20 + seed)
+        _per_image_run(root, replace(imagenet, seed=seed, name=f"{imagenet.name}-s{seed}"),
+                       ap_p, hits=30)
+    full_run(root, scratch2, [(90, 2.0)])     # no per-image results kept
+    full_run(root, imagenet2, [(90, 2.5)])
+    lines = []
+    out = tmp_path / "out"
+    report.write_study_results(root / scratch.study, out, log=lines.append)
+    pairs = pd.read_csv(out / "pairs.csv")
+    seeded = pairs[pairs["train_images"] == 500]
+    assert len(seeded) == 2
+    for _, r in seeded.iterrows():  # every image-resample agrees: scratch finds fewer
+        assert r["bbox/AP scratch-imagenet lo"] < r["bbox/AP scratch-imagenet hi"] < 0
+    alone = pairs[pairs["train_images"] == -1]
+    assert alone["bbox/AP scratch-imagenet lo"].isna().all()
+    assert len(lines) == 1 and "without an interval over val images" in lines[0]
+    gaps = pd.read_csv(out / "gaps.csv")
+    two = gaps[gaps["train_images"] == 500].iloc[0]
+    assert two["seeds"] == 2 and two["bbox/AP gap"] == -2.1
+    half = 12.706 * 0.2 / 2 ** 0.5 / 2 ** 0.5  # t(1) x sd of (-2.0, -2.2) / sqrt(2)
+    assert two["bbox/AP gap lo (seeds)"] == pytest.approx(-2.1 - half, abs=1e-3)
+    assert two["bbox/AP gap hi (seeds)"] == pytest.approx(-2.1 + half, abs=1e-3)
+    assert two["bbox/AP gap lo (images)"] < two["bbox/AP gap hi (images)"] < 0
+    one = gaps[gaps["train_images"] == -1].iloc[0]
+    assert one["seeds"] == 1 and pd.isna(one["bbox/AP gap lo (seeds)"])
+    assert pd.isna(one["bbox/AP gap lo (images)"])
+    assert "| 1x | 90 | 500 | 2 | -2.1 | [" in (out / "gaps.md").read_text()

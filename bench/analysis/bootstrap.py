@@ -15,9 +15,15 @@ A pair's difference (scratch - pre-trained) is resampled with the same images fo
 runs, which is what makes its interval narrower than the two runs' own.
 """
 
+import math
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import pandas as pd
+
+from bench import per_image
+from bench.rundir import RunDir
 
 
 class Accumulator:
@@ -102,3 +108,110 @@ def replicates(accumulators: List[Accumulator], n_samples: int = 1000,
     _aligned(accumulators)
     weights = resample_weights(len(accumulators[0].image_ids), n_samples, seed)
     return np.array([[acc.average_precision(w) for acc in accumulators] for w in weights])
+
+
+# -- intervals of a study's pairs ----------------------------------------------------------
+
+TASKS = {"bbox/AP": "bbox", "segm/AP": "segm"}
+PAIR_KEYS = ["engine", "arch", "backbone", "norm", "schedule", "max_iter", "train_images"]
+
+
+def _t_quantile(df: int) -> float:
+    """Student's t 97.5% quantile (scipy is not a dependency): exact table to 30 degrees of
+    freedom, then the normal's 1.96 plus the usual 2.4 / df correction."""
+    table = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201,
+             2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074,
+             2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+    return table[df - 1] if df <= len(table) else 1.96 + 2.4 / df
+
+
+class Runs:
+    """Each run's final per-image results, loaded once (run id -> run dir)."""
+
+    def __init__(self, run_dirs: Dict[str, Path]):
+        self.run_dirs = run_dirs
+        self._cache = {}
+
+    def accumulator(self, run_id: str, iteration: int, task: str) -> Accumulator:
+        key = (run_id, iteration)
+        if key not in self._cache:
+            self._cache[key] = per_image.load(
+                RunDir(self.run_dirs[run_id]).per_image_file(int(iteration)))
+        arrays = self._cache[key]
+        if task not in arrays:
+            raise per_image.PerImageError(
+                f"{self.run_dirs[run_id]}: no {task} per-image results at iteration "
+                f"{int(iteration)} (evaluated with a backend that keeps none); evaluate it "
+                f"with eval.backend: pycocotools")
+        return Accumulator(arrays[task])
+
+
+def pair_intervals(pairs: pd.DataFrame, runs: Runs, n_samples: int = 1000, seed: int = 0,
+                   log=print) -> pd.DataFrame:
+    """`pairs` (table.paired, with run ids and final iterations) with, per metric, the 95%
+    bootstrap interval over val images of scratch - pre-trained: columns
+    "<metric> scratch-imagenet lo" and "... hi". A pair whose runs kept no per-image
+    results gets NaN, and one line saying which run."""
+    out = pairs.copy()
+    missing = []
+    for metric, task in TASKS.items():
+        if f"{metric} scratch-imagenet" not in out.columns:
+            continue
+        lo, hi = [], []
+        for _, r in out.iterrows():
+            try:
+                a = runs.accumulator(r["run_id scratch"], r["iteration scratch"], task)
+                b = runs.accumulator(r["run_id imagenet"], r["iteration imagenet"], task)
+                d = difference(a, b, n_samples, seed)
+            except (per_image.PerImageError, KeyError, TypeError, ValueError) as e:
+                missing.append(str(e))
+                d = {"lo": float("nan"), "hi": float("nan")}
+            lo.append(d["lo"])
+            hi.append(d["hi"])
+        out[f"{metric} scratch-imagenet lo"] = lo
+        out[f"{metric} scratch-imagenet hi"] = hi
+    if missing:  # one line, not one per pair (a study evaluated before they were kept)
+        log(f"{len(missing)} pair difference(s) without an interval over val images; the "
+            f"first: {missing[0]}")
+    return out
+
+
+def gaps_over_seeds(pairs: pd.DataFrame, runs: Optional[Runs] = None, n_samples: int = 1000,
+                    seed: int = 0, log=print) -> pd.DataFrame:
+    """One row per pair of recipes (its seeds pooled): the mean scratch - pre-trained gap
+    per metric, with a 95% interval over seeds (Student's t, where there are 2 or more) and
+    one over val images (the same resamples for every run, the seeds' gaps averaged in each),
+    where the runs kept their per-image results."""
+    rows = []
+    keys = [k for k in PAIR_KEYS if k in pairs.columns]
+    for group, sub in pairs.groupby(keys, dropna=False, sort=False):
+        row = dict(zip(keys, group if isinstance(group, tuple) else (group,)))
+        row["seeds"] = int(sub["seed"].nunique())
+        for metric, task in TASKS.items():
+            col = f"{metric} scratch-imagenet"
+            if col not in sub.columns:
+                continue
+            gaps = sub[col].dropna().to_numpy(dtype=float)
+            n = len(gaps)
+            mean = float(gaps.mean()) if n else float("nan")
+            row[f"{metric} gap"] = mean
+            half = (_t_quantile(n - 1) * gaps.std(ddof=1) / math.sqrt(n)) if n >= 2 else math.nan
+            row[f"{metric} gap lo (seeds)"] = mean - half
+            row[f"{metric} gap hi (seeds)"] = mean + half
+            lo = hi = float("nan")
+            if runs is not None and n:
+                try:
+                    accs = []
+                    for _, r in sub.iterrows():
+                        accs += [runs.accumulator(r["run_id scratch"], r["iteration scratch"],
+                                                  task),
+                                 runs.accumulator(r["run_id imagenet"], r["iteration imagenet"],
+                                                  task)]
+                    reps = replicates(accs, n_samples, seed)
+                    lo, hi = interval((reps[:, 0::2] - reps[:, 1::2]).mean(axis=1))
+                except (per_image.PerImageError, KeyError, TypeError, ValueError):
+                    pass  # pair_intervals has said which run lacks them
+            row[f"{metric} gap lo (images)"] = lo
+            row[f"{metric} gap hi (images)"] = hi
+        rows.append(row)
+    return pd.DataFrame(rows)

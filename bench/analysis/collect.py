@@ -1,9 +1,13 @@
 """The committed copy of a study's numbers: each run dir's spec.yaml, status.json and
-metrics.jsonl (a few kB per run) under results/<study>/runs/, so `make figures` redraws
-everything from git alone. Checkpoints, logs and TensorBoard files stay in the runs root."""
+metrics.jsonl (a few kB per run), and the per-image results of its last evaluation (for the
+intervals over val images; about 100 kB for a mini run), under results/<study>/runs/, so
+`make figures` redraws everything from git alone. Checkpoints, logs, TensorBoard files and
+the earlier evaluations' per-image results stay in the runs root."""
 
 import shutil
 from pathlib import Path
+
+from bench.rundir import RunDir
 
 FILES = ("spec.yaml", "status.json", "metrics.jsonl")
 
@@ -34,4 +38,18 @@ def collect(study_runs: Path, dest: Path) -> int:
                 shutil.copyfile(src, dest / run.name / name)
             else:  # gone from the run dir (a reset run): no stale copy either
                 (dest / run.name / name).unlink(missing_ok=True)
+        _copy_last_per_image(RunDir(run), RunDir(dest / run.name))
     return len(runs)
+
+
+def _copy_last_per_image(src: RunDir, dst: RunDir):
+    evals = [r["iteration"] for r in src.read_metrics() if r.get("type") == "eval"] \
+        if src.metrics_file.is_file() else []
+    keep = src.per_image_file(max(evals)) if evals else None
+    if dst.per_image.is_dir():
+        for old in dst.per_image.iterdir():
+            if keep is None or old.name != keep.name:
+                old.unlink()
+    if keep is not None and keep.is_file():
+        dst.per_image.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(keep, dst.per_image_file(max(evals)))

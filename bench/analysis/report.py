@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.analysis import figures, reference, table
+from bench.analysis import bootstrap, figures, reference, table
 from bench.analysis.table import STAT_ORDER
 from bench.rundir import RunDir
 
@@ -40,14 +40,37 @@ def markdown_pairs(pairs):
 
 
 def pairs_table(pairs: pd.DataFrame) -> pd.DataFrame:
-    """Every pair with all of its stats, scratch and pre-trained, and scratch - pre-trained."""
+    """Every pair with all of its stats, scratch and pre-trained, scratch - pre-trained, and
+    (box and mask AP) that difference's 95% interval over val images."""
     keep = ["engine", "arch", "backbone", "norm", "schedule", "max_iter", "train_images", "seed",
-            "state scratch", "state imagenet"]
-    stats = sorted({c.rsplit(" ", 1)[0] for c in pairs.columns if c.startswith(("bbox/", "segm/"))},
+            "state scratch", "state imagenet", "run_id scratch", "run_id imagenet"]
+    stats = sorted({c.split(" ", 1)[0] for c in pairs.columns if c.startswith(("bbox/", "segm/"))},
                    key=lambda m: (m.split("/")[0], STAT_ORDER.index(m.split("/")[1])
                                   if m.split("/")[1] in STAT_ORDER else 99))
-    cols = [f"{m} {w}" for m in stats for w in ("scratch", "imagenet", "scratch-imagenet")]
-    return pairs[keep + [c for c in cols if c in pairs.columns]]
+    cols = [f"{m} {w}" for m in stats for w in ("scratch", "imagenet", "scratch-imagenet",
+                                                "scratch-imagenet lo", "scratch-imagenet hi")]
+    return pairs[[c for c in keep + cols if c in pairs.columns]]
+
+
+def markdown_gaps(gaps: pd.DataFrame) -> str:
+    """The gap of each pair of recipes, seeds pooled, with both intervals."""
+    lines = ["| schedule | iterations | train images | seeds | Δ box | 95% over seeds | "
+             "95% over val images | Δ mask | 95% over seeds | 95% over val images |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def iv(r, m, how):
+        lo, hi = r.get(f"{m} gap lo ({how})", float("nan")), r.get(f"{m} gap hi ({how})",
+                                                                     float("nan"))
+        return "-" if lo != lo else f"[{lo:.1f}, {hi:.1f}]"
+    for _, r in gaps.iterrows():
+        n = "all" if r["train_images"] == -1 else str(int(r["train_images"]))
+        engine = f" ({r['engine']})" if r.get("engine", "torchvision") != "torchvision" else ""
+        cells = [r["schedule"] + engine, str(int(r["max_iter"])), n, str(int(r["seeds"]))]
+        for m in ("bbox/AP", "segm/AP"):
+            cells += [_fmt(r.get(f"{m} gap", float("nan"))), iv(r, m, "seeds"),
+                      iv(r, m, "images")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def provenance(runs_dir: Path, final: pd.DataFrame) -> dict:
@@ -64,7 +87,7 @@ def provenance(runs_dir: Path, final: pd.DataFrame) -> dict:
             "states": {k: int(v) for k, v in sorted(final["state"].value_counts().items())}}
 
 
-def write_study_results(runs_dir: Path, out: Path, published=None):
+def write_study_results(runs_dir: Path, out: Path, published=None, log=print):
     """Every figure (PNG and PDF) and table of the study whose run dirs are under `runs_dir`,
     written under `out`; returns the paths. `published`: reference.load()'s table."""
     out.mkdir(parents=True, exist_ok=True)
@@ -76,6 +99,11 @@ def write_study_results(runs_dir: Path, out: Path, published=None):
         raise FileNotFoundError(f"no run under {runs_dir} has an evaluation yet; figures need "
                                 f"at least one eval row (see `bench status`)")
     pairs = table.paired(final, metrics=[c for c in final.columns if c.startswith(("bbox/", "segm/"))])
+    # intervals over val images, from the per-image results each run kept at its last eval
+    runs = bootstrap.Runs({RunDir(f.parent).read_spec_doc()["run_id"]: f.parent
+                           for f in sorted(Path(runs_dir).rglob("spec.yaml"))})
+    pairs = bootstrap.pair_intervals(pairs, runs, log=log)
+    gaps = bootstrap.gaps_over_seeds(pairs, runs, log=log)
     written = []
     written += figures.save(figures.ap_vs_iterations(evals), out / "ap_vs_iterations")
     written += figures.save(figures.ap_vs_train_size(final), out / "ap_vs_train_size")
@@ -89,6 +117,9 @@ def write_study_results(runs_dir: Path, out: Path, published=None):
     written.append(out / "pairs.csv")
     (out / "final_ap.md").write_text(markdown_pairs(pairs))
     written.append(out / "final_ap.md")
+    gaps.to_csv(out / "gaps.csv", index=False, float_format="%.3f")
+    (out / "gaps.md").write_text(markdown_gaps(gaps))
+    written += [out / "gaps.csv", out / "gaps.md"]
 
     compared = reference.beside(final, published if published is not None else reference.load())
     stale = [out / f for f in ("vs_published.csv", "vs_published.md", "ours_vs_published.png",

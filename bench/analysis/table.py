@@ -83,8 +83,9 @@ def paired(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> pd.DataFrame:
     keys = ["pair", "engine", "arch", "backbone", "norm", "schedule", "train_images", "seed",
             "max_iter"]
     cols = [m for m in metrics if m in final.columns]
-    s = final[final["init"] == "scratch"][keys + cols + ["state"]]
-    p = final[final["init"] == "imagenet"][keys + cols + ["state"]]
+    side = keys + cols + ["state", "run_id", "iteration"]
+    s = final[final["init"] == "scratch"][side]
+    p = final[final["init"] == "imagenet"][side]
     out = s.merge(p, on=keys, how="outer", suffixes=(" scratch", " imagenet"))
     for m in cols:
         out[f"{m} scratch-imagenet"] = out[f"{m} scratch"] - out[f"{m} imagenet"]
