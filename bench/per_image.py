@@ -104,10 +104,9 @@ def load(path: Path) -> dict:
                     task, name = key.split("/", 1)
                     out.setdefault(task, {})[name] = z[key]
     except FileNotFoundError:
-        raise PerImageError(f"{path}: no per-image results (runs evaluated before they were "
-                            f"kept have none); re-evaluate the run with `bench run` after "
-                            f"deleting its last eval row, or leave it out of the bootstrap") \
-            from None
+        raise PerImageError(f"{path}: no per-image results (a run evaluated before the suite "
+                            f"kept them has none); train the run again (delete its run dir) to "
+                            f"get its intervals over val images") from None
     except (OSError, ValueError, KeyError) as e:
         raise PerImageError(f"{path}: unreadable per-image results ({e}); delete the file and "
                             f"evaluate the run again") from None

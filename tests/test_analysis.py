@@ -116,11 +116,14 @@ def test_every_figure_and_table_is_written_with_the_expected_series(tmp_path):
     evals = table.load_runs(tmp_path / "runs" / "mini")
     final = table.final_metrics(evals)
     assert len(final) == 6 and set(final["state"]) == {"done", "failed"}
-    # learning curves: one line per run and panel (6 runs over 2 sizes: 4 + 2 per metric)
+    # learning curves: one line per init and panel, the two seeds of the 500-image runs as
+    # their mean with a band over their range
     fig = figures.ap_vs_iterations(evals)
     curves = [len([ln for ln in ax.lines if len(ln.get_xdata()) and ln.get_linestyle() != "None"])
               for ax in fig.axes]
-    assert sorted(curves) == [2, 2, 4, 4]
+    assert curves == [2, 2, 2, 2]
+    assert sorted(len(ax.collections) for ax in fig.axes) == [0, 0, 2, 2]
+    assert "gap_vs_schedule.png" in names
     # final AP per model: 2 sizes x 2 inits bars; the two seeds make one bar with a spread
     fig = figures.final_ap_by_model(final)
     assert [len(ax.patches) for ax in fig.axes] == [4, 4]

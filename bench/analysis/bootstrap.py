@@ -215,3 +215,26 @@ def gaps_over_seeds(pairs: pd.DataFrame, runs: Optional[Runs] = None, n_samples:
             row[f"{metric} gap hi (images)"] = hi
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def run_intervals(final: pd.DataFrame, runs: Runs, n_samples: int = 1000,
+                  seed: int = 0) -> pd.DataFrame:
+    """`final` (one row per run) with each run's own 95% interval over val images per
+    metric ("<metric> lo (images)", "... hi (images)"; NaN where it kept no results)."""
+    out = final.copy()
+    for metric, task in TASKS.items():
+        if metric not in out.columns:
+            continue
+        lo, hi = [], []
+        for _, r in out.iterrows():
+            try:
+                reps = replicates([runs.accumulator(r["run_id"], r["iteration"], task)],
+                                  n_samples, seed)[:, 0]
+                a, b = interval(reps)
+            except (per_image.PerImageError, KeyError, TypeError, ValueError):
+                a = b = float("nan")
+            lo.append(a)
+            hi.append(b)
+        out[f"{metric} lo (images)"] = lo
+        out[f"{metric} hi (images)"] = hi
+    return out

@@ -7,6 +7,7 @@ per schedule, LR drops marked on each curve.
 import itertools
 
 import matplotlib
+import matplotlib.patches
 import matplotlib.ticker
 
 matplotlib.use("Agg")
@@ -42,17 +43,25 @@ def ap_vs_iterations(df: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt.Fi
             sub = df[(df["train_images"] == size) & (df["metric"] == metric)]
             for k, sched in enumerate(schedules):
                 for init, style in INIT_STYLE.items():
-                    # seeds are drawn as separate thin lines: spread is shown, never averaged away
-                    for _, run in sub[(sub["schedule"] == sched) & (sub["init"] == init)].groupby("run_id"):
-                        run = run.sort_values("iteration")
-                        other = run["engine"].iloc[0] != "torchvision"  # drawn thick, pale
-                        ax.plot(run["iteration"], run["value"], linestyle=style["linestyle"],
+                    runs = sub[(sub["schedule"] == sched) & (sub["init"] == init)]
+                    # one curve per engine: the seeds' mean, and a band over the seeds' range
+                    # (min to max at each evaluation), so the spread is shown, never averaged away
+                    for engine, series in runs.groupby("engine"):
+                        by_it = series.groupby("iteration")["value"]
+                        curve = by_it.agg(["mean", "min", "max", "count"]).reset_index()
+                        other = engine != "torchvision"  # drawn thick, pale
+                        ax.plot(curve["iteration"], curve["mean"], linestyle=style["linestyle"],
                                 color=style["color"], marker=MARKERS[k % len(MARKERS)],
                                 markersize=3.5, markerfacecolor="white",
                                 linewidth=2.6 if other else 1.2, alpha=0.55 if other else 1.0)
-                        if run["state"].iloc[0] != "done":
-                            ax.annotate(run["state"].iloc[0], (run["iteration"].iloc[-1],
-                                                               run["value"].iloc[-1]), fontsize=7)
+                        if series["run_id"].nunique() > 1:
+                            ax.fill_between(curve["iteration"], curve["min"], curve["max"],
+                                            color=style["color"], alpha=0.15, linewidth=0)
+                        for _, run in series.groupby("run_id"):
+                            if run["state"].iloc[0] != "done":
+                                last = run.sort_values("iteration").iloc[-1]
+                                ax.annotate(run["state"].iloc[0], (last["iteration"],
+                                                                   last["value"]), fontsize=7)
                 # LR drops: filled markers on the x axis (evals rarely fall exactly on them)
                 runs = sub[sub["schedule"] == sched]
                 if not runs.empty:
@@ -72,6 +81,9 @@ def ap_vs_iterations(df: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt.Fi
                 for k, s in enumerate(schedules)]
     handles.append(plt.Line2D([], [], color="black", marker="o", linestyle="none",
                               label="LR drops (filled, on the x axis)"))
+    if df.groupby(["engine", "schedule", "init", "train_images"])["run_id"].nunique().max() > 1:
+        handles.append(matplotlib.patches.Patch(color="grey", alpha=0.3,
+                                                label="seeds: mean, band from min to max"))
     for engine in sorted(set(df["engine"]) - {"torchvision"}):
         handles.append(plt.Line2D([], [], color="grey", linewidth=2.6, alpha=0.55,
                                   label=f"{engine} engine (thick)"))
@@ -82,9 +94,23 @@ def ap_vs_iterations(df: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt.Fi
     return fig
 
 
+def _interval(values, lo_hi=None):
+    """Mean and 95% interval of one point: over seeds (Student's t) where there are 2 or
+    more, else the run's interval over val images (`lo_hi`, NaN if it kept none)."""
+    from bench.analysis.bootstrap import _t_quantile
+    values = pd.Series(values).dropna()
+    mean = float(values.mean()) if len(values) else float("nan")
+    if len(values) >= 2:
+        half = _t_quantile(len(values) - 1) * values.std(ddof=1) / len(values) ** 0.5
+        return mean, mean - half, mean + half
+    lo, hi = lo_hi if lo_hi is not None else (float("nan"), float("nan"))
+    return mean, lo, hi
+
+
 def ap_vs_train_size(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt.Figure:
-    """Final AP against training-set size, scratch vs pre-trained, one marker per schedule;
-    several seeds show as mean with min-max bars."""
+    """Final AP against training-set size, scratch vs pre-trained, one marker per schedule,
+    with 95% error bars: over seeds where there are several, else over val images (the
+    columns "<metric> lo (images)" / "hi (images)" when the runs kept per-image results)."""
     metrics = [m for m in metrics if m in final.columns]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 3.6), squeeze=False)
     schedules = _schedule_order(final)
@@ -100,9 +126,16 @@ def ap_vs_train_size(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt
                     continue
                 other = engine != "torchvision"  # drawn thick and pale, as in the curves
                 # the number of images a run really trained on ("all" included)
-                g = sub.groupby("images_used")[metric].agg(["mean", "min", "max"]).reset_index()
-                ax.errorbar(g["images_used"], g["mean"],
-                            yerr=[g["mean"] - g["min"], g["max"] - g["mean"]],
+                rows = []
+                for n, pts in sub.groupby("images_used"):
+                    lo_hi = None
+                    if len(pts) == 1 and f"{metric} lo (images)" in pts.columns:
+                        lo_hi = (pts[f"{metric} lo (images)"].iloc[0],
+                                 pts[f"{metric} hi (images)"].iloc[0])
+                    rows.append((n, *_interval(pts[metric], lo_hi)))
+                g = pd.DataFrame(rows, columns=["images_used", "mean", "lo", "hi"])
+                bars = [(g["mean"] - g["lo"]).fillna(0), (g["hi"] - g["mean"]).fillna(0)]
+                ax.errorbar(g["images_used"], g["mean"], yerr=bars,
                             linestyle=style["linestyle"], color=style["color"],
                             marker=MARKERS[k % len(MARKERS)], markersize=4, capsize=2,
                             markerfacecolor="white", linewidth=2.6 if other else 1.2,
@@ -123,7 +156,43 @@ def ap_vs_train_size(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt
                 for engine in sorted(set(final["engine"]) - {"torchvision"})]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8,
                frameon=False)
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.suptitle("bars: 95% over seeds where several, else over val images", fontsize=8,
+                 y=0.02, va="bottom")
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    return fig
+
+
+def gap_vs_schedule(gaps: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt.Figure:
+    """The paper's message in one picture: scratch - pre-trained AP against schedule length,
+    one line per training-set size, with 95% bars (over seeds where there are 2 or more,
+    else over val images). Above 0, training from scratch caught up."""
+    metrics = [m for m in metrics if f"{m} gap" in gaps.columns]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 3.6), squeeze=False)
+    sizes = sorted(gaps["train_images"].unique(), key=lambda n: float("inf") if n == -1 else n)
+    for col, metric in enumerate(metrics):
+        ax = axes[0][col]
+        for k, size in enumerate(sizes):
+            for engine, sub in gaps[gaps["train_images"] == size].groupby("engine"):
+                sub = sub.sort_values("max_iter")
+                how = [("seeds" if s >= 2 else "images") for s in sub["seeds"]]
+                lo = [r[f"{metric} gap lo ({h})"] for (_, r), h in zip(sub.iterrows(), how)]
+                hi = [r[f"{metric} gap hi ({h})"] for (_, r), h in zip(sub.iterrows(), how)]
+                mean = sub[f"{metric} gap"]
+                bars = [(mean - pd.Series(lo, index=sub.index)).fillna(0),
+                        (pd.Series(hi, index=sub.index) - mean).fillna(0)]
+                other = engine != "torchvision"
+                ax.errorbar(sub["max_iter"], mean, yerr=bars, marker=MARKERS[k % len(MARKERS)],
+                            markersize=4, capsize=2, markerfacecolor="white",
+                            linewidth=2.6 if other else 1.2, alpha=0.55 if other else 1.0,
+                            label=_size_label(size) + (f" ({engine})" if other else ""))
+        ax.axhline(0, color="black", linewidth=0.8, linestyle=":")
+        ax.set_xlabel("iterations (schedule length)")
+        ax.set_ylabel(f"{METRIC_LABEL.get(metric, metric)}: scratch - pre-trained")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, frameon=False)
+    fig.suptitle("bars: 95% over seeds where several, else over val images", fontsize=8,
+                 y=0.01, va="bottom")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
 
 

@@ -106,7 +106,9 @@ def write_study_results(runs_dir: Path, out: Path, published=None, log=print):
     gaps = bootstrap.gaps_over_seeds(pairs, runs, log=log)
     written = []
     written += figures.save(figures.ap_vs_iterations(evals), out / "ap_vs_iterations")
-    written += figures.save(figures.ap_vs_train_size(final), out / "ap_vs_train_size")
+    written += figures.save(figures.ap_vs_train_size(bootstrap.run_intervals(final, runs)),
+                            out / "ap_vs_train_size")
+    written += figures.save(figures.gap_vs_schedule(gaps), out / "gap_vs_schedule")
     written += figures.save(figures.final_ap_by_model(final), out / "final_ap_by_model")
 
     stats = [c for c in final.columns if "/" in c and c.split("/")[0] in ("bbox", "segm")]
