@@ -4,8 +4,8 @@ A builder takes the run's ModelSpec and returns a `Backbone`: the feature body (
 named children produce the C2..C5 maps) and their channel counts. The detection engines
 put the FPN on top; `bench pretrain` puts a classifier on top. Weight names follow
 torchvision's ResNet (conv1, bn1, layer1..layer4), so its ImageNet checkpoints load as is.
-A builder initializes its body for training from scratch as `model_spec.conv_init` says
-(`bench.norms.backbone_init_`).
+A builder initializes its body for training from scratch with the MSRA fill (`msra_init_`);
+`build_backbone` redraws it when the spec's `model.conv_init` asks for another.
 """
 
 from dataclasses import dataclass
@@ -47,7 +47,12 @@ def build_backbone(model_spec) -> Backbone:
     except KeyError:
         raise ValueError(f"unknown backbone {model_spec.backbone!r}; registered: "
                          f"{', '.join(sorted(BACKBONES))}") from None
-    return builder(model_spec)
+    backbone = builder(model_spec)
+    if model_spec.conv_init != "msra":
+        # here, not in each builder, so that no builder (a plugin's) can drop the field;
+        # builders keep the suite's default MSRA init themselves, which this leaves as drawn
+        backbone_init_(backbone.body, model_spec.conv_init)
+    return backbone
 
 
 # depth -> (block, blocks per stage); 10 is the mini study's one-block-per-stage ResNet.
@@ -107,5 +112,5 @@ def resnet(model_spec) -> Backbone:
                          f"depth {model_spec.depth}")
     net = ResNet(model_spec.depth, model_spec.width,
                  norm_layer(model_spec.norm, model_spec.norm_groups), model_spec.stride_in_1x1)
-    backbone_init_(net, model_spec.conv_init)
+    backbone_init_(net)  # MSRA; build_backbone applies another model.conv_init
     return Backbone(net, ["layer1", "layer2", "layer3", "layer4"], net.out_channels)

@@ -63,9 +63,12 @@ def accuracy(model, loader, device="cpu"):
 
 def output_meta(model_spec, p):
     """What identifies a pre-trained checkpoint: the backbone and every pre-training setting."""
-    return {"backbone": model_spec.backbone, "depth": model_spec.depth, "width": model_spec.width,
-            "norm": trainable_norm(model_spec.norm), "norm_groups": model_spec.norm_groups,
-            "pretrain": dataclasses.asdict(p)}
+    meta = {"backbone": model_spec.backbone, "depth": model_spec.depth,
+            "width": model_spec.width, "norm": trainable_norm(model_spec.norm),
+            "norm_groups": model_spec.norm_groups, "pretrain": dataclasses.asdict(p)}
+    if model_spec.conv_init != "msra":  # (absent at the default: older checkpoints stay valid)
+        meta["conv_init"] = model_spec.conv_init
+    return meta
 
 
 def is_done(path: str, model_spec, p) -> bool:
@@ -77,7 +80,8 @@ def is_done(path: str, model_spec, p) -> bool:
     except Exception:  # noqa: BLE001 - unreadable means redo
         return False
     want = output_meta(model_spec, p)
-    return all(meta.get(k) == v for k, v in want.items())
+    return (all(meta.get(k) == v for k, v in want.items())
+            and meta.get("conv_init", "msra") == model_spec.conv_init)
 
 
 def set_aside(path: str):

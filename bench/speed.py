@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench.rundir import code_version
@@ -43,7 +44,7 @@ DATASET_SHAPES = {"coco": ((480, 640), 7, 80), "shapes": ((128, 128), 4, 8),
 # alignment shifts its sample points by half a pixel. (Its sampling ratio and freeze_at do
 # change the cost: a Detectron-convention run needs its own measurement.)
 COST_FREE = ("pixel_mean", "pixel_std", "box_loss_beta", "rpn_box_loss_beta", "stride_in_1x1",
-             "roi_align_aligned")
+             "roi_align_aligned", "conv_init", "mask_logits_init")
 
 
 def table_path() -> Path:
@@ -67,6 +68,10 @@ def speed_key(spec) -> str:
         blob["micro_batch"] = spec.solver.micro_batch
     if spec.solver.amp != "off":
         blob["amp"] = spec.solver.amp
+    if _polygon_targets(spec):
+        # each positive RoI's polygons rasterized on the CPU: a cost the rows measured
+        # before polygon targets existed did not include
+        blob["polygon_targets"] = True
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -99,6 +104,12 @@ def gpu_hours(spec, row) -> float:
     return spec.solver.max_iter * float(row["sec_per_iter"]) * spec.gpus / 3600
 
 
+def _polygon_targets(spec) -> bool:
+    """COCO's masks are polygons: a Mask R-CNN run with polygon targets rasterizes them."""
+    return (spec.model.arch == "mask_rcnn" and spec.model.mask_target == "polygon"
+            and spec.data.dataset == "coco")
+
+
 def _synthetic_batch(spec, n, generator, device):
     (h, w), objects, _ = DATASET_SHAPES[spec.data.dataset]
     images, targets = [], []
@@ -112,8 +123,12 @@ def _synthetic_batch(spec, n, generator, device):
             masks[k, y0:y1, x0:x1] = 1
         labels = torch.randint(1, DATASET_SHAPES[spec.data.dataset][2] + 1, (objects,),
                                generator=generator)
-        targets.append({"boxes": boxes.to(device), "labels": labels.to(device),
-                        "masks": masks.to(device)})
+        target = {"boxes": boxes.to(device), "labels": labels.to(device),
+                  "masks": masks.to(device)}
+        if _polygon_targets(spec):  # the box outlines as polygons, as COCO's annotations
+            target["polygons"] = [[np.array([x0, y0, x1, y0, x1, y1, x0, y1], dtype=np.float64)]
+                                  for x0, y0, x1, y1 in boxes.int().tolist()]
+        targets.append(target)
     return images, targets
 
 

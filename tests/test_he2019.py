@@ -205,3 +205,23 @@ def test_fig5_train_aug_draws_the_shorter_side_from_640_to_800_at_the_papers_sch
         for r in runs:
             assert r.data.train_min_size == (640, 672, 704, 736, 768, 800)
             assert (r.data.test_min_size, r.solver.base_lr) == (800, 0.02)
+
+
+def test_a_coco_step_is_timed_with_the_polygon_targets_it_trains_with():
+    """COCO runs rasterize each positive RoI's polygons on the CPU: bench speed times that
+    (its synthetic COCO batch carries polygons) and keeps those rows apart from bitmask ones;
+    the inits, which cost nothing per step, share their rows."""
+    import torch
+
+    from bench import speed
+    from bench.spec import replace
+    spec = next(s for s in HE2019["he2019-r50-gn"].runs if s.init == "scratch")
+    assert spec.model.mask_target == "polygon"
+    _, targets = speed._synthetic_batch(spec, 2, torch.Generator().manual_seed(0), "cpu")
+    assert all(len(t["polygons"]) == len(t["boxes"]) for t in targets)
+    bitmask = replace(spec, **{"model.mask_target": "bitmask"})
+    assert "polygons" not in speed._synthetic_batch(bitmask, 1, torch.Generator(), "cpu")[1][0]
+    assert speed.speed_key(bitmask) != speed.speed_key(spec)
+    assert speed.speed_key(replace(spec, **{"model.conv_init": "msra",
+                                            "model.mask_logits_init": "normal"})) == \
+        speed.speed_key(spec)

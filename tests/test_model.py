@@ -323,6 +323,24 @@ def test_detectrons_inits_xavier_backbone_convs_and_msra_mask_logits_when_asked(
         RunSpec.from_dict({"model": {"conv_init": "he"}}, "recipe.yaml:run")
 
 
+def test_every_backbone_builder_takes_the_specs_conv_init_a_plugins_too():
+    from bench.backbones import Backbone, build_backbone, register_backbone
+    from bench.norms import msra_init_
+
+    @register_backbone("test-two-convs")
+    def two_convs(m):  # a plugin that only knows the suite's default init
+        body = nn.Sequential(nn.Conv2d(3, 64, 7), nn.GroupNorm(8, 64), nn.Conv2d(64, 64, 3))
+        return Backbone(msra_init_(body), ["0"], [64])
+    torch.manual_seed(0)
+    spec = replace(SCRATCH.model, backbone="test-two-convs", conv_init="xavier")
+    for conv in (build_backbone(spec).body[0], build_backbone(spec).body[2]):
+        bound = (3 / conv.weight[0].numel()) ** 0.5
+        assert conv.weight.abs().max() <= bound
+        assert conv.weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.1)
+    stem = build_backbone(replace(spec, conv_init="msra")).body[0].weight
+    assert stem.std().item() == pytest.approx((2 / (64 * 49)) ** 0.5, rel=0.1)
+
+
 def test_mask_targets_are_detectron2s_binary_aligned_crops():
     """A RoI on a mask's exact pixel box gets an all-ones 28x28 target (half-pixel-aligned
     RoIAlign, thresholded at 0.5); torchvision's unaligned soft targets blur its border."""
@@ -437,3 +455,23 @@ def test_biases_train_at_bias_lr_factor_with_their_own_decay_as_detectron():
     plain = build_optimizer(det, replace(solver, bias_lr_factor=1.0, weight_decay_bias=None))
     assert [(g["lr"], g["weight_decay"]) for g in plain.param_groups] == [(0.02, 1e-4),
                                                                           (0.02, 0.0)]
+
+
+def test_a_pretrained_checkpoint_of_another_scratch_init_is_not_reused(tmp_path, monkeypatch):
+    """bench pretrain builds its backbone with the run's conv_init: a checkpoint made with
+    one init does not count as done for a spec asking for the other (older checkpoints,
+    which record none, count as MSRA)."""
+    from bench import pretrain
+    from bench.spec import PretrainSpec
+    monkeypatch.setenv("BENCH_DATA", str(tmp_path))
+    p = PretrainSpec()
+    msra, xavier = SCRATCH.model, replace(SCRATCH.model, conv_init="xavier")
+    path = "cache:pretrained/init-test.pth"
+    file = pretrain.resolve_cache_path(path)
+    file.parent.mkdir(parents=True)
+    for made, other in ((xavier, msra), (msra, xavier)):
+        torch.save({"meta": pretrain.output_meta(made, p)}, file)
+        assert pretrain.is_done(path, made, p) and not pretrain.is_done(path, other, p)
+    old = {k: v for k, v in pretrain.output_meta(msra, p).items() if k != "conv_init"}
+    torch.save({"meta": old}, file)
+    assert pretrain.is_done(path, msra, p)

@@ -14,6 +14,7 @@ from pycocotools import mask as mask_utils
 from bench import recipe
 from bench.data.coco import CocoDetection
 from bench.engines.torchvision import model as tv_model
+from bench.engines.torchvision import train as train_mod
 from bench.engines.torchvision.model import (GtMasks, build_detector, detectron2_mask_targets,
                                              polygon_mask_in_box)
 from bench.spec import replace
@@ -90,6 +91,12 @@ def test_polygons_follow_their_image_through_flip_and_resize(tmp_path, hflip):
     resized bitmask (up to border pixels)."""
     ann = _polygon_coco(tmp_path)
     data = CocoDetection(tmp_path, ann, polygons=True)
+    for index in range(len(data)):  # at the image's own size: all but a few border pixels
+        img, target = data.get(index, hflip=hflip)
+        h, w = img.shape[-2:]
+        for polys, mask in zip(target["polygons"], target["masks"]):
+            wrong = (_full_image(polys, h, w).bool() ^ mask.bool()).sum().item()
+            assert wrong <= 0.02 * mask.sum().item()  # (w - 1 - x would miss a column)
     det = build_detector(SPEC.model, num_classes=2, data=replace(SPEC.data, train_min_size=160,
                                                                    train_max_size=400))
     det.train()
@@ -113,6 +120,7 @@ def test_a_training_step_reads_polygon_targets_when_asked_and_bitmasks_otherwise
     for mask_target, polygons in (("polygon", True), ("bitmask", False)):
         calls.clear()
         spec = replace(SPEC, **{"model.mask_target": mask_target})
+        assert train_mod.datasets_for(spec)[0].polygons is polygons  # the engine's wiring
         data = CocoDetection(tmp_path, ann, polygons=spec.model.mask_target == "polygon")
         assert ("polygons" in data.get(0)[1]) is polygons
         torch.manual_seed(0)

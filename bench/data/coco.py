@@ -117,10 +117,11 @@ class CocoDetection(torch.utils.data.Dataset):
 
 def polygons_of(ann):
     """An annotation's polygons as float64 arrays (x0, y0, x1, y1, ...), or None when its mask
-    is RLE. Polygons of fewer than 3 points are dropped (pycocotools would read a 4-number
-    one as a box); an annotation left with none is None too."""
+    is RLE. Polygons of fewer than 3 points (pycocotools would read a 4-number one as a box)
+    or with an odd count of numbers are dropped; an annotation left with none is None too,
+    so its mask target comes from its bitmask."""
     seg = ann.get("segmentation")
     if not isinstance(seg, list):
         return None
-    polys = [np.asarray(p, dtype=np.float64) for p in seg if len(p) >= 6]
+    polys = [np.asarray(p, dtype=np.float64) for p in seg if len(p) >= 6 and len(p) % 2 == 0]
     return polys or None

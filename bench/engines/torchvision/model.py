@@ -270,20 +270,26 @@ def detectron2_mask_targets(gt_masks, boxes, matched_idxs, size):
     polygons = None
     if isinstance(gt_masks, GtMasks):
         gt_masks, polygons = gt_masks
-    out = boxes.new_zeros((len(boxes), size, size))
+    if polygons is None or all(p is None for p in polygons):  # RLE only: no host round trip
+        return _bitmask_targets(gt_masks, boxes, matched_idxs, size)
+    out = torch.zeros((len(boxes), size, size))
     from_polygons = torch.zeros(len(boxes), dtype=torch.bool)
-    if polygons is not None:
-        for k, (i, box) in enumerate(zip(matched_idxs.tolist(), boxes.detach().cpu())):
-            if polygons[i] is not None:
-                out[k] = polygon_mask_in_box(polygons[i], box.tolist(), size).to(out)
-                from_polygons[k] = True
+    for k, (i, box) in enumerate(zip(matched_idxs.tolist(), boxes.detach().cpu().tolist())):
+        if polygons[i] is not None:
+            out[k] = polygon_mask_in_box(polygons[i], box, size)
+            from_polygons[k] = True
+    out = out.to(boxes)  # one copy to the device
     rest = torch.where(~from_polygons)[0].to(boxes.device)
     if len(rest):
-        rois = torch.cat([matched_idxs[rest].to(boxes)[:, None], boxes[rest]], dim=1)
-        crops = roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0, sampling_ratio=0,
-                          aligned=True)[:, 0]
-        out[rest] = (crops >= 0.5).to(out.dtype)
+        out[rest] = _bitmask_targets(gt_masks, boxes[rest], matched_idxs[rest], size)
     return out
+
+
+def _bitmask_targets(gt_masks, boxes, matched_idxs, size):
+    rois = torch.cat([matched_idxs.to(boxes)[:, None], boxes], dim=1)
+    crops = roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0, sampling_ratio=0,
+                      aligned=True)[:, 0]
+    return (crops >= 0.5).to(rois.dtype)
 
 
 def _with_names(fn, **names):
