@@ -182,6 +182,7 @@ def gap_vs_schedule(gaps: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt.F
                         (pd.Series(hi, index=sub.index) - mean).fillna(0)]
                 other = engine != "torchvision"
                 ax.errorbar(sub["max_iter"], mean, yerr=bars, marker=MARKERS[k % len(MARKERS)],
+                            color=f"C{k % 10}",  # one colour per size, whatever the engine
                             markersize=4, capsize=2, markerfacecolor="white",
                             linewidth=2.6 if other else 1.2, alpha=0.55 if other else 1.0,
                             label=_size_label(size) + (f" ({engine})" if other else ""))
