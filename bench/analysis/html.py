@@ -11,6 +11,8 @@ FIGURES = [("ap_vs_iterations", "AP against iterations (learning curves; LR drop
                                 "the x axis)"),
            ("ap_vs_train_size", "final AP against training-set size"),
            ("final_ap_by_model", "final AP, scratch vs pre-trained, per model and schedule"),
+           ("gap_vs_schedule", "scratch − pre-trained against schedule length, per "
+                               "training-set size (95% bars)"),
            ("ours_vs_published", "our final AP against the published number of the same run")]
 
 
@@ -77,6 +79,11 @@ def write_index(results_root: Path, studies, recipes_root: Path) -> Path:
                                     "state scratch", "state imagenet"])
                 + f"<p>All 12 COCO stats: <a href='{study}/pairs.csv'>pairs.csv</a>, "
                   f"<a href='{study}/final_ap.csv'>final_ap.csv</a>.</p>")
+        if (out / "gaps.csv").is_file():
+            gaps = pd.read_csv(out / "gaps.csv")
+            parts.append("<h3>Gaps, seeds pooled, with 95% intervals</h3>" + _table(
+                out / "gaps.csv", [c for c in gaps.columns if c in (
+                    "engine", "schedule", "max_iter", "train_images", "seeds") or "AP gap" in c]))
         if (out / "vs_published.csv").is_file():
             parts.append("<h3>Ours vs published</h3>" + _table(out / "vs_published.csv"))
         else:
