@@ -221,6 +221,7 @@ def test_make_figures_redraws_results_from_committed_files_byte_for_byte(tmp_pat
     assert not cmp.left_only and not cmp.right_only
     page = (results / "index.html").read_text()
     assert "recipes/mini/study.yaml" in page and "mini/ap_vs_iterations.png" in page
+    assert "mini/gap_vs_schedule.png" in page and "Gaps, seeds pooled" in page
     assert "No published number belongs to this study" in page
 
 
