@@ -68,7 +68,8 @@ def without_detections(coco_gt, image_ids, iou_type) -> dict:
     row = {c: k for k, c in enumerate(cats)}
     gt_count = np.zeros((len(cats), len(images)), dtype=np.int32)
     for ann in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=list(col))):
-        if not (ann.get("iscrowd", 0) or ann.get("ignore", 0)) and ann["category_id"] in row:
+        # COCOeval ignores crowds only: its _prepare overwrites "ignore" with "iscrowd"
+        if not ann.get("iscrowd", 0) and ann["category_id"] in row:
             gt_count[row[ann["category_id"]], col[ann["image_id"]]] += 1
     t = len(p.iouThrs)
     return dict(image_ids=images.astype(np.int64), cat_ids=np.asarray(cats, dtype=np.int64),
@@ -105,11 +106,12 @@ def load(path: Path) -> dict:
                     out.setdefault(task, {})[name] = z[key]
     except FileNotFoundError:
         raise PerImageError(f"{path}: no per-image results (a run evaluated before the suite "
-                            f"kept them has none); train the run again (delete its run dir) to "
-                            f"get its intervals over val images") from None
-    except (OSError, ValueError, KeyError) as e:
-        raise PerImageError(f"{path}: unreadable per-image results ({e}); delete the file and "
-                            f"evaluate the run again") from None
+                            f"kept them has none)") from None
+    except PerImageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a torn copy raises BadZipFile, EOFError, zlib.error...
+        raise PerImageError(f"{path}: unreadable per-image results ({type(e).__name__}: {e}); "
+                            f"delete the file and evaluate the run again") from None
     for task, arrays in out.items():
         missing = [k for k in KEYS if k not in arrays]
         if missing:

@@ -130,3 +130,77 @@ def test_per_image_results_round_trip_and_a_damaged_file_is_one_line(tmp_path):
         per_image.load(tmp_path / "bad.npz")
     with pytest.raises(per_image.PerImageError, match="missing.npz: no per-image results"):
         per_image.load(tmp_path / "missing.npz")
+
+
+def test_a_torn_or_empty_copy_of_a_real_file_is_one_line(tmp_path):
+    """What a killed copy leaves (a truncated zip, an empty file) is a PerImageError naming
+    the file, not a traceback from zipfile or zlib."""
+    per_image.save(tmp_path / "eval.npz", {"bbox": _synthetic()})
+    whole = (tmp_path / "eval.npz").read_bytes()
+    for name, data in [("torn.npz", whole[: len(whole) // 2]), ("empty.npz", b""),
+                       ("flipped.npz", whole[:200] + bytes(b ^ 0xFF for b in whole[200:400])
+                        + whole[400:])]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(per_image.PerImageError, match=f"{name}: unreadable"):
+            per_image.load(tmp_path / name)
+
+
+def test_a_run_without_per_image_results_is_named_with_how_to_get_them(tmp_path):
+    runs = bootstrap.Runs({"r1": tmp_path / "r1"})
+    with pytest.raises(per_image.PerImageError,
+                       match=r"run r1: .*no per-image results.*delete runs/.*/r1.*bench run"):
+        runs.accumulator("r1", 100, "bbox")
+    per_image.save(tmp_path / "r1" / "per_image" / "0000100.npz", {"segm": _synthetic()})
+    with pytest.raises(per_image.PerImageError, match="run r1: no bbox .*eval.backend"):
+        runs.accumulator("r1", 100, "bbox")
+
+
+def _pairs_of_seeds(tmp_path, gaps, states=None):
+    """A pairs table (as table.paired gives it) of one recipe pair over seeds, with
+    per-image results: seed k's scratch run misses gaps[k] of the pre-trained run's hits."""
+    import pandas as pd
+    rows, dirs = [], {}
+    for k, gap in enumerate(gaps):
+        good = _synthetic(seed=k)
+        worse = copy.deepcopy(good)
+        hit = np.flatnonzero(good["det_matched"][0])
+        worse["det_matched"][:, hit[:gap]] = False
+        ids = {}
+        for init, arrays in (("scratch", worse), ("imagenet", good)):
+            ids[init] = f"{init}-{k}"
+            dirs[ids[init]] = tmp_path / ids[init]
+            per_image.save(dirs[ids[init]] / "per_image" / "0000100.npz", {"bbox": arrays})
+        ap = {i: bootstrap.Accumulator(a).average_precision()
+              for i, a in (("scratch", worse), ("imagenet", good))}
+        state = (states or {}).get(k, "done")
+        rows.append({"engine": "torchvision", "arch": "mask_rcnn", "backbone": "resnet10",
+                     "norm": "GN", "schedule": "3x", "max_iter": 100, "train_images": -1,
+                     "seed": k, "bbox/AP scratch": ap["scratch"], "bbox/AP imagenet": ap["imagenet"],
+                     "bbox/AP scratch-imagenet": ap["scratch"] - ap["imagenet"],
+                     "state scratch": state, "state imagenet": "done",
+                     "run_id scratch": ids["scratch"], "run_id imagenet": ids["imagenet"],
+                     "iteration scratch": 100 if state == "done" else 60,
+                     "iteration imagenet": 100})
+    return pd.DataFrame(rows), bootstrap.Runs(dirs)
+
+
+def test_the_gap_over_seeds_pools_finished_pairs_with_a_t_interval(tmp_path):
+    pairs, runs = _pairs_of_seeds(tmp_path, [4, 8, 6, 30], states={3: "running"})
+    import pandas as pd
+    unpaired = dict(pairs.iloc[0], seed=9, **{"run_id imagenet": float("nan"),
+                                              "bbox/AP imagenet": float("nan"),
+                                              "bbox/AP scratch-imagenet": float("nan")})
+    pairs = pd.concat([pairs, pd.DataFrame([unpaired])], ignore_index=True)
+    out = bootstrap.pair_intervals(pairs, runs, n_samples=100, log=lambda m: None)
+    assert out["bbox/AP scratch-imagenet lo"].iloc[:3].notna().all()
+    assert out["bbox/AP scratch-imagenet lo"].iloc[3:].isna().all()  # running, unpaired
+    gaps = bootstrap.gaps_over_seeds(out, runs, n_samples=100, log=lambda m: None)
+    assert len(gaps) == 1
+    g = gaps.iloc[0]
+    assert (g["seeds"], g["incomplete"]) == (3, 2)
+    done = pairs["bbox/AP scratch-imagenet"].iloc[:3].to_numpy()
+    half = 4.303 * done.std(ddof=1) / np.sqrt(3)  # Student's t at 2 degrees of freedom
+    assert g["bbox/AP gap"] == pytest.approx(done.mean())
+    assert g["bbox/AP gap lo (seeds)"] == pytest.approx(done.mean() - half)
+    assert g["bbox/AP gap hi (seeds)"] == pytest.approx(done.mean() + half)
+    assert g["bbox/AP gap lo (images)"] < done.mean() < g["bbox/AP gap hi (images)"] < 0

@@ -9,7 +9,10 @@ resample to pycocotools' AP on the same resample built from copied images). A we
 counts an image's detections and ground truth w times: its detections' run of w identical
 copies gives the precision / recall points COCOeval would give them (the interpolated
 precision rises along a run of true positives, and false positives move no recall), so
-adding w at once is the same.
+adding w at once is the same. One exception: where two detections of one image and category
+share a score, one a true and one a false positive, pycocotools interleaves their copies
+(TP, FP, TP, FP) where this adds each run at once, which can move a precision point; the
+scores of a trained model are continuous, so such ties are rare and their effect tiny.
 
 A pair's difference (scratch - pre-trained) is resampled with the same images for both
 runs, which is what makes its interval narrower than the two runs' own.
@@ -133,25 +136,48 @@ class Runs:
         self._cache = {}
 
     def accumulator(self, run_id: str, iteration: int, task: str) -> Accumulator:
+        """A missing or unreadable file is a PerImageError that names the run and how to
+        get its results (the file itself may be the committed copy, which no rerun writes)."""
+        rd = RunDir(self.run_dirs[run_id])
         key = (run_id, iteration)
         if key not in self._cache:
-            self._cache[key] = per_image.load(
-                RunDir(self.run_dirs[run_id]).per_image_file(int(iteration)))
+            try:
+                self._cache[key] = per_image.load(rd.per_image_file(int(iteration)))
+            except per_image.PerImageError as e:
+                raise per_image.PerImageError(f"run {run_id}: {e}; {self._redo(rd, run_id)}") \
+                    from None
         arrays = self._cache[key]
         if task not in arrays:
             raise per_image.PerImageError(
-                f"{self.run_dirs[run_id]}: no {task} per-image results at iteration "
-                f"{int(iteration)} (evaluated with a backend that keeps none); evaluate it "
-                f"with eval.backend: pycocotools")
+                f"run {run_id}: no {task} per-image results at iteration {int(iteration)} "
+                f"(evaluated with a backend that keeps none, faster-coco-eval); set eval.backend: "
+                f"pycocotools in its recipe and {self._redo(rd, run_id)}")
         return Accumulator(arrays[task])
+
+    @staticmethod
+    def _redo(rd: RunDir, run_id: str) -> str:
+        try:
+            study = rd.read_spec_doc()["spec"]["study"]
+        except (OSError, KeyError, ValueError):
+            study = "<study>"
+        return (f"to get them, delete runs/{study}/{run_id} under the runs root, rerun `bench run` "
+                f"on its recipe, then `bench figures --collect --study {study}`")
+
+
+def _complete(r) -> bool:
+    """A pair whose two runs both finished at the same iteration: the only kind whose
+    difference, and its interval, means what the tables say it means."""
+    return (isinstance(r["run_id scratch"], str) and isinstance(r["run_id imagenet"], str)
+            and r["state scratch"] == "done" and r["state imagenet"] == "done"
+            and r["iteration scratch"] == r["iteration imagenet"])
 
 
 def pair_intervals(pairs: pd.DataFrame, runs: Runs, n_samples: int = 1000, seed: int = 0,
                    log=print) -> pd.DataFrame:
     """`pairs` (table.paired, with run ids and final iterations) with, per metric, the 95%
     bootstrap interval over val images of scratch - pre-trained: columns
-    "<metric> scratch-imagenet lo" and "... hi". A pair whose runs kept no per-image
-    results gets NaN, and one line saying which run."""
+    "<metric> scratch-imagenet lo" and "... hi". An unfinished or unmatched pair gets NaN,
+    as does one whose runs kept no per-image results (and one line names the first run)."""
     out = pairs.copy()
     missing = []
     for metric, task in TASKS.items():
@@ -159,11 +185,15 @@ def pair_intervals(pairs: pd.DataFrame, runs: Runs, n_samples: int = 1000, seed:
             continue
         lo, hi = [], []
         for _, r in out.iterrows():
+            if not _complete(r) or math.isnan(r[f"{metric} scratch-imagenet"]):
+                lo.append(float("nan"))
+                hi.append(float("nan"))
+                continue
             try:
                 a = runs.accumulator(r["run_id scratch"], r["iteration scratch"], task)
                 b = runs.accumulator(r["run_id imagenet"], r["iteration imagenet"], task)
                 d = difference(a, b, n_samples, seed)
-            except (per_image.PerImageError, KeyError, TypeError, ValueError) as e:
+            except (per_image.PerImageError, ValueError) as e:
                 missing.append(str(e))
                 d = {"lo": float("nan"), "hi": float("nan")}
             lo.append(d["lo"])
@@ -181,17 +211,21 @@ def gaps_over_seeds(pairs: pd.DataFrame, runs: Optional[Runs] = None, n_samples:
     """One row per pair of recipes (its seeds pooled): the mean scratch - pre-trained gap
     per metric, with a 95% interval over seeds (Student's t, where there are 2 or more) and
     one over val images (the same resamples for every run, the seeds' gaps averaged in each),
-    where the runs kept their per-image results."""
+    where the runs kept their per-image results. Only complete pairs (both runs done, at
+    the same iteration) are pooled; "incomplete" counts the rest, which the row leaves out."""
     rows = []
     keys = [k for k in PAIR_KEYS if k in pairs.columns]
-    for group, sub in pairs.groupby(keys, dropna=False, sort=False):
+    for group, every in pairs.groupby(keys, dropna=False, sort=False):
         row = dict(zip(keys, group if isinstance(group, tuple) else (group,)))
-        row["seeds"] = int(sub["seed"].nunique())
+        done = every[every.apply(_complete, axis=1)] if len(every) else every
+        row["incomplete"] = int(len(every) - len(done))
         for metric, task in TASKS.items():
             col = f"{metric} scratch-imagenet"
-            if col not in sub.columns:
+            if col not in every.columns:
                 continue
-            gaps = sub[col].dropna().to_numpy(dtype=float)
+            sub = done[done[col].notna()]
+            row["seeds"] = max(row.get("seeds", 0), int(sub["seed"].nunique()))
+            gaps = sub[col].to_numpy(dtype=float)
             n = len(gaps)
             mean = float(gaps.mean()) if n else float("nan")
             row[f"{metric} gap"] = mean
@@ -209,7 +243,7 @@ def gaps_over_seeds(pairs: pd.DataFrame, runs: Optional[Runs] = None, n_samples:
                                                   task)]
                     reps = replicates(accs, n_samples, seed)
                     lo, hi = interval((reps[:, 0::2] - reps[:, 1::2]).mean(axis=1))
-                except (per_image.PerImageError, KeyError, TypeError, ValueError):
+                except (per_image.PerImageError, ValueError):
                     pass  # pair_intervals has said which run lacks them
             row[f"{metric} gap lo (images)"] = lo
             row[f"{metric} gap hi (images)"] = hi
@@ -231,7 +265,7 @@ def run_intervals(final: pd.DataFrame, runs: Runs, n_samples: int = 1000,
                 reps = replicates([runs.accumulator(r["run_id"], r["iteration"], task)],
                                   n_samples, seed)[:, 0]
                 a, b = interval(reps)
-            except (per_image.PerImageError, KeyError, TypeError, ValueError):
+            except (per_image.PerImageError, ValueError):
                 a = b = float("nan")
             lo.append(a)
             hi.append(b)

@@ -43,8 +43,10 @@ def collect(study_runs: Path, dest: Path) -> int:
 
 
 def _copy_last_per_image(src: RunDir, dst: RunDir):
-    evals = [r["iteration"] for r in src.read_metrics() if r.get("type") == "eval"] \
-        if src.metrics_file.is_file() else []
+    # the last eval of the *copied* metrics (a run still training may have evaluated again
+    # since), so the committed rows and per-image file always belong together
+    evals = [r["iteration"] for r in dst.read_metrics() if r.get("type") == "eval"] \
+        if dst.metrics_file.is_file() else []
     keep = src.per_image_file(max(evals)) if evals else None
     if dst.per_image.is_dir():
         for old in dst.per_image.iterdir():
@@ -52,4 +54,7 @@ def _copy_last_per_image(src: RunDir, dst: RunDir):
                 old.unlink()
     if keep is not None and keep.is_file():
         dst.per_image.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(keep, dst.per_image_file(max(evals)))
+        target = dst.per_image_file(max(evals))
+        tmp = target.with_name(target.name + ".tmp")  # never a torn copy under the real name
+        shutil.copyfile(keep, tmp)
+        tmp.replace(target)

@@ -12,6 +12,7 @@ import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 INIT_STYLE = {"scratch": dict(linestyle="-", color="#1f4e9c", label="random init"),
@@ -134,12 +135,11 @@ def ap_vs_train_size(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt
                                  pts[f"{metric} hi (images)"].iloc[0])
                     rows.append((n, *_interval(pts[metric], lo_hi)))
                 g = pd.DataFrame(rows, columns=["images_used", "mean", "lo", "hi"])
-                bars = [(g["mean"] - g["lo"]).fillna(0), (g["hi"] - g["mean"]).fillna(0)]
-                ax.errorbar(g["images_used"], g["mean"], yerr=bars,
-                            linestyle=style["linestyle"], color=style["color"],
-                            marker=MARKERS[k % len(MARKERS)], markersize=4, capsize=2,
-                            markerfacecolor="white", linewidth=2.6 if other else 1.2,
-                            alpha=0.55 if other else 1.0)
+                _with_bars(ax, g["images_used"], g["mean"], g["lo"], g["hi"],
+                           linestyle=style["linestyle"], color=style["color"],
+                           marker=MARKERS[k % len(MARKERS)], markersize=4,
+                           markerfacecolor="white", linewidth=2.6 if other else 1.2,
+                           alpha=0.55 if other else 1.0)
         ax.set_xscale("log")
         sizes = sorted(final["images_used"].unique())
         ax.set_xticks(sizes, [f"{int(n):,}" for n in sizes])
@@ -156,10 +156,24 @@ def ap_vs_train_size(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt
                 for engine in sorted(set(final["engine"]) - {"torchvision"})]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8,
                frameon=False)
-    fig.suptitle("bars: 95% over seeds where several, else over val images", fontsize=8,
+    fig.suptitle("bars: 95% over seeds where several, else over val images; no bar: no "
+                 "interval", fontsize=8,
                  y=0.02, va="bottom")
     fig.tight_layout(rect=(0, 0.16, 1, 1))
     return fig
+
+
+def _with_bars(ax, x, mean, lo, hi, **style):
+    """A line through the means, and 95% bars only where an interval exists: a point without
+    one has no bar, not a zero-width bar that would look exact."""
+    x, mean = np.asarray(x, dtype=float), np.asarray(mean, dtype=float)
+    lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+    ax.plot(x, mean, **style)
+    ok = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(mean)
+    if ok.any():
+        ax.errorbar(x[ok], mean[ok], yerr=[mean[ok] - lo[ok], hi[ok] - mean[ok]], fmt="none",
+                    ecolor=style.get("color"), capsize=2, alpha=style.get("alpha", 1.0),
+                    linewidth=1.0)
 
 
 def gap_vs_schedule(gaps: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt.Figure:
@@ -174,24 +188,24 @@ def gap_vs_schedule(gaps: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt.F
         for k, size in enumerate(sizes):
             for engine, sub in gaps[gaps["train_images"] == size].groupby("engine"):
                 sub = sub.sort_values("max_iter")
-                how = [("seeds" if s >= 2 else "images") for s in sub["seeds"]]
-                lo = [r[f"{metric} gap lo ({h})"] for (_, r), h in zip(sub.iterrows(), how)]
-                hi = [r[f"{metric} gap hi ({h})"] for (_, r), h in zip(sub.iterrows(), how)]
-                mean = sub[f"{metric} gap"]
-                bars = [(mean - pd.Series(lo, index=sub.index)).fillna(0),
-                        (pd.Series(hi, index=sub.index) - mean).fillna(0)]
+                # over seeds where they give one, else over val images, else none drawn
+                lo, hi = (sub[f"{metric} gap {end} (seeds)"].where(
+                    sub[f"{metric} gap lo (seeds)"].notna(), sub[f"{metric} gap {end} (images)"])
+                    for end in ("lo", "hi"))
                 other = engine != "torchvision"
-                ax.errorbar(sub["max_iter"], mean, yerr=bars, marker=MARKERS[k % len(MARKERS)],
-                            color=f"C{k % 10}",  # one colour per size, whatever the engine
-                            markersize=4, capsize=2, markerfacecolor="white",
-                            linewidth=2.6 if other else 1.2, alpha=0.55 if other else 1.0,
-                            label=_size_label(size) + (f" ({engine})" if other else ""))
+                _with_bars(ax, sub["max_iter"], sub[f"{metric} gap"], lo, hi,
+                           marker=MARKERS[k % len(MARKERS)],
+                           color=f"C{k % 10}",  # one colour per size, whatever the engine
+                           markersize=4, markerfacecolor="white",
+                           linewidth=2.6 if other else 1.2, alpha=0.55 if other else 1.0,
+                           label=_size_label(size) + (f" ({engine})" if other else ""))
         ax.axhline(0, color="black", linewidth=0.8, linestyle=":")
         ax.set_xlabel("iterations (schedule length)")
         ax.set_ylabel(f"{METRIC_LABEL.get(metric, metric)}: scratch - pre-trained")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, frameon=False)
-    fig.suptitle("bars: 95% over seeds where several, else over val images", fontsize=8,
+    fig.suptitle("bars: 95% over seeds where several, else over val images; no bar: no "
+                 "interval", fontsize=8,
                  y=0.01, va="bottom")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig

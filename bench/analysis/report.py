@@ -65,7 +65,10 @@ def markdown_gaps(gaps: pd.DataFrame) -> str:
     for _, r in gaps.iterrows():
         n = "all" if r["train_images"] == -1 else str(int(r["train_images"]))
         engine = f" ({r['engine']})" if r.get("engine", "torchvision") != "torchvision" else ""
-        cells = [r["schedule"] + engine, str(int(r["max_iter"])), n, str(int(r["seeds"]))]
+        seeds = str(int(r["seeds"]))
+        if r.get("incomplete", 0) == r.get("incomplete", 0) and r.get("incomplete", 0):
+            seeds += f" (+{int(r['incomplete'])} unfinished, left out)"
+        cells = [r["schedule"] + engine, str(int(r["max_iter"])), n, seeds]
         for m in ("bbox/AP", "segm/AP"):
             cells += [_fmt(r.get(f"{m} gap", float("nan"))), iv(r, m, "seeds"),
                       iv(r, m, "images")]
