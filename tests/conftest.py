@@ -16,7 +16,7 @@ base: {REPO}/recipes/mini/_model.yaml
 run:
   pretrained: cache:pretrained/tiny-resnet10-w32-GN.pth
   data: {{dataset: shapes-tiny}}
-  solver: {{batch: 2, ref_batch: 2, unit_iters: 9, drops_from_end: [6, 2], warmup_iters: 3}}
+  solver: {{batch: 2, ref_batch: 2, base_lr: 0.08, unit_iters: 9, drops_from_end: [6, 2], warmup_iters: 3}}
   eval: {{period: 9}}
   checkpoint: {{period: 9, keep: 2}}
 vary:
@@ -36,7 +36,7 @@ study: {study}
 base: {REPO}/recipes/mini/_model.yaml
 run:
 {run_extra.rstrip()}
-  solver: {{batch: 2, ref_batch: 2, unit_iters: 9, drops_from_end: [6, 2], warmup_iters: 3}}
+  solver: {{batch: 2, ref_batch: 2, base_lr: 0.08, unit_iters: 9, drops_from_end: [6, 2], warmup_iters: 3}}
   eval: {{period: 9}}
   checkpoint: {{period: 9, keep: 1}}
 vary:

@@ -26,7 +26,7 @@ base: {REPO}/recipes/mini/_model.yaml
 run:
   pretrained: cache:pretrained/unused.pth
   data: {{dataset: shapes-tiny, aspect_grouping: true}}
-  solver: {{batch: 2, micro_batch: 1, ref_batch: 2, unit_iters: 9, drops_from_end: [6, 2],
+  solver: {{batch: 2, micro_batch: 1, ref_batch: 2, base_lr: 0.08, unit_iters: 9, drops_from_end: [6, 2],
             warmup_iters: 3}}
   eval: {{period: 9}}
   checkpoint: {{period: 9, keep: 1}}

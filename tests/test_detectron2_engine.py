@@ -37,7 +37,7 @@ run:
   model: {{{{depth: 18, width: 64, norm_groups: 32}}}}
   data: {{{{dataset: shapes-tiny, train_min_size: 96, train_max_size: 96, test_min_size: 96,
           test_max_size: 96}}}}
-  solver: {{{{batch: 2, ref_batch: 2, drops_from_end: [16, 4], warmup_iters: 5}}}}
+  solver: {{{{batch: 2, ref_batch: 2, base_lr: 0.08, drops_from_end: [16, 4], warmup_iters: 5}}}}
   eval: {{{{period: 20}}}}
   checkpoint: {{{{period: 20, keep: 1}}}}
 vary:

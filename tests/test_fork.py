@@ -19,7 +19,7 @@ base: {REPO}/recipes/mini/_model.yaml
 run:
   pretrained: cache:pretrained/unused.pth
   data: {{dataset: shapes-tiny}}
-  solver: {{batch: 2, ref_batch: 2, unit_iters: 45, drops_from_end: [30, 10], warmup_iters: 3}}
+  solver: {{batch: 2, ref_batch: 2, base_lr: 0.08, unit_iters: 45, drops_from_end: [30, 10], warmup_iters: 3}}
   eval: {{period: 15}}
   checkpoint: {{period: 45, keep: 1}}
 vary:

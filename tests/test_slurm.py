@@ -30,7 +30,7 @@ base: {REPO}/recipes/mini/_model.yaml
 run:
   pretrained: cache:pretrained/none.pth
   data: {{dataset: shapes-tiny}}
-  solver: {{batch: 2, ref_batch: 2, unit_iters: {unit_iters}, drops_from_end: [6, 2], warmup_iters: 3}}
+  solver: {{batch: 2, ref_batch: 2, base_lr: 0.08, unit_iters: {unit_iters}, drops_from_end: [6, 2], warmup_iters: 3}}
   eval: {{period: {unit_iters}}}
   checkpoint: {{period: {unit_iters}, keep: 3}}
 vary:
