@@ -297,12 +297,14 @@ def cmd_run(args):
     if not 0 <= nodes.node_rank < nodes.nnodes:
         raise SystemExit(f"bench run: --node-rank {nodes.node_rank} is not in 0..{nodes.nnodes - 1}")
     _preflight(studies, specs, root, slots=slot_names, device=device, nodes=nodes)
-    print(f"{len(specs)} runs of {', '.join(s.name for s in studies)} -> {root}/ on {device}",
+    names = list(dict.fromkeys(s.name for s in studies))  # a study may span several files
+    print(f"{len(specs)} runs of {', '.join(names)} -> {root}/ on {device}",
           flush=True)
-    no_fork = {st.name for st in studies if not st.fork}
+    # by run, not study name: one file of a study may turn forking off for its own runs only
+    no_fork = {r.run_id for st in studies if not st.fork for r in st.runs}
     outcome = runner.run(specs, root, device=device, slots=slot_names, threads=args.threads,
                          workers=args.workers, nodes=nodes,
-                         forking=(lambda s: not args.no_fork and s.study not in no_fork))
+                         forking=(lambda s: not args.no_fork and s.run_id not in no_fork))
     print(f"done {len(outcome.done)}, skipped (already done) {len(outcome.skipped)}, "
           f"failed {len(outcome.failed)}")
     for run_id, reason in outcome.failed:

@@ -43,15 +43,16 @@ def untimed(rd):
 
 # -- families: pure data ---------------------------------------------------------------------
 
-def test_the_mini_study_is_four_families_each_forking_at_the_first_lr_drops():
+def test_the_mini_study_is_six_families_each_forking_at_the_first_lr_drops():
     study = recipe.load(REPO / "recipes/mini/study.yaml")
     fams = fork.families(study.runs)
-    assert len(fams) == 4  # scratch/imagenet x 500 images/all
+    assert len(fams) == 6  # scratch/imagenet x 200 images/500 images/all
     by_id = {s.run_id: s for s in study.runs}
     for parent_id, children in fams.items():
         parent = by_id[parent_id]
-        assert parent.solver.schedule == "3x"
-        assert sorted((c.solver.schedule, f) for c, f in children) == [("1x", 60), ("2x", 120)]
+        assert parent.solver.schedule == "5x"
+        assert sorted((c.solver.schedule, f) for c, f in children) == [("2x", 1440),
+                                                                        ("4x", 3600)]
         for child, f in children:
             assert f == min(child.solver.steps)
             # the LR of every iteration before the fork point is the parent's

@@ -39,12 +39,20 @@ def test_the_mini_study_is_built_to_reach_the_papers_regime():
     for n in sizes:  # every size at every schedule, for both inits
         assert {(r.solver.schedule, r.init) for r in runs if r.data.train_images == n} == \
             {(s, i) for s in schedules for i in ("scratch", "imagenet")}
+    assert len({r.data.subset_seed for r in runs}) == 1  # one seed: the subsets are nested
     longest = max(runs, key=lambda r: r.solver.max_iter)
     assert longest.solver.max_iter // longest.eval.period >= 8
+    # long enough to matter: the longest schedule sees 10 epochs of the 2,000 images or more
+    assert longest.solver.max_iter * longest.solver.batch >= 10 * 2000
     top = [r for r in runs if r.data.train_images is None
            and r.solver.max_iter == longest.solver.max_iter]
     for init in ("scratch", "imagenet"):
-        assert len({r.seed for r in top if r.init == init}) >= 2
+        seeds = [r for r in top if r.init == init]
+        assert len({r.seed for r in seeds}) >= 2
+        # the extra seeds are the same run but for the seed (the two files cannot drift apart)
+        bare = [{k: v for k, v in r.to_dict().items() if k not in ("seed", "name")}
+                for r in seeds]
+        assert all(b == bare[0] for b in bare)
 
 
 def test_pairs_share_everything_except_the_init():

@@ -16,8 +16,10 @@ FIGURES = [("ap_vs_iterations", "AP against iterations (learning curves; LR drop
            ("ours_vs_published", "our final AP against the published number of the same run")]
 
 
-def find_recipe(study: str, recipes_root: Path):
-    """(path, description) of the recipe that defines `study`, or (None, "")."""
+def find_recipes(study: str, recipes_root: Path):
+    """[(path, description), ...] of every recipe file that defines `study` (a study may be
+    several files, e.g. the mini study's schedules and its extra seed), in name order."""
+    found = []
     for path in sorted(Path(recipes_root).rglob("*.yaml")):
         if path.name.startswith("_"):
             continue
@@ -26,8 +28,8 @@ def find_recipe(study: str, recipes_root: Path):
         except yaml.YAMLError:
             continue
         if isinstance(doc, dict) and doc.get("study") == study:
-            return path, " ".join(str(doc.get("description", "")).split())
-    return None, ""
+            found.append((path, " ".join(str(doc.get("description", "")).split())))
+    return found
 
 
 def _table(csv: Path, columns=None) -> str:
@@ -55,11 +57,13 @@ def write_index(results_root: Path, studies, recipes_root: Path) -> Path:
     parts.append("</ul>")
     for study in studies:
         out = root / study
-        recipe, description = find_recipe(study, recipes_root)
-        where = (html.escape(str(recipe.relative_to(Path(recipes_root).parent)))
-                 if recipe else "no recipe of this name in recipes/")
-        parts.append(f"<h2 id='{html.escape(study)}'>{html.escape(study)}</h2>"
-                     f"<p>Recipe: <code>{where}</code>. {html.escape(description)}</p>")
+        parts.append(f"<h2 id='{html.escape(study)}'>{html.escape(study)}</h2>")
+        found = find_recipes(study, recipes_root)
+        for recipe, description in found:
+            where = html.escape(str(recipe.relative_to(Path(recipes_root).parent)))
+            parts.append(f"<p>Recipe: <code>{where}</code>. {html.escape(description)}</p>")
+        if not found:
+            parts.append("<p>Recipe: <code>no recipe of this name in recipes/</code>.</p>")
         final = out / "final_ap.csv"
         if final.is_file():
             parts.append("<h3>Runs</h3>" + _table(final, ["run_id", "engine", "init", "schedule",
