@@ -278,6 +278,44 @@ def test_both_engines_optimizers_give_every_parameter_the_same_lr_momentum_and_d
 
 
 @needs_d2
+@pytest.mark.parametrize("flip", [False, True])
+def test_each_engines_own_data_pipeline_gives_the_same_pixels_boxes_classes_and_masks(
+        tmp_path, flip):
+    # The loss comparison above feeds both models one batch; this holds what each engine
+    # makes of a training image by itself: our CocoDetection.get against detectron2's
+    # DatasetMapper under the translated config, the flip decision forced the same way.
+    import detectron2.data.transforms as T
+    from detectron2.config import get_cfg
+    from detectron2.data import DatasetCatalog, DatasetMapper
+
+    from bench.engines.detectron2 import config as d2_config
+    from bench.engines.detectron2.data import register
+    from bench.engines.torchvision.train import datasets_for
+
+    spec = next(s for s in d2_study(tmp_path).runs if s.init == "imagenet")
+    spec = dataclasses.replace(spec, data=dataclasses.replace(
+        spec.data, train_min_size=128, train_max_size=128))  # shapes-tiny's own size
+    ours, _ = datasets_for(spec)
+    theirs = {d["image_id"]: d for d in DatasetCatalog.get(register(spec.data)[0])}
+    cfg = get_cfg()
+    cfg.merge_from_list([x for key, value in d2_config.flatten(d2_config.translate(spec)).items()
+                         if key != "MODEL.WEIGHTS" for x in (key, value)])
+    cfg.INPUT.MASK_FORMAT = "bitmask"  # what the engine sets for RLE masks (train._mask_format)
+    mapper = DatasetMapper(cfg, is_train=True)
+    augs = [a for a in mapper.augmentations.augs if not isinstance(a, T.RandomFlip)]
+    mapper.augmentations = T.AugmentationList(augs + [T.RandomFlip(prob=float(flip))])
+    assert len(ours) >= 60
+    for index in range(len(ours)):
+        image, target = ours.get(index, hflip=flip)
+        out = mapper(dict(theirs[target["image_id"]]))
+        instances = out["instances"]
+        assert torch.equal(out["image"][[2, 1, 0]], image)  # theirs BGR, ours RGB
+        assert torch.allclose(instances.gt_boxes.tensor, target["boxes"], atol=1e-4)
+        assert torch.equal(instances.gt_classes + 1, target["labels"])  # ours: 0 background
+        assert torch.equal(instances.gt_masks.tensor.to(torch.uint8), target["masks"])
+
+
+@needs_d2
 @pytest.mark.parametrize("arch", ["mask_rcnn", "faster_rcnn"])
 def test_the_same_weights_and_images_give_both_engines_the_same_losses_and_gradients(
         arch, monkeypatch):
