@@ -51,11 +51,38 @@ class NotACaffe2Checkpoint(ValueError):
     pass
 
 
+# What a Detectron .pkl may name: numpy arrays, their dtypes and scalars, and plain
+# containers. Users download these files and name them by path, and plain pickle.load runs
+# whatever a pickle names (os.system, say), so anything else is refused, never called.
+_SAFE_GLOBALS = {(module, name)
+                 for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+                 for name in ("_reconstruct", "scalar")} | {
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # how Python 3 pickles bytes at protocol 2
+}
+
+
+class UnsafePickle(ValueError):
+    pass
+
+
+class _ArraysOnly(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise UnsafePickle(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def read_blobs(path) -> dict:
-    """name -> numpy array from a Detectron .pkl."""
+    """name -> numpy array from a Detectron .pkl, read without running any code it names."""
     with open(path, "rb") as f:
         try:
-            data = pickle.load(f, encoding="latin1")
+            data = _ArraysOnly(f, encoding="latin1").load()
+        except UnsafePickle as e:
+            raise NotACaffe2Checkpoint(
+                f"{path} is refused: its pickle calls {e}, which a Detectron checkpoint (numpy "
+                f"arrays only) never does; download it again from Detectron's model zoo") from None
         except Exception as e:  # noqa: BLE001 - truncated download, wrong file
             raise NotACaffe2Checkpoint(f"{path} is not a readable pickle ({type(e).__name__}); "
                                        f"download it again") from None

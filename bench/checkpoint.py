@@ -5,6 +5,9 @@ A torchvision-engine checkpoint holds everything needed to continue exactly: mod
 optimizer, LR scheduler, gradient scaler and iteration. No RNG state is needed: the data
 order is a pure function of the iteration (bench.data.sampler), and every forward pass
 reseeds torch's RNG from the iteration (bench.engines.torchvision.train.pass_seed).
+
+Checkpoints hold tensors and plain containers only, so they are read with
+`weights_only=True`: a file that names code to run is unreadable, never run.
 """
 
 import os
@@ -64,17 +67,25 @@ def load_latest(directory, log=print):
     """
     for stale in Path(directory).glob(".model_*.pth.tmp-*") if Path(directory).is_dir() else []:
         stale.unlink(missing_ok=True)  # left by a process killed while saving
-    found = list_checkpoints(directory)
+    found, unreadable = list_checkpoints(directory), []
     for iteration, path in reversed(found):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = torch.load(path, map_location="cpu", weights_only=True)
             if state.get("iteration") != iteration:
                 raise ValueError(f"holds iteration {state.get('iteration')}")
-            return iteration, state
         except Exception as e:  # noqa: BLE001 - any unreadable file means "try the previous"
-            msg = f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); using the previous one"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            msg = f"checkpoint {path} is unreadable ({type(e).__name__}: {first}); using the previous one"
             warnings.warn(msg)
             log(msg)
+            unreadable.append(path)
+            continue
+        # Set the unreadable newer ones aside (kept for a look, no longer model_*.pth): left
+        # in place they would count toward checkpoint.keep, and the next save would delete
+        # this good one before them.
+        for bad in unreadable:
+            bad.replace(bad.with_name(bad.name + ".unreadable"))
+        return iteration, state
     if found:
         raise NoReadableCheckpoint(
             f"none of the {len(found)} checkpoints in {directory} can be read; fix the storage "

@@ -133,7 +133,7 @@ def fork(parent_spec, parent_dir, child_spec, child_dir, f):
     if not source.is_file():
         raise ForkUnavailable(f"parent checkpoint {source} is missing")
     try:
-        state = torch.load(source, map_location="cpu", weights_only=False)
+        state = torch.load(source, map_location="cpu", weights_only=True)
         if state.get("iteration") != f:
             raise ValueError(f"it holds iteration {state.get('iteration')}")
     except Exception as e:  # noqa: BLE001 - a torn or corrupt file

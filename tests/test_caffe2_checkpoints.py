@@ -162,3 +162,26 @@ def test_every_recipe_that_loads_a_caffe2_file_normalizes_as_it_was_trained():
         blobs = {"res2_0_branch2a_gn_s" if spec.model.norm == "GN" else "res2_0_branch2a_bn_s":
                  np.zeros(1)}
         check_conventions(spec.pretrained, blobs, spec.model, log=lambda msg: None)
+
+
+class _RunsCode:
+    """What a tampered .pkl can hold: unpickling it calls a function of the file's choice."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # would create the marker file
+
+
+def test_a_pkl_that_would_run_code_is_refused_in_one_line_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    blobs = caffe2_blobs(reference_net("gn"), "gn")
+    tampered = write_pkl(tmp_path / "R-50-GN.pkl", {**blobs, "payload": _RunsCode(marker)})
+    with pytest.raises(NotACaffe2Checkpoint) as e:
+        load_imagenet_backbone(str(tampered), ModelSpec(depth=50, width=8, norm_groups=4,
+                                                        norm="GN", **CAFFE2_INPUT))
+    assert not marker.exists()
+    message = str(e.value)
+    assert str(tampered) in message and "refused" in message and ".open" in message
+    assert "\n" not in message and "download it again" in message
