@@ -176,3 +176,23 @@ def test_the_runners_sigterm_after_a_ctrl_c_is_one_stop_and_a_second_ctrl_c_is_a
             interrupt.request(signal.SIGINT)  # the impatient second Ctrl-C
     finally:
         interrupt.clear()
+
+
+def test_a_failed_run_records_the_iteration_it_failed_at(spec, tmp_path, monkeypatch):
+    # A failure before the first train row (every 20 iterations) used to leave iteration 0
+    # in status.json ("failed 0/18") though the error named a later iteration.
+    from bench import schedule
+    from bench.engines.torchvision import train as engine
+    real = schedule.is_eval_iteration
+
+    def fails_after_4(s, done):
+        if done == 4:
+            raise OSError("image 17.jpg is unreadable")
+        return real(s, done)
+
+    monkeypatch.setattr(schedule, "is_eval_iteration", fails_after_4)
+    with pytest.raises(OSError):
+        engine.run(spec, tmp_path / "run", log=lambda m: None)
+    status = RunDir(tmp_path / "run").read_status()
+    assert status["state"] == "failed" and status["iteration"] == 4
+    assert status["error"] == "OSError: image 17.jpg is unreadable"

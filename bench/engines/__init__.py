@@ -60,7 +60,8 @@ def recording_failure(train):
                     rd.write_status("queued", error=None)
             else:
                 rd.write_status("failed", error=f"{type(e).__name__}: {e}",
-                                iteration=status.get("iteration", 0),
+                                iteration=getattr(e, "iteration_done", None)
+                                or status.get("iteration", 0),
                                 max_iter=spec.solver.max_iter)
             raise
     return run

@@ -344,9 +344,14 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     except FloatingPointError as e:  # detectron2's check of the loss, on rank 0
         last = checkpoint.list_checkpoints(rd.checkpoints)
         first = str(e).splitlines()[0]
-        raise NonFiniteLoss(f"{first} (detectron2 counts from 0); last good checkpoint: "
-                            f"{last[-1][1] if last else 'none'}; lower solver.base_lr or check "
-                            f"the data") from None
+        error = NonFiniteLoss(f"{first} (detectron2 counts from 0); last good checkpoint: "
+                              f"{last[-1][1] if last else 'none'}; lower solver.base_lr or "
+                              f"check the data")
+        error.iteration_done = trainer.iter  # the iteration that failed, counted from 0
+        raise error from None
+    except BaseException as e:
+        e.iteration_done = getattr(e, "iteration_done", None) or getattr(trainer, "iter", 0)
+        raise
     finally:
         log_row.close()
         _close_loader(trainer)

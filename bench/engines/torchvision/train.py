@@ -260,61 +260,66 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     passes = per_rank // micro
 
     t_data = time.perf_counter()
-    for iteration, (images, targets) in enumerate(loader, start=start):
-        t_step = time.perf_counter()
-        images = [img.to(device, torch.float32, non_blocking=True) / 255 for img in images]
-        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
-                   for t in targets]
-        seeds = [pass_seed(spec.seed, iteration, world.rank * passes + k) for k in range(passes)]
-        loss_terms = stepper(images, targets, seeds)
-        if not math.isfinite(loss_terms["loss"]):
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in loss_terms.items() if k != "loss")
-            last = checkpoint.list_checkpoints(rd.checkpoints)
-            raise NonFiniteLoss(
-                f"loss is {loss_terms['loss']} at iteration {iteration + 1} ({terms}); last good "
-                f"checkpoint: {last[-1][1] if last else 'none'}; lower solver.base_lr or check "
-                f"the data")
-        lr = optimizer.param_groups[0]["lr"]  # the LR this iteration trained with
-        stepper.apply()
-        scheduler.step()
+    done = start
+    try:
+        for iteration, (images, targets) in enumerate(loader, start=start):
+            t_step = time.perf_counter()
+            images = [img.to(device, torch.float32, non_blocking=True) / 255 for img in images]
+            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
+                       for t in targets]
+            seeds = [pass_seed(spec.seed, iteration, world.rank * passes + k) for k in range(passes)]
+            loss_terms = stepper(images, targets, seeds)
+            if not math.isfinite(loss_terms["loss"]):
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in loss_terms.items() if k != "loss")
+                last = checkpoint.list_checkpoints(rd.checkpoints)
+                raise NonFiniteLoss(
+                    f"loss is {loss_terms['loss']} at iteration {iteration + 1} ({terms}); last good "
+                    f"checkpoint: {last[-1][1] if last else 'none'}; lower solver.base_lr or check "
+                    f"the data")
+            lr = optimizer.param_groups[0]["lr"]  # the LR this iteration trained with
+            stepper.apply()
+            scheduler.step()
 
-        done = iteration + 1
-        window["time"] += time.perf_counter() - t_data
-        window["data_time"] += t_step - t_data
-        window["n"] += 1
-        window["timed"] += 1
-        for k, v in loss_terms.items():
-            losses_sum[k] = losses_sum.get(k, 0.0) + v
+            done = iteration + 1
+            window["time"] += time.perf_counter() - t_data
+            window["data_time"] += t_step - t_data
+            window["n"] += 1
+            window["timed"] += 1
+            for k, v in loss_terms.items():
+                losses_sum[k] = losses_sum.get(k, 0.0) + v
 
-        if done % LOG_PERIOD == 0 or done == solver.max_iter:
-            n, timed = window["n"], window["timed"]
-            row = {"type": "train", "iteration": done, "images_seen": done * solver.batch,
-                   "lr": lr, "time": window["time"] / timed,
-                   "data_time": window["data_time"] / timed, "wall": time.time(),
-                   **{k: v / n for k, v in losses_sum.items()}}
-            if device.type == "cuda":
-                row["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-            log_row(row)
-            if world.main:
-                rd.write_status("running", iteration=done, max_iter=solver.max_iter,
-                                sec_per_iter=row["time"], train_seconds=spent())
-            window = {"time": 0.0, "data_time": 0.0, "timed": 0, "n": 0}
-            losses_sum = {}
+            if done % LOG_PERIOD == 0 or done == solver.max_iter:
+                n, timed = window["n"], window["timed"]
+                row = {"type": "train", "iteration": done, "images_seen": done * solver.batch,
+                       "lr": lr, "time": window["time"] / timed,
+                       "data_time": window["data_time"] / timed, "wall": time.time(),
+                       **{k: v / n for k, v in losses_sum.items()}}
+                if device.type == "cuda":
+                    row["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+                log_row(row)
+                if world.main:
+                    rd.write_status("running", iteration=done, max_iter=solver.max_iter,
+                                    sec_per_iter=row["time"], train_seconds=spent())
+                window = {"time": 0.0, "data_time": 0.0, "timed": 0, "n": 0}
+                losses_sum = {}
 
-        evaluates = schedule.is_eval_iteration(spec, done)
-        if (done % spec.checkpoint.period == 0 or done == solver.max_iter or done in fork_points
-                or stepper.stop or evaluates):
-            save(done)
-        if evaluates:
-            evaluate_at(done)
-        if stepper.stop and done < solver.max_iter:
-            log(f"stopped at iteration {done} on request, checkpoint saved; rerun to resume")
-            if world.main:
-                rd.write_status("queued", iteration=done, max_iter=solver.max_iter,
-                                train_seconds=spent())
-            distributed.barrier(world)  # the others wait for rank 0's checkpoint
-            raise interrupt.Stopped(f"stopped at iteration {done}")
-        t_data = time.perf_counter()
+            evaluates = schedule.is_eval_iteration(spec, done)
+            if (done % spec.checkpoint.period == 0 or done == solver.max_iter or done in fork_points
+                    or stepper.stop or evaluates):
+                save(done)
+            if evaluates:
+                evaluate_at(done)
+            if stepper.stop and done < solver.max_iter:
+                log(f"stopped at iteration {done} on request, checkpoint saved; rerun to resume")
+                if world.main:
+                    rd.write_status("queued", iteration=done, max_iter=solver.max_iter,
+                                    train_seconds=spent())
+                distributed.barrier(world)  # the others wait for rank 0's checkpoint
+                raise interrupt.Stopped(f"stopped at iteration {done}")
+            t_data = time.perf_counter()
+    except BaseException as e:
+        e.iteration_done = done  # how far it got: the failed status says so (recording_failure)
+        raise
 
     log_row.close()
     if world.main:
