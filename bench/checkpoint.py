@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 _NAME = re.compile(r"^model_(\d{7})\.pth$")
+# A worker's log line with this prefix is also shown on the runner's console (bench.runner)
+WARNING = "warning: "
 
 
 def checkpoint_path(directory, iteration) -> Path:
@@ -77,7 +79,7 @@ def load_latest(directory, log=print):
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             msg = f"checkpoint {path} is unreadable ({type(e).__name__}: {first}); using the previous one"
             warnings.warn(msg)
-            log(msg)
+            log(f"{WARNING}{msg}")
             unreadable.append(path)
             continue
         # Set the unreadable newer ones aside (kept for a look, no longer model_*.pth): left

@@ -62,6 +62,7 @@ class Job:
     torchrun: bool = False
     parent: Optional[object] = None     # the run it forks from (bench.fork)
     fork_iteration: int = 0
+    log_seen: int = 0                   # bytes of log.txt already looked at (_echo_warnings)
 
 
 @dataclass
@@ -204,6 +205,7 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
             still = []
             for job in running:
                 rc = job.proc.poll()
+                _echo_warnings(job)
                 if rc is None:
                     still.append(job)
                     continue
@@ -398,6 +400,23 @@ def kill_tree(pid):
         pass
 
 
+def _echo_warnings(job):
+    """Show on the console the warnings a worker logged since the last look (a corrupt
+    checkpoint skipped, a run trained again from 0): log.txt alone is read too late."""
+    from bench.checkpoint import WARNING
+    try:
+        with open(job.run_dir / "log.txt", "rb") as f:
+            f.seek(job.log_seen)
+            new = f.read()
+    except OSError:
+        return
+    whole = new[:new.rfind(b"\n") + 1]  # a line still being written waits for the next look
+    job.log_seen += len(whole)
+    for line in whole.decode(errors="replace").splitlines():
+        if line.startswith(WARNING):
+            tqdm.write(f"{job.spec.run_id}: {line}")
+
+
 def _exit_reason(rc: int, run_dir: Path) -> str:
     """Why a worker ended without recording a failure, in one line: its signal, or the
     last line it logged (e.g. another process holds the run)."""
@@ -446,5 +465,6 @@ def _launch(job, device, threads, workers, nodes=Nodes()):
     job.log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} slots {','.join(job.slots)}: "
                        f"{' '.join(cmd)}\n")
     job.log_file.flush()
+    job.log_seen = job.log_file.tell()
     job.proc = subprocess.Popen(cmd, stdout=job.log_file, stderr=subprocess.STDOUT, env=env,
                                 preexec_fn=interrupt.quiet_launcher if job.torchrun else None)

@@ -1,6 +1,9 @@
 """The runner only schedules: slots per GPU or per CPU cores, and each run sees its own GPU."""
 
+from collections import namedtuple
+
 from bench import interrupt, runner
+from bench.rundir import RunDir
 
 
 def test_gpu_slots_follow_cuda_visible_devices_and_can_be_shared(monkeypatch):
@@ -120,3 +123,36 @@ def test_a_worker_that_ends_without_a_recorded_failure_is_explained_in_one_line(
     killed = _exit_reason(-9, tmp_path)
     assert killed.startswith("killed by SIGKILL; rerun to resume it from its last checkpoint")
     assert "\n" not in held + killed
+
+
+def test_a_workers_warnings_reach_the_runners_console_once_each(tmp_path, capsys):
+    from bench.runner import Job, _echo_warnings
+    job = Job(spec=namedtuple("S", "run_id")("run-a"), run_dir=tmp_path)
+    log = tmp_path / "log.txt"
+    log.write_text("=== launch\nresumed run-a at iteration 9\nwarning: checkpoint x is unread")
+    _echo_warnings(job)  # the warning's line is not finished yet: nothing shown
+    with open(log, "a") as f:
+        f.write("able (EOFError); using the previous one\nstep 10\n")
+    _echo_warnings(job)
+    _echo_warnings(job)
+    shown = capsys.readouterr().out.splitlines()
+    assert shown == ["run-a: warning: checkpoint x is unreadable (EOFError); using the previous "
+                     "one"]
+
+
+def test_a_run_trained_again_from_0_though_it_had_progressed_says_so(tmp_path):
+    # Its checkpoints are gone (deleted, or it was killed before the first), its status and
+    # rows say iteration 61: the rows are replaced, and that is said, not done silently.
+    from bench.engines.metrics_log import open_session
+    rd = RunDir(tmp_path / "run")
+    rd.write_status("running", iteration=61, max_iter=63)
+    for it in (20, 40, 60):
+        rd.append_metrics({"type": "train", "iteration": it, "loss": 1.0})
+    said = []
+    log_row, _ = open_session(rd, 0, 63, 100, log=said.append)
+    log_row.close()
+    assert len(said) == 1 and said[0].startswith("warning: ") and "iteration 61" in said[0]
+    assert "from iteration 0" in said[0] and rd.read_metrics() == []
+    said.clear()
+    open_session(rd, 0, 63, 100, log=said.append)[0].close()  # a fresh start: nothing to say
+    assert said == []

@@ -44,7 +44,8 @@ def evaluated(rd, iteration: int, world, device) -> bool:
     return distributed.mean(torch.tensor([float(found)], device=device), world).item() > 0
 
 
-def open_session(rd, start: int, max_iter: int, train_images: int, main: bool = True):
+def open_session(rd, start: int, max_iter: int, train_images: int, main: bool = True,
+                 log=print):
     """Start a training session of run dir `rd` at iteration `start`: metrics rows past the
     checkpoint dropped, status "running". Returns (MetricsLog, spent): spent() is the
     wall-clock seconds of every session of the run so far, work a crash threw away included
@@ -55,6 +56,13 @@ def open_session(rd, start: int, max_iter: int, train_images: int, main: bool = 
         return spent_before + time.time() - session_start
 
     if main:
+        reached = max([rd.read_status().get("iteration") or 0]
+                      + [r.get("iteration", 0) for r in rd.read_metrics()])
+        if start == 0 and reached > 0:
+            from bench.checkpoint import WARNING
+            log(f"{WARNING}{rd.path.name} had reached iteration {reached} but has no "
+                f"checkpoint to resume from in {rd.checkpoints}: training it again from "
+                f"iteration 0 (its metrics rows are replaced)")
         rd.truncate_metrics(start)
         rd.write_status("running", iteration=start, max_iter=max_iter, started=time.time(),
                         train_images_used=train_images, train_seconds=spent())

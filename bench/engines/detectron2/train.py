@@ -332,7 +332,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
             "run_id": spec.run_id}, keep=spec.checkpoint.keep, protect=fork_points)
     save.fork_points = fork_points
 
-    log_row, spent = open_session(rd, start, solver.max_iter, len(train_dicts), world.main)
+    log_row, spent = open_session(rd, start, solver.max_iter, len(train_dicts),
+                                   world.main, log)
     hook = RunDirHook(spec, rd, world, device, evaluate, save, log_row, spent, log, window)
     trainer.register_hooks([hooks.LRScheduler(optimizer=optimizer, scheduler=scheduler), hook])
     try:

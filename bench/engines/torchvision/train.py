@@ -215,7 +215,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
             rd.write_status("done", iteration=start, max_iter=solver.max_iter)
         return rd
 
-    log_row, spent = open_session(rd, start, solver.max_iter, len(train_set), world.main)
+    log_row, spent = open_session(rd, start, solver.max_iter, len(train_set), world.main,
+                                   log)
 
     def evaluate_at(done):
         # plain BN's running statistics drift apart per process (buffers are not
