@@ -261,7 +261,26 @@ def run_name(spec: RunSpec) -> str:
 
 
 def load(path, overrides=None) -> Study:
-    path = Path(path)
+    try:
+        return _load(Path(path), overrides)
+    except SpecError as e:
+        raise _blame_set(e, overrides) from None
+
+
+def _blame_set(error: SpecError, overrides) -> SpecError:
+    """A bad value given with --set is the command line's fault, not the recipe's: say so
+    (the recipe's error would name a key the file may not even hold)."""
+    message = str(error)
+    for key, value in (overrides or {}).items():
+        for shown in (key, f"run.{key}"):
+            at = message.find(f": {shown}: ")
+            if at >= 0:
+                return SpecError(f"--set {key}={value!r}: {message[at + len(shown) + 4:]} "
+                                 f"(recipe {message[:at]})")
+    return error
+
+
+def _load(path: Path, overrides) -> Study:
     doc = load_doc(path, overrides)
     overridden = {key if key.split(".")[0] in ("vary", "compare", "pretrain", "study", "slurm",
                                                "fork")

@@ -189,6 +189,17 @@ def test_set_on_a_varied_field_is_an_error_not_silently_ignored():
         recipe.load(REPO / "recipes/mini/study.yaml", recipe.parse_overrides(["solver.schedule=2x"]))
 
 
+@pytest.mark.parametrize("item,says", [
+    ("solver.base_lr=abc", "--set solver.base_lr='abc': 'abc' has the wrong type; expected a number"),
+    ("vary.seed=abc", "--set vary.seed='abc': must be a non-empty list of values"),
+])
+def test_a_bad_set_value_is_blamed_on_set_not_on_the_recipe(item, says):
+    with pytest.raises(SpecError) as e:
+        recipe.load(REPO / "recipes/mini/study.yaml", recipe.parse_overrides([item]))
+    assert str(e.value).startswith(says) and "(recipe " in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 def test_set_with_invalid_yaml_is_one_line():
     with pytest.raises(SpecError, match="not valid YAML") as e:
         recipe.parse_overrides(["vary.schedule=[1x"])
