@@ -472,16 +472,27 @@ def _check_storage(root: Path, todo, parallel):
     except OSError as e:
         raise PreflightError(f"runs root {root} is not writable ({e.strerror or e}){where}") from None
     from bench import fork
+    from bench.checkpoint import list_checkpoints
+    from bench.runner import run_dir_for
     kept = {p: len(kids) for p, kids in fork.families(todo).items()}  # a parent's fork points
-    need = sorted(((s.checkpoint.keep + 1 + kept.get(s.run_id, 0)) * _checkpoint_bytes(s)
-                   for s in todo), reverse=True)[:max(parallel, 1)]
+
+    def more_bytes(s):
+        # A half-done run already holds some of its checkpoints: it needs only the rest,
+        # and at least room for the one it writes next.
+        size = _checkpoint_bytes(s)
+        peak = (s.checkpoint.keep + 1 + kept.get(s.run_id, 0)) * size
+        held = sum(p.stat().st_size for _, p in
+                   list_checkpoints(run_dir_for(s, root) / "checkpoints") if p.exists())
+        return max(size, peak - held)
+
+    need = sorted((more_bytes(s) for s in todo), reverse=True)[:max(parallel, 1)]
     free = shutil.disk_usage(root).free
     if free < sum(need):
         gib = 2 ** 30
         raise PreflightError(f"runs root {root}: {free / gib:.2f} GiB free but the {len(need)} "
-                             f"run(s) about to start need about {sum(need) / gib:.2f} GiB for "
+                             f"run(s) about to start need about {sum(need) / gib:.2f} GiB more for "
                              f"checkpoints (checkpoint.keep + 1 each, and a parent's fork "
-                             f"points); free some space{where}")
+                             f"points, less those already saved); free some space{where}")
 
 
 def cmd_subsets(args):
