@@ -288,10 +288,7 @@ def cmd_run(args):
         _preflight(studies, specs, root)
         outcome = runner.run_in_group(specs, root, device=device, workers=args.workers)
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"done {len(outcome.done)}, skipped (already done) {len(outcome.skipped)}, "
-                  f"failed {len(outcome.failed)}")
-            for run_id, reason in outcome.failed:
-                print(f"  failed {run_id}: {reason}")
+            _print_outcome(outcome)
         return 1 if outcome.failed else 0
     nodes = runner.Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port)
     if not 0 <= nodes.node_rank < nodes.nnodes:
@@ -305,11 +302,19 @@ def cmd_run(args):
     outcome = runner.run(specs, root, device=device, slots=slot_names, threads=args.threads,
                          workers=args.workers, nodes=nodes,
                          forking=(lambda s: not args.no_fork and s.run_id not in no_fork))
+    _print_outcome(outcome)
+    return 1 if outcome.failed else 0
+
+
+def _print_outcome(outcome):
     print(f"done {len(outcome.done)}, skipped (already done) {len(outcome.skipped)}, "
-          f"failed {len(outcome.failed)}")
+          f"failed {len(outcome.failed)}" + (f", trained by another process "
+                                             f"{len(outcome.elsewhere)}" if outcome.elsewhere
+                                             else ""))
     for run_id, reason in outcome.failed:
         print(f"  failed {run_id}: {reason}")
-    return 1 if outcome.failed else 0
+    for run_id in outcome.elsewhere:
+        print(f"  trained by another process: {run_id} (bench status shows how far it is)")
 
 
 def cmd_parity(args):

@@ -70,6 +70,13 @@ class Outcome:
     done: List[str] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
     failed: List[tuple] = field(default_factory=list)   # (run id, reason)
+    # held by another process (a second `bench run` of the study): not this call's failure
+    elsewhere: List[str] = field(default_factory=list)
+
+
+# bench.worker's exit code for "another process holds this run's lock" (kept here so the
+# runner imports no torch; test_runner checks the two agree)
+BUSY = 3
 
 
 def run_dir_for(spec, runs_root) -> Path:
@@ -214,6 +221,9 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
                 status = RunDir(job.run_dir).read_status()
                 if rc == 0 and status.get("state") == "done":
                     outcome.done.append(job.spec.run_id)
+                elif rc == BUSY:
+                    outcome.elsewhere.append(job.spec.run_id)
+                    tqdm.write(f"{job.spec.run_id}: trained by another process, left to it")
                 else:
                     reason = status.get("error") or _exit_reason(rc, job.run_dir)
                     outcome.failed.append((job.spec.run_id, reason))
@@ -314,7 +324,7 @@ def run_in_group(specs, runs_root, device="cpu", workers=0, log=print) -> Outcom
             held = distributed.mean(torch.tensor([float(lock is not None or not world.main)],
                                                  device=on), world)
             if held.item() < 1:
-                outcome.failed.append((spec.run_id, "another process is training it"))
+                outcome.elsewhere.append(spec.run_id)
                 continue
             try:
                 if world.main:

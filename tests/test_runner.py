@@ -77,6 +77,30 @@ def test_a_run_dir_is_trained_by_one_process_at_a_time(tmp_path):
     assert not rd.metrics_file.exists()
 
 
+def test_a_run_another_bench_run_is_training_is_left_to_it_not_failed(tmp_path, capsys):
+    # Two `bench run` of one study at once: each trained its share, but each exited 1 and
+    # listed as failed the runs the other one was training.
+    import fcntl
+
+    from bench import cli, recipe, worker
+    from conftest import REPO
+    assert runner.BUSY == worker.BUSY
+    spec = recipe.load(REPO / "recipes/mini/study.yaml").runs[0]
+    rd = RunDir(runner.run_dir_for(spec, tmp_path))
+    rd.write_spec(spec)
+    with open(rd.path / ".lock", "a+") as held:  # the other `bench run`'s worker
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 1 on elsewhere\n")
+        held.flush()
+        outcome = runner.run([spec], tmp_path, device="cpu", slots=["cpu0"], progress=False,
+                             log=lambda m: None)
+    assert outcome.failed == [] and outcome.elsewhere == [spec.run_id]
+    cli._print_outcome(outcome)
+    printed = capsys.readouterr().out
+    assert "failed 0, trained by another process 1" in printed
+    assert f"trained by another process: {spec.run_id}" in printed
+
+
 def test_a_run_that_does_not_stop_in_time_is_killed_with_its_children():
     """The last resort of a stopping runner reaches torchrun's workers, not only torchrun."""
     import os
