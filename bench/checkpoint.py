@@ -10,8 +10,10 @@ Checkpoints hold tensors and plain containers only, so they are read with
 `weights_only=True`: a file that names code to run is unreadable, never run.
 """
 
+import errno
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -46,13 +48,25 @@ def save(directory, iteration, state: dict, keep: int, protect=()):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = _nearly_full(directory)
         tmp.unlink(missing_ok=True)  # a full disk must not leave half a checkpoint behind
+        if full and not isinstance(e, KeyboardInterrupt):
+            # torch.save reports a full disk as a RuntimeError of its C++ writer
+            raise OSError(errno.ENOSPC, f"No space left on device writing {path}") from e
         raise
     older = [p for it, p in list_checkpoints(directory) if it not in protect]
     for p in older[:-keep] if keep > 0 else []:
         p.unlink(missing_ok=True)
     return path
+
+
+def _nearly_full(directory) -> bool:
+    """Measured right after a write failed, before its partial file is removed."""
+    try:
+        return shutil.disk_usage(directory).free < 16 * 2 ** 20
+    except OSError:
+        return False
 
 
 class NoReadableCheckpoint(RuntimeError):

@@ -29,11 +29,15 @@ def atomic_write_text(path: Path, text: str):
     path = Path(path)
     # host and pid: the nodes of a multi-node launch may write the same spec on shared storage
     tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave an empty temp file behind
+        raise
 
 
 def code_version() -> str:

@@ -227,6 +227,8 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
                 else:
                     reason = status.get("error") or _exit_reason(rc, job.run_dir)
                     outcome.failed.append((job.spec.run_id, reason))
+                    if rc > 0 and status.get("state") != "failed":
+                        _record_failure(job.run_dir, reason)
                     tqdm.write(f"FAILED {job.spec.run_id}: {reason}")
             running = still
             progress_now = trained()
@@ -408,6 +410,15 @@ def kill_tree(pid):
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _record_failure(run_dir, reason):
+    """A worker that failed but could not say so (its disk was full) leaves its status at
+    running: record the failure now, if there is room by now."""
+    try:
+        RunDir(run_dir).write_status("failed", error=reason)
+    except OSError:
+        pass  # still full: bench status shows the run as interrupted
 
 
 def _echo_warnings(job):

@@ -66,7 +66,10 @@ def train_run(rd: RunDir, device: str, workers: int, take_lock: bool = True) -> 
         print(f"{rd.path.name}: failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         in_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         if (distributed.from_env().main or in_group) and rd.read_status().get("state") != "failed":
-            rd.write_status("failed", error=f"{type(e).__name__}: {e}")
+            try:
+                rd.write_status("failed", error=f"{type(e).__name__}: {e}")
+            except OSError:
+                pass  # no space for it: the runner records it once the worker has ended
         return FAILED_EVERYWHERE if getattr(e, "every_process", False) else FAILED
     finally:
         if lock is not None:

@@ -57,3 +57,73 @@ def test_save_keeps_the_newest_k_and_those_protected(tmp_path):
     for it in (10, 20, 30, 40):
         checkpoint.save(tmp_path, it, _state(it), keep=2, protect={10})
     assert [it for it, _ in checkpoint.list_checkpoints(tmp_path)] == [10, 30, 40]
+
+
+def test_a_checkpoint_that_does_not_fit_is_a_disk_full_error_leaving_no_partial_file(
+        tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    def torn_write(state, path):  # what torch.save raises when the disk fills under it
+        open(path, "wb").write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", torn_write)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(2 ** 30, 2 ** 30, 4096))
+    with pytest.raises(OSError) as e:
+        checkpoint.save(tmp_path, 190, _state(190), keep=2)
+    assert e.value.errno == errno.ENOSPC and "model_0000190.pth" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_ends_a_run_as_one_line_naming_the_iteration_and_the_checkpoint_kept(
+        tmp_path, monkeypatch):
+    # Seen with a runs root on a 80 MB tmpfs filled mid-run: status.json stayed "running",
+    # a 0-byte .status.json.tmp-* stayed behind, ~8 chained tracebacks in log.txt, and the
+    # runner's line named neither the iteration nor the checkpoint.
+    import errno
+
+    from bench import engines
+    from bench.rundir import RunDir
+    rd = RunDir(tmp_path / "runs" / "study" / "run")
+    checkpoint.save(rd.checkpoints, 180, _state(180), keep=2)
+    rd.write_status("running", iteration=180, max_iter=630)
+
+    def train(spec, run_dir, **kw):
+        try:
+            raise RuntimeError("basic_ios::clear: iostream error")
+        except RuntimeError:
+            e = OSError(errno.ENOSPC, "No space left on device")
+            e.iteration_done = 190
+            raise e
+
+    def no_room(self, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RunDir, "write_status", no_room)
+    spec = type("Spec", (), {"solver": type("S", (), {"max_iter": 630})()})()
+    with pytest.raises(engines.DiskFull) as e:
+        engines.recording_failure(train)(spec, rd.path, log=lambda m: None)
+    message = str(e.value)
+    assert "at iteration 190" in message and "model_0000180.pth (iteration 180)" in message
+    assert "free some space" in message and "\n" not in message
+    assert e.value.__suppress_context__ and e.value.__cause__ is None  # no chain printed
+    assert [p.name for p in rd.path.iterdir() if p.name.startswith(".status")] == []
+
+
+def test_a_status_that_could_not_be_written_is_recorded_when_there_is_room(tmp_path):
+    from bench.engines.metrics_log import open_session
+    from bench.rundir import RunDir, atomic_write_text
+    from bench.runner import _record_failure
+    rd = RunDir(tmp_path / "run")
+    rd.write_status("running", iteration=180, max_iter=630)
+    _record_failure(rd.path, "exit code 1: DiskFull: no space left ...")  # the runner, later
+    assert rd.read_status()["state"] == "failed" and rd.read_status()["iteration"] == 180
+    (rd.path / ".status.json.tmp-vm-4952").write_text("")  # a writer killed mid-write
+    open_session(rd, 180, 630, 64, log=lambda m: None)[0].close()
+    assert not list(rd.path.glob(".status.json.tmp-*"))
+    with pytest.raises(TypeError):  # and a failed write removes its own temp file
+        atomic_write_text(rd.path / "status.json", object())
+    assert not list(rd.path.glob(".status.json.tmp-*"))

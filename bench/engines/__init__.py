@@ -34,6 +34,46 @@ def get(name: str):
                 f"engine imports) is not; pip install {missing} into this environment") from e
         raise
 
+class DiskFull(OSError):
+    pass
+
+
+def _chain(e):
+    """An exception and those it was raised from or while handling (a failure while
+    closing files after another)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _disk_full(e) -> bool:
+    import errno
+    return any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT)
+               for x in _chain(e))
+
+
+def _iteration_reached(e):
+    """The iteration the engine had reached (it attaches it to the error), or None."""
+    return next((x.iteration_done for x in _chain(e) if getattr(x, "iteration_done", None)),
+                None)
+
+
+def _disk_full_error(e, rd, iteration) -> DiskFull:
+    """One line for a disk that filled mid-run: where, how far, what is kept, the fix."""
+    from bench import checkpoint
+    try:
+        kept = checkpoint.list_checkpoints(rd.checkpoints)
+    except OSError:
+        kept = []
+    return DiskFull(f"no space left on the runs root ({rd.path.parent.parent}) at iteration "
+                    f"{iteration}; last good checkpoint: "
+                    f"{kept[-1][1].name + ' (iteration ' + str(kept[-1][0]) + ')' if kept else 'none'}"
+                    f"; free some space (or move the runs root) and rerun bench run to resume "
+                    f"from it")
+
+
 def recording_failure(train):
     """An engine's run(): its train() that records a failure in status.json before re-raising."""
     @functools.wraps(train)
@@ -55,13 +95,20 @@ def recording_failure(train):
             # connection, torchrun's SIGTERM) follow from it and must not overwrite it.
             if status.get("state") == "failed":
                 raise
-            if isinstance(e, KeyboardInterrupt):
-                if world.main:
-                    rd.write_status("queued", error=None)
-            else:
-                rd.write_status("failed", error=f"{type(e).__name__}: {e}",
-                                iteration=getattr(e, "iteration_done", None)
-                                or status.get("iteration", 0),
-                                max_iter=spec.solver.max_iter)
+            iteration = _iteration_reached(e) or status.get("iteration", 0)
+            full = _disk_full(e)
+            if full:
+                e = _disk_full_error(e, rd, iteration)
+            try:
+                if isinstance(e, KeyboardInterrupt):
+                    if world.main:
+                        rd.write_status("queued", error=None)
+                else:
+                    rd.write_status("failed", error=f"{type(e).__name__}: {e}",
+                                    iteration=iteration, max_iter=spec.solver.max_iter)
+            except OSError:
+                pass  # the disk is still full: the runner records it when the worker ends
+            if full:
+                raise e from None
             raise
     return run

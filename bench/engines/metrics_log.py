@@ -56,6 +56,8 @@ def open_session(rd, start: int, max_iter: int, train_images: int, main: bool = 
         return spent_before + time.time() - session_start
 
     if main:
+        for stale in rd.path.glob(".status.json.tmp-*"):  # a writer killed mid-write
+            stale.unlink(missing_ok=True)
         reached = max([rd.read_status().get("iteration") or 0]
                       + [r.get("iteration", 0) for r in rd.read_metrics()])
         if start == 0 and reached > 0:
