@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from bench.rundir import WARNING
+
 _NAME = re.compile(r"^model_(\d{7})\.pth$")
-# A worker's log line with this prefix is also shown on the runner's console (bench.runner)
-WARNING = "warning: "
 
 
 def checkpoint_path(directory, iteration) -> Path:
@@ -62,7 +62,9 @@ def save(directory, iteration, state: dict, keep: int, protect=()):
 
 
 def _nearly_full(directory) -> bool:
-    """Measured right after a write failed, before its partial file is removed."""
+    """Measured right after a write failed, before its partial file is removed. (A quota
+    that runs out on a roomy file system is not seen here: torch.save's own error then
+    stands.)"""
     try:
         return shutil.disk_usage(directory).free < 16 * 2 ** 20
     except OSError:
@@ -73,11 +75,27 @@ class NoReadableCheckpoint(RuntimeError):
     pass
 
 
-def load_latest(directory, log=print):
+def unreadable_reason(e) -> str:
+    """One line for why torch.load refused a file. weights_only's error begins with advice to
+    load the file unsafely (with terminal colour codes); its cause is the line naming the
+    global the file would call."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line]
+    named = next((line for line in lines if "Unsupported global" in line), None)
+    if named:  # "... Unsupported global: GLOBAL io.open was not an allowed global ..."
+        words = named.split("Unsupported global:", 1)[1].split()
+        what = words[1] if len(words) > 1 and words[0] == "GLOBAL" else " ".join(words[:1])
+        return f"it names code to run ({what}), which a checkpoint never does"
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def load_latest(directory, log=print, set_aside=False):
     """(iteration, state) of the newest readable checkpoint, or (0, None) when there is none.
 
     A corrupt newest checkpoint (killed disk, truncated copy) is skipped with a warning and
-    the previous one used: losing a period of training beats losing the run. If checkpoints
+    the previous one used: losing a period of training beats losing the run; with
+    `set_aside` (the training process, rank 0 only: every rank reads) the unreadable newer
+    ones are renamed out of the way. If checkpoints
     exist but none can be read (a storage outage, say), this raises rather than restarting
     the run from iteration 0 and discarding its metrics.
     """
@@ -90,8 +108,7 @@ def load_latest(directory, log=print):
             if state.get("iteration") != iteration:
                 raise ValueError(f"holds iteration {state.get('iteration')}")
         except Exception as e:  # noqa: BLE001 - any unreadable file means "try the previous"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            msg = f"checkpoint {path} is unreadable ({type(e).__name__}: {first}); using the previous one"
+            msg = f"checkpoint {path} is unreadable ({unreadable_reason(e)}); using the previous one"
             warnings.warn(msg)
             log(f"{WARNING}{msg}")
             unreadable.append(path)
@@ -99,8 +116,11 @@ def load_latest(directory, log=print):
         # Set the unreadable newer ones aside (kept for a look, no longer model_*.pth): left
         # in place they would count toward checkpoint.keep, and the next save would delete
         # this good one before them.
-        for bad in unreadable:
-            bad.replace(bad.with_name(bad.name + ".unreadable"))
+        for bad in unreadable if set_aside else []:
+            try:
+                bad.replace(bad.with_name(bad.name + ".unreadable"))
+            except FileNotFoundError:
+                pass  # already moved
         return iteration, state
     if found:
         raise NoReadableCheckpoint(

@@ -137,8 +137,9 @@ def fork(parent_spec, parent_dir, child_spec, child_dir, f):
         if state.get("iteration") != f:
             raise ValueError(f"it holds iteration {state.get('iteration')}")
     except Exception as e:  # noqa: BLE001 - a torn or corrupt file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ForkUnavailable(f"parent checkpoint {source} is unreadable ({first})") from None
+        from bench.checkpoint import unreadable_reason
+        raise ForkUnavailable(f"parent checkpoint {source} is unreadable "
+                              f"({unreadable_reason(e)})") from None
     rows = [r for r in prd.read_metrics() if r["iteration"] <= f]
     if not rows or max(r["iteration"] for r in rows) < f - 20:
         raise ForkUnavailable(f"parent metrics {prd.metrics_file} lack the rows up to {f}")

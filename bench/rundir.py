@@ -25,6 +25,10 @@ import yaml
 STATES = ("queued", "running", "done", "failed")
 
 
+# A worker's log line with this prefix is also shown on the runner's console (bench.runner)
+WARNING = "warning: "
+
+
 def atomic_write_text(path: Path, text: str):
     path = Path(path)
     # host and pid: the nodes of a multi-node launch may write the same spec on shared storage
@@ -162,6 +166,15 @@ class RunDir:
         if not isinstance(doc, dict) or doc.get("state") not in STATES:
             return {"state": "queued"}
         return doc
+
+    def remove_stale_temp_files(self):
+        """Status temp files of this host's writers that died mid-write (atomic_write_text
+        removes its own on any error it sees; a SIGKILL leaves one behind)."""
+        prefix = f".status.json.tmp-{socket.gethostname()}-"
+        for tmp in self.path.glob(prefix + "*"):
+            pid = tmp.name[len(prefix):]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                tmp.unlink(missing_ok=True)
 
     def write_status(self, state, **fields):
         assert state in STATES, state

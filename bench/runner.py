@@ -221,13 +221,14 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
                 status = RunDir(job.run_dir).read_status()
                 if rc == 0 and status.get("state") == "done":
                     outcome.done.append(job.spec.run_id)
-                elif rc == BUSY:
+                elif rc == BUSY or (rc != 0 and _held_elsewhere(job.run_dir)):
+                    # (under torchrun a busy rank 0's code 3 arrives as torchrun's 1)
                     outcome.elsewhere.append(job.spec.run_id)
                     tqdm.write(f"{job.spec.run_id}: trained by another process, left to it")
                 else:
                     reason = status.get("error") or _exit_reason(rc, job.run_dir)
                     outcome.failed.append((job.spec.run_id, reason))
-                    if rc > 0 and status.get("state") != "failed":
+                    if rc > 0 and status.get("state") == "running":
                         _record_failure(job.run_dir, reason)
                     tqdm.write(f"FAILED {job.spec.run_id}: {reason}")
             running = still
@@ -412,19 +413,39 @@ def kill_tree(pid):
         pass
 
 
+def _held_elsewhere(run_dir) -> bool:
+    """Whether another process holds the run's lock now (its workers have all ended)."""
+    try:
+        RunDir(run_dir).lock().close()
+    except RunBusy:
+        return True
+    except OSError:
+        pass
+    return False
+
+
 def _record_failure(run_dir, reason):
     """A worker that failed but could not say so (its disk was full) leaves its status at
-    running: record the failure now, if there is room by now."""
+    running: record the failure now, if there is room by now, and only while no other
+    process holds the run (a status at done, queued or failed is left as it is)."""
+    rd = RunDir(run_dir)
     try:
-        RunDir(run_dir).write_status("failed", error=reason)
+        lock = rd.lock()
+    except (RunBusy, OSError):
+        return
+    try:
+        if rd.read_status().get("state") == "running":
+            rd.write_status("failed", error=reason)
     except OSError:
         pass  # still full: bench status shows the run as interrupted
+    finally:
+        lock.close()
 
 
 def _echo_warnings(job):
     """Show on the console the warnings a worker logged since the last look (a corrupt
     checkpoint skipped, a run trained again from 0): log.txt alone is read too late."""
-    from bench.checkpoint import WARNING
+    from bench.rundir import WARNING
     try:
         with open(job.run_dir / "log.txt", "rb") as f:
             f.seek(job.log_seen)

@@ -283,7 +283,9 @@ def test_each_engines_own_data_pipeline_gives_the_same_pixels_boxes_classes_and_
         tmp_path, flip):
     # The loss comparison above feeds both models one batch; this holds what each engine
     # makes of a training image by itself: our CocoDetection.get against detectron2's
-    # DatasetMapper under the translated config, the flip decision forced the same way.
+    # DatasetMapper under the translated config, the flip decision forced the same way. At
+    # the images' own size (as the mini and parity recipes train), where detectron2's
+    # ResizeShortestEdge is the identity; a resize is ours inside the model, theirs here.
     import detectron2.data.transforms as T
     from detectron2.config import get_cfg
     from detectron2.data import DatasetCatalog, DatasetMapper

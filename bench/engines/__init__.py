@@ -34,6 +34,7 @@ def get(name: str):
                 f"engine imports) is not; pip install {missing} into this environment") from e
         raise
 
+
 class DiskFull(OSError):
     pass
 
@@ -56,8 +57,8 @@ def _disk_full(e) -> bool:
 
 def _iteration_reached(e):
     """The iteration the engine had reached (it attaches it to the error), or None."""
-    return next((x.iteration_done for x in _chain(e) if getattr(x, "iteration_done", None)),
-                None)
+    return next((x.iteration_done for x in _chain(e)
+                 if getattr(x, "iteration_done", None) is not None), None)
 
 
 def _disk_full_error(e, rd, iteration) -> DiskFull:
@@ -67,11 +68,10 @@ def _disk_full_error(e, rd, iteration) -> DiskFull:
         kept = checkpoint.list_checkpoints(rd.checkpoints)
     except OSError:
         kept = []
+    last = f"{kept[-1][1].name} (iteration {kept[-1][0]})" if kept else "none"
     return DiskFull(f"no space left on the runs root ({rd.path.parent.parent}) at iteration "
-                    f"{iteration}; last good checkpoint: "
-                    f"{kept[-1][1].name + ' (iteration ' + str(kept[-1][0]) + ')' if kept else 'none'}"
-                    f"; free some space (or move the runs root) and rerun bench run to resume "
-                    f"from it")
+                    f"{iteration}; last good checkpoint: {last}; free some space (or move the "
+                    f"runs root) and rerun bench run to resume from it")
 
 
 def recording_failure(train):
@@ -95,8 +95,10 @@ def recording_failure(train):
             # connection, torchrun's SIGTERM) follow from it and must not overwrite it.
             if status.get("state") == "failed":
                 raise
-            iteration = _iteration_reached(e) or status.get("iteration", 0)
-            full = _disk_full(e)
+            iteration = _iteration_reached(e)
+            if iteration is None:
+                iteration = status.get("iteration", 0)
+            full = not isinstance(e, KeyboardInterrupt) and _disk_full(e)
             if full:
                 e = _disk_full_error(e, rd, iteration)
             try:

@@ -56,12 +56,11 @@ def open_session(rd, start: int, max_iter: int, train_images: int, main: bool = 
         return spent_before + time.time() - session_start
 
     if main:
-        for stale in rd.path.glob(".status.json.tmp-*"):  # a writer killed mid-write
-            stale.unlink(missing_ok=True)
+        rd.remove_stale_temp_files()
         reached = max([rd.read_status().get("iteration") or 0]
                       + [r.get("iteration", 0) for r in rd.read_metrics()])
         if start == 0 and reached > 0:
-            from bench.checkpoint import WARNING
+            from bench.rundir import WARNING
             log(f"{WARNING}{rd.path.name} had reached iteration {reached} but has no "
                 f"checkpoint to resume from in {rd.checkpoints}: training it again from "
                 f"iteration 0 (its metrics rows are replaced)")

@@ -148,6 +148,9 @@ class RunDirHook(HookBase):
         self.evaluate, self.save, self.log_row, self.spent, self.log = \
             evaluate, save, log_row, spent, log
         self.window = window  # {"n", "losses"} of the open train row, from the checkpoint
+        # the iterations done so far, for a failure's status (trainer.iter is one behind
+        # while this hook saves or evaluates, and 0 before training starts)
+        self.reached = None
         self.time = self.data_time = 0.0
         self.timed = 0
 
@@ -165,7 +168,7 @@ class RunDirHook(HookBase):
 
     def after_step(self):
         spec, solver, world = self.spec, self.spec.solver, self.world
-        done = self.trainer.iter + 1
+        done = self.reached = self.trainer.iter + 1
         storage = self.trainer.storage
         self.time += time.perf_counter() - self.t_step
         self.timed += 1
@@ -251,7 +254,7 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     _initialize(model, spec)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)
-    start, state = checkpoint.load_latest(rd.checkpoints, log=log)
+    start, state = checkpoint.load_latest(rd.checkpoints, log=log, set_aside=world.main)
     if state is not None:
         if state.get("engine") != "detectron2":
             raise ValueError(f"{rd.checkpoints}: the checkpoint at iteration {start} was not "
@@ -335,6 +338,7 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     log_row, spent = open_session(rd, start, solver.max_iter, len(train_dicts),
                                    world.main, log)
     hook = RunDirHook(spec, rd, world, device, evaluate, save, log_row, spent, log, window)
+    hook.reached = start  # a pending evaluation of the resumed iteration comes first
     trainer.register_hooks([hooks.LRScheduler(optimizer=optimizer, scheduler=scheduler), hook])
     try:
         if pending_eval:
@@ -351,7 +355,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         error.iteration_done = trainer.iter  # the iteration that failed, counted from 0
         raise error from None
     except BaseException as e:
-        e.iteration_done = getattr(e, "iteration_done", None) or getattr(trainer, "iter", 0)
+        if getattr(e, "iteration_done", None) is None:
+            e.iteration_done = hook.reached
         raise
     finally:
         log_row.close()

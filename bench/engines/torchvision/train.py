@@ -157,7 +157,7 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
 
     train_set, val_set = datasets_for(spec)
     model = build_detector(spec.model, num_classes=len(train_set.cat_ids), data=spec.data)
-    start, state = checkpoint.load_latest(rd.checkpoints, log=log)
+    start, state = checkpoint.load_latest(rd.checkpoints, log=log, set_aside=world.main)
     if spec.init == "imagenet" and state is None:  # a resumed run needs only its checkpoint
         load_backbone_weights(model, load_imagenet_backbone(spec.pretrained, spec.model, log=log),
                               log=log)
