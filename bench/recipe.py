@@ -30,7 +30,7 @@ from typing import List, Optional
 import yaml
 
 from bench import plugins, schedule
-from bench.spec import PretrainSpec, RunSpec, SpecError, from_dict, replace
+from bench.spec import PER_INIT_FIELDS, PretrainSpec, RunSpec, SpecError, from_dict, replace
 
 TOP_KEYS = ("study", "description", "base", "run", "vary", "compare", "pretrain", "unsupported",
             "plugins", "slurm", "fork")
@@ -41,13 +41,6 @@ AXIS_ALIASES = {
     "batch": "solver.batch", "dataset": "data.dataset",
 }
 INITS = ("scratch", "imagenet")
-# The only fields a pair may set per side: conventions of how a published config fine-tunes
-# (detectron2's pre-trained GN/SyncBN configs freeze the stem and res2, its scratch ones do
-# not) and the input conventions of the checkpoint the pre-trained side loads (Detectron's
-# Caffe2 models expect pixel std 1; MSRA's stride in the 1x1). Everything else is shared by
-# construction.
-PER_INIT_FIELDS = ("model.freeze_at", "model.pixel_mean", "model.pixel_std",
-                   "model.stride_in_1x1")
 
 
 @dataclass

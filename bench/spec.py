@@ -33,6 +33,14 @@ Norm = Literal["GN", "SyncBN", "FrozenBN", "BN", "none"]
 #    data's masks are RLE, which takes the bitmask path as before, and no COCO run exists.
 SPEC_VERSION = 4
 
+# The only fields a pair may set per side: conventions of how a published config fine-tunes
+# (detectron2's pre-trained GN/SyncBN configs freeze the stem and res2, its scratch ones do
+# not) and the input conventions of the checkpoint the pre-trained side loads (Detectron's
+# Caffe2 models expect pixel std 1; MSRA's stride in the 1x1). Everything else is shared by
+# construction (recipes enforce it; the analysis pairs runs by the rest of spec.yaml).
+PER_INIT_FIELDS = ("model.freeze_at", "model.pixel_mean", "model.pixel_std",
+                   "model.stride_in_1x1")
+
 
 def _non_default(obj) -> dict:
     """The fields of dataclass `obj` that differ from their defaults, recursively."""

@@ -300,3 +300,15 @@ def test_pair_gaps_carry_intervals_over_seeds_and_over_val_images(tmp_path):
     assert one["seeds"] == 1 and pd.isna(one["bbox/AP gap lo (seeds)"])
     assert pd.isna(one["bbox/AP gap lo (images)"])
     assert "| 1x | 90 | 500 | 2 | -2.1 | [" in (out / "gaps.md").read_text()
+
+
+def test_the_analysis_reads_run_dirs_only_importing_no_recipe_engine_or_torch():
+    # DESIGN: recipe -> run spec -> engine -> run dir -> analysis. What pairs two runs is in
+    # their spec.yaml (read with bench.spec's field names), never in a recipe.
+    import subprocess
+    import sys
+    code = ("import sys, bench.analysis.report, bench.analysis.collect, bench.analysis.html, "
+            "bench.analysis.bootstrap; print(sorted(m for m in sys.modules if m.startswith("
+            "('bench.recipe', 'bench.engines', 'bench.cli', 'bench.plugins', 'torch'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.recipe import PER_INIT_FIELDS
 from bench.rundir import RunDir  # the run-dir format; analysis never imports an engine
+from bench.spec import PER_INIT_FIELDS  # spec.yaml's format: what a pair may differ in
 
 # COCOeval's 12 stats in its order (the engines write them as bbox/AP .. segm/ARl)
 STAT_ORDER = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
@@ -25,7 +25,7 @@ def run_info(rd: RunDir) -> dict:
     status = rd.read_status()
     m, s, d = spec["model"], spec["solver"], spec["data"]
     # what a pair shares: the spec without its init, its checkpoint, its labels and the
-    # fine-tuning conventions a recipe may set per side (recipe.PER_INIT_FIELDS)
+    # fine-tuning conventions a recipe may set per side (spec.PER_INIT_FIELDS)
     shared = {k: v for k, v in spec.items() if k not in ("init", "pretrained", "name", "study")}
     shared["model"] = {k: v for k, v in m.items()
                        if f"model.{k}" not in PER_INIT_FIELDS}
