@@ -95,7 +95,7 @@ def plan_rows(studies, root, gpu="H100", full=False):
     (None when this model was never measured on a `gpu`: no estimate, never a guess); with
     `full`, also the whole resolved RunSpec of each run (what it will train, every value)."""
     from bench import fork, speed
-    from bench.runner import is_done, run_dir_for
+    from bench.rundir import is_done, run_dir_for
     table = speed.read_table()
     rows = []
     for study in studies:
@@ -284,9 +284,10 @@ def cmd_run(args):
                       else [f"cpu{k}" for k in range(args.slots)])
     if args.slurm:
         return _run_on_slurm(args, studies, specs, root)
-    if runner.under_torchrun():
+    from bench import group
+    if group.under_torchrun():
         _preflight(studies, specs, root)
-        outcome = runner.run_in_group(specs, root, device=device, workers=args.workers)
+        outcome = group.run_in_group(specs, root, device=device, workers=args.workers)
         if int(os.environ.get("RANK", 0)) == 0:
             _print_outcome(outcome)
         return 1 if outcome.failed else 0
@@ -334,7 +335,7 @@ def _run_on_slurm(args, studies, specs, root):
     """One Slurm job per unfinished run (bench.slurm); then follow them unless --no-wait."""
     from bench import slurm
     from bench.rundir import RunDir
-    from bench.runner import is_done, run_dir_for
+    from bench.rundir import is_done, run_dir_for
     why = slurm.missing()
     if why:
         raise PreflightError(f"--slurm: {why}")
@@ -400,7 +401,7 @@ def _preflight(studies, specs, root, slots=None, device="cpu", nodes=None):
     from bench.engines.torchvision.model import build_detector, load_backbone_weights
     from bench.imagenet import load_imagenet_backbone
     from bench.paths import resolve_cache_path
-    from bench.runner import is_done, run_dir_for
+    from bench.rundir import is_done, run_dir_for
     study_of = {s.run_id: study for study in studies for s in study.runs}
     todo = [s for s in specs if not is_done(run_dir_for(s, root))]
     from bench import engines
@@ -445,7 +446,7 @@ def _preflight(studies, specs, root, slots=None, device="cpu", nodes=None):
             load_backbone_weights(build_detector(s.model, 1, s.data), state, log=lambda *_: None)
         except (ValueError, FileNotFoundError) as e:
             raise PreflightError(f"{study.path}: {e}") from None
-    from bench.runner import under_torchrun
+    from bench.group import under_torchrun
     one_at_a_time = (nodes is not None and nodes.nnodes > 1) or under_torchrun()
     parallel = 1 if one_at_a_time else len(todo) if slots is None else len(slots)
     _check_storage(Path(root), todo, parallel)
@@ -478,7 +479,7 @@ def _check_storage(root: Path, todo, parallel):
         raise PreflightError(f"runs root {root} is not writable ({e.strerror or e}){where}") from None
     from bench import fork
     from bench.checkpoint import list_checkpoints
-    from bench.runner import run_dir_for
+    from bench.rundir import run_dir_for
     kept = {p: len(kids) for p, kids in fork.families(todo).items()}  # a parent's fork points
 
     def more_bytes(s):
@@ -526,7 +527,7 @@ def cmd_subsets(args):
 
 def cmd_status(args):
     from bench import status
-    from bench.runner import run_dir_for
+    from bench.rundir import run_dir_for
     root = Path(args.runs_root) if args.runs_root else runs_root()
     if not root.is_dir():
         raise FileNotFoundError(f"runs root {root} is not a directory (no run has started "

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from bench.rundir import RunDir, atomic_write_text
+from bench.rundir import RunBusy, RunDir, atomic_write_text, run_dir_for
 
 FORKS_FILE = "forks.json"
 
@@ -187,3 +187,44 @@ def _write_child(crd, parent_spec, child_spec, rows, source, f, prd):
                      forked_from=parent_spec.run_id, fork_iteration=f, train_seconds=0.0)
     crd.checkpoints.mkdir(parents=True, exist_ok=True)
     _place(source, checkpoint_path(crd.checkpoints, f))
+
+
+def plan_forks(queue, specs, runs_root, log) -> list:
+    """The runner's queued jobs (spec, run_dir, parent, fork_iteration): mark the children
+    that will start from their parent's checkpoint; returns
+    those that must wait for it (the parent saves it on its way: fork.request)."""
+    from bench.checkpoint import list_checkpoints
+    parents = parent_of(specs)  # a finished parent still forks from its kept checkpoints
+    queued = {j.spec.run_id for j in queue}
+    waiting = []
+    for job in queue:
+        link = parents.get(job.spec.run_id)
+        if link is None or has_started(job.run_dir):
+            continue
+        parent, f = link
+        parent_dir = run_dir_for(parent, runs_root)
+        job.parent, job.fork_iteration = parent, f
+        if ready(parent, parent_dir, f):
+            waiting.append(job)  # forks on the first pass of the loop
+            continue
+        done = [it for it, _ in list_checkpoints(RunDir(parent_dir).checkpoints)]
+        if parent.run_id in queued and not (done and max(done) > f):
+            request(parent_dir, [f])
+            waiting.append(job)
+        else:
+            job.parent, job.fork_iteration = None, 0
+            log(f"{job.spec.run_id}: no checkpoint of {parent.run_id} at its fork point {f} "
+                f"(trained without forking); training from the start")
+    return waiting
+
+
+def fork_or_start(job, parent_dir, log):
+    """Start queued `job` from its parent's checkpoint, or from 0 when that fails."""
+    try:
+        fork(job.parent, parent_dir, job.spec, job.run_dir, job.fork_iteration)
+        log(f"{job.spec.run_id}: forked from {job.parent.run_id} at iteration "
+            f"{job.fork_iteration}")
+    except (ForkUnavailable, OSError, RunBusy) as e:  # OSError: a full disk, say
+        log(f"{job.spec.run_id}: cannot fork from {job.parent.run_id} ({e}); training from the "
+            f"start")
+        job.fork_iteration = 0

@@ -79,6 +79,15 @@ class RunBusy(RuntimeError):
     """Another process holds the run dir's lock."""
 
 
+
+def run_dir_for(spec, runs_root) -> Path:
+    """Where a run lives: <runs root>/<study>/<run id>."""
+    return Path(runs_root) / spec.study / spec.run_id
+
+
+def is_done(run_dir: Path) -> bool:
+    return RunDir(run_dir).read_status().get("state") == "done"
+
 class RunDir:
     def __init__(self, path):
         self.path = Path(path)

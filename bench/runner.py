@@ -22,7 +22,8 @@ from typing import List, Optional
 from tqdm import tqdm
 
 from bench import fork, interrupt
-from bench.rundir import RunBusy, RunDir
+from bench.procs import BUSY, is_torchrun, kill_tree, stop_workers, worker_command
+from bench.rundir import RunBusy, RunDir, is_done, run_dir_for
 
 
 # How long a stopping runner waits for its runs to checkpoint the iteration they are on
@@ -72,19 +73,6 @@ class Outcome:
     failed: List[tuple] = field(default_factory=list)   # (run id, reason)
     # held by another process (a second `bench run` of the study): not this call's failure
     elsewhere: List[str] = field(default_factory=list)
-
-
-# bench.worker's exit code for "another process holds this run's lock" (kept here so the
-# runner imports no torch; test_runner checks the two agree)
-BUSY = 3
-
-
-def run_dir_for(spec, runs_root) -> Path:
-    return Path(runs_root) / spec.study / spec.run_id
-
-
-def is_done(run_dir: Path) -> bool:
-    return RunDir(run_dir).read_status().get("state") == "done"
 
 
 def _cuda_count():
@@ -172,7 +160,7 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
     # (The order is the same on every node of a multi-node launch.)
     queue.sort(key=lambda j: (-j.spec.solver.max_iter, j.spec.run_id))
     allowed = forking if callable(forking) else (lambda spec: bool(forking))
-    waiting = _plan_forks(queue, [s for s in specs if allowed(s)], runs_root, log) \
+    waiting = fork.plan_forks(queue, [s for s in specs if allowed(s)], runs_root, log) \
         if nodes.nnodes == 1 else []
     queue = [j for j in queue if j not in waiting]
     jobs = queue + waiting
@@ -196,7 +184,7 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
                 parent_busy = any(j.spec.run_id == job.parent.run_id for j in queue + running)
                 if fork.ready(job.parent, parent_dir, job.fork_iteration) or not parent_busy:
                     waiting.remove(job)
-                    _fork_or_start(job, parent_dir, log)
+                    fork.fork_or_start(job, parent_dir, log)
                     queue.append(job)
                     queue.sort(key=lambda j: (-j.spec.solver.max_iter, j.spec.run_id))
             for job in list(queue):  # the longest run that fits in the free slots
@@ -245,112 +233,6 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
     return outcome
 
 
-def _plan_forks(queue, specs, runs_root, log) -> list:
-    """Mark the queued children that will start from their parent's checkpoint; returns
-    those that must wait for it (the parent saves it on its way: fork.request)."""
-    from bench.checkpoint import list_checkpoints
-    parents = fork.parent_of(specs)  # a finished parent still forks from its kept checkpoints
-    queued = {j.spec.run_id for j in queue}
-    waiting = []
-    for job in queue:
-        link = parents.get(job.spec.run_id)
-        if link is None or fork.has_started(job.run_dir):
-            continue
-        parent, f = link
-        parent_dir = run_dir_for(parent, runs_root)
-        job.parent, job.fork_iteration = parent, f
-        if fork.ready(parent, parent_dir, f):
-            waiting.append(job)  # forks on the first pass of the loop
-            continue
-        done = [it for it, _ in list_checkpoints(RunDir(parent_dir).checkpoints)]
-        if parent.run_id in queued and not (done and max(done) > f):
-            fork.request(parent_dir, [f])
-            waiting.append(job)
-        else:
-            job.parent, job.fork_iteration = None, 0
-            log(f"{job.spec.run_id}: no checkpoint of {parent.run_id} at its fork point {f} "
-                f"(trained without forking); training from the start")
-    return waiting
-
-
-def _fork_or_start(job, parent_dir, log):
-    try:
-        fork.fork(job.parent, parent_dir, job.spec, job.run_dir, job.fork_iteration)
-        log(f"{job.spec.run_id}: forked from {job.parent.run_id} at iteration "
-            f"{job.fork_iteration}")
-    except (fork.ForkUnavailable, OSError, RunBusy) as e:  # OSError: a full disk, say
-        log(f"{job.spec.run_id}: cannot fork from {job.parent.run_id} ({e}); training from the "
-            f"start")
-        job.fork_iteration = 0
-
-
-def under_torchrun() -> bool:
-    """`torchrun … -m bench.cli run RECIPE`: this process is one of a group torchrun started."""
-    return "TORCHELASTIC_RUN_ID" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def run_in_group(specs, runs_root, device="cpu", workers=0, log=print) -> Outcome:
-    """Train every spec with all the processes torchrun started (its nodes, its GPUs), one
-    run after another in the same order in every process, in one process group.
-
-    Each run must ask for exactly that many processes (`gpus`). A run that fails the same way
-    everywhere (a non-finite loss) is reported and the study goes on; any other failure ends
-    this process, and torchrun then stops the others; the next launch resumes."""
-    import torch
-    from bench import distributed, interrupt, worker
-    world = distributed.from_env()
-    for spec in specs:
-        if spec.gpus != world.size:
-            raise NoSlots(f"{spec.name} asks for gpus={spec.gpus} but torchrun started "
-                          f"{world.size} processes; launch --nproc-per-node x --nnodes = "
-                          f"{spec.gpus}, or --set gpus={world.size} (a new run id)")
-    interrupt.install()
-    distributed.init(device)
-    outcome = Outcome()
-    try:
-        for spec in sorted(specs, key=lambda s: (-s.solver.max_iter, s.run_id)):
-            rd = RunDir(run_dir_for(spec, runs_root))
-            if world.main:
-                rd.write_spec(spec)
-            distributed.barrier(world)
-            if is_done(rd.path):
-                outcome.skipped.append(spec.run_id)
-                continue
-            lock = None
-            if world.main:
-                try:
-                    lock = rd.lock()
-                except Exception as e:  # noqa: BLE001 - RunBusy, or the lock file unwritable
-                    log(str(e))
-            # every process learns whether rank 0 holds the run before any trains it
-            on = torch.device("cuda", world.local_rank) if device == "cuda" else None
-            held = distributed.mean(torch.tensor([float(lock is not None or not world.main)],
-                                                 device=on), world)
-            if held.item() < 1:
-                outcome.elsewhere.append(spec.run_id)
-                continue
-            try:
-                if world.main:
-                    rd.update_status(where=f"torchrun: {world.size} processes, rank 0 on "
-                                           f"{socket.gethostname()}")
-                code = worker.train_run(rd, device, workers, take_lock=False)
-            finally:
-                if lock is not None:
-                    lock.close()
-            if code == worker.DONE:
-                outcome.done.append(spec.run_id)
-            elif code == worker.STOPPED:
-                raise KeyboardInterrupt
-            else:
-                outcome.failed.append((spec.run_id, rd.read_status().get("error") or
-                                       f"exit code {code}"))
-                if code != worker.FAILED_EVERYWHERE:
-                    break  # the group may be out of step: end here, torchrun ends the rest
-    finally:
-        distributed.shutdown()
-    return outcome
-
-
 def _stop(running, log, grace=STOP_GRACE):
     if not running:
         return
@@ -373,44 +255,6 @@ def _stop(running, log, grace=STOP_GRACE):
                 kill_tree(job.proc.pid)
                 job.proc.wait()
             job.log_file.close()
-
-
-def children(pid) -> list:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:  # not Linux, or gone already
-        return []
-
-
-def running(pid) -> bool:
-    """Alive and not a zombie (an exited child nobody has reaped yet), any user's process."""
-    try:
-        state = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError, ValueError, TypeError):
-        return False
-    return state not in ("Z", "X")
-
-
-def stop_workers(pid, torchrun):
-    """Ask a run's worker processes to stop after a checkpoint (SIGTERM, bench.interrupt).
-
-    Under torchrun the workers themselves: torchrun passes SIGTERM on but SIGKILLs them 30 s
-    later, and an evaluation in progress may need longer to end."""
-    for target in (children(pid) if torchrun else [pid]):
-        try:
-            os.kill(target, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-
-
-def kill_tree(pid):
-    """SIGKILL a process and its descendants (torchrun's workers)."""
-    for child in children(pid):
-        kill_tree(child)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _held_elsewhere(run_dir) -> bool:
@@ -485,20 +329,11 @@ def _launch(job, device, threads, workers, nodes=Nodes()):
         dev = "cuda"
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "bench.worker", str(job.run_dir), "--device", dev,
-           "--threads", str(threads), "--workers", str(workers)]
-    if nodes.nnodes > 1:
-        # every node starts its share; torchrun's static rendezvous at node 0's address
-        cmd[1:3] = ["-m", "torch.distributed.run", f"--nnodes={nodes.nnodes}",
-                    f"--node-rank={nodes.node_rank}", f"--master-addr={nodes.master_addr}",
-                    f"--master-port={nodes.port_for(job.spec)}",
-                    f"--nproc-per-node={len(job.slots)}", "-m", "bench.worker"]
-    elif len(job.slots) > 1:
-        # torchrun picks a free port (--standalone), sets RANK/WORLD_SIZE/LOCAL_RANK, and
-        # stops the other processes when one fails
-        cmd[1:3] = ["-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                    f"--nproc-per-node={len(job.slots)}", "-m", "bench.worker"]
-    job.torchrun = cmd[2] == "torch.distributed.run"
+    cmd = worker_command(job.run_dir, dev, threads, workers, nproc=len(job.slots),
+                         nnodes=nodes.nnodes, node_rank=nodes.node_rank,
+                         master_addr=nodes.master_addr, master_port=nodes.port_for(job.spec)
+                         if nodes.nnodes > 1 else None)
+    job.torchrun = is_torchrun(cmd)
     if nodes.node_rank == 0:  # for `bench status`
         RunDir(job.run_dir).update_status(where=f"{socket.gethostname()} {','.join(job.slots)}"
                                           + (f" (+{nodes.nnodes - 1} nodes)" if nodes.nnodes > 1

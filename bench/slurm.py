@@ -27,7 +27,7 @@ from typing import Optional
 
 from bench import interrupt
 from bench.rundir import RunBusy, RunDir
-from bench.runner import children, kill_tree, running, stop_workers
+from bench.procs import children, is_torchrun, kill_tree, running, stop_workers, worker_command
 
 # How long a job gets between the warning signal and Slurm's SIGKILL at its time limit:
 # time for the iteration in progress (or an evaluation) to end and its checkpoint to be saved.
@@ -116,18 +116,13 @@ class RunJob:
         self.__dict__.update(state, _proc=None)
 
     def _command(self, env) -> list:
-        cmd = [sys.executable, "-m", "bench.worker", self.run_dir, "--device", self.device,
-               "--threads", str(self.threads), "--workers", "0" if self.device == "cpu" else "4"]
-        if self.nnodes > 1:
-            port = 20000 + int(env.job_id) % 20000  # the same on every node of the job
-            cmd[1:3] = ["-m", "torch.distributed.run", f"--nnodes={self.nnodes}",
-                        f"--node-rank={env.node}", f"--master-addr={env.hostnames[0]}",
-                        f"--master-port={port}", f"--nproc-per-node={self.nproc_per_node}",
-                        "-m", "bench.worker"]
-        elif self.nproc_per_node > 1:
-            cmd[1:3] = ["-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                        f"--nproc-per-node={self.nproc_per_node}", "-m", "bench.worker"]
-        return cmd
+        # the port: the same on every node of the job
+        return worker_command(self.run_dir, self.device, self.threads,
+                              0 if self.device == "cpu" else 4, nproc=self.nproc_per_node,
+                              nnodes=self.nnodes, node_rank=env.node,
+                              master_addr=env.hostnames[0] if self.nnodes > 1 else None,
+                              master_port=20000 + int(env.job_id) % 20000
+                              if self.nnodes > 1 else None)
 
     def __call__(self):
         import submitit
@@ -178,7 +173,7 @@ class RunJob:
             # USR2 and SIGKILL its workers 30 s after a SIGTERM, so it ignores them (its
             # workers install their own handlers). A lone worker keeps the defaults: a signal
             # before its handlers are in place ends it with nothing yet to save.
-            torchrun = cmd[2] == "torch.distributed.run"
+            torchrun = is_torchrun(cmd)
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env_vars,
                                           preexec_fn=interrupt.quiet_launcher if torchrun else None)
             # poll, not wait(): submitit's USR2 handler (checkpoint) runs in this thread

@@ -10,7 +10,7 @@ import socket
 import time
 
 from bench.rundir import RunDir
-from bench.runner import running
+from bench.procs import running
 
 COLUMNS = ["run", "state", "iteration", "box AP", "mask AP", "ETA", "GPU-h", "where", "updated"]
 

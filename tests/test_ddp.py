@@ -17,7 +17,7 @@ from bench import recipe, runner
 from bench.engines.torchvision.model import build_detector
 from bench.engines.torchvision.train import datasets_for
 from bench.norms import SyncBatchNorm
-from bench.rundir import RunDir
+from bench.rundir import RunDir, run_dir_for
 from conftest import REPO, write_recipe
 
 TWO_LAYOUTS = f"""
@@ -45,7 +45,7 @@ def test_two_processes_train_the_same_model_as_one_with_the_same_passes(tmp_path
     out = runner.run([one, two], tmp_path / "runs", device="cpu", slots=["cpu0", "cpu1"],
                      threads=1, progress=False, log=lambda m: None)
     assert sorted(out.done) == sorted([one.run_id, two.run_id]), out.failed
-    a, b = (RunDir(runner.run_dir_for(s, tmp_path / "runs")) for s in (one, two))
+    a, b = (RunDir(run_dir_for(s, tmp_path / "runs")) for s in (one, two))
     assert "torch.distributed.run" in (b.path / "log.txt").read_text()  # really 2 processes
 
     wa = torch.load(a.checkpoints / "model_0000009.pth", weights_only=False)["model"]
@@ -141,7 +141,7 @@ def test_a_syncbn_run_trains_on_two_cpu_processes_under_ddp(tmp_path):
     assert two.model.norm == "SyncBN"
     out = runner.run([two], tmp_path / "runs", device="cpu", slots=["cpu0", "cpu1"],
                      threads=1, progress=False, log=lambda m: None)
-    rd = RunDir(runner.run_dir_for(two, tmp_path / "runs"))
+    rd = RunDir(run_dir_for(two, tmp_path / "runs"))
     assert out.done == [two.run_id], (rd.path / "log.txt").read_text()[-2000:]
     assert "torch.distributed.run" in (rd.path / "log.txt").read_text()
     weights = torch.load(rd.checkpoints / "model_0000009.pth", weights_only=False)["model"]

@@ -9,7 +9,7 @@ import pytest
 
 from bench import cli, recipe
 from bench.rundir import RunDir
-from bench.runner import run_dir_for
+from bench.rundir import run_dir_for
 from conftest import write_recipe
 from test_slurm import scratch_study
 

@@ -10,7 +10,7 @@ import torch
 from bench import fork, interrupt, per_image, recipe, runner
 from bench.analysis.bootstrap import Accumulator
 from bench.engines.torchvision import train as train_mod
-from bench.rundir import RunDir
+from bench.rundir import RunDir, run_dir_for
 from conftest import REPO, write_recipe
 
 FAMILY = f"""
@@ -91,8 +91,8 @@ def test_a_forked_1x_run_ends_with_the_weights_and_metrics_of_the_1x_run_trained
                        log=lambda m: None)
     assert alone.done == [one.run_id]
 
-    forked = RunDir(runner.run_dir_for(one, tmp_path / "forked"))
-    ref = RunDir(runner.run_dir_for(one, tmp_path / "alone"))
+    forked = RunDir(run_dir_for(one, tmp_path / "forked"))
+    ref = RunDir(run_dir_for(one, tmp_path / "alone"))
     wa = torch.load(ref.checkpoints / "model_0000045.pth", weights_only=False)["model"]
     wb = torch.load(forked.checkpoints / "model_0000045.pth", weights_only=False)["model"]
     assert wa.keys() == wb.keys()
@@ -116,7 +116,7 @@ def test_a_forked_1x_run_ends_with_the_weights_and_metrics_of_the_1x_run_trained
     status = forked.read_status()
     assert status["forked_from"] == three.run_id and status["fork_iteration"] == 30
     # the parent kept its fork checkpoint (keep: 1 keeps only the last otherwise)
-    parent = RunDir(runner.run_dir_for(three, tmp_path / "forked"))
+    parent = RunDir(run_dir_for(three, tmp_path / "forked"))
     assert fork.requested(parent.path) == [30]
     assert (parent.checkpoints / "model_0000030.pth").is_file()
 
@@ -159,7 +159,7 @@ def test_a_child_whose_parent_checkpoint_is_corrupt_says_so_and_trains_from_the_
     path = write_recipe(tmp_path, FAMILY.replace("unit_iters: 45", "unit_iters: 9").replace(
         "drops_from_end: [30, 10]", "drops_from_end: [6, 2]").replace("period: 15", "period: 9"))
     one, three = _scratch(path)
-    parent = RunDir(runner.run_dir_for(three, tmp_path / "runs"))
+    parent = RunDir(run_dir_for(three, tmp_path / "runs"))
     parent.write_spec(three)
     parent.write_status("done", iteration=27, max_iter=27)
     parent.checkpoints.mkdir(parents=True)
@@ -171,7 +171,7 @@ def test_a_child_whose_parent_checkpoint_is_corrupt_says_so_and_trains_from_the_
     said = [m for m in lines if "cannot fork" in m]
     assert len(said) == 1 and "model_0000006.pth is unreadable" in said[0]
     assert said[0].endswith("training from the start") and "\n" not in said[0]
-    child = RunDir(runner.run_dir_for(one, tmp_path / "runs"))
+    child = RunDir(run_dir_for(one, tmp_path / "runs"))
     assert not any("forked_from" in r for r in child.read_metrics())
     assert "forked_from" not in child.read_status()
 

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from bench import recipe, runner
-from bench.rundir import RunDir
+from bench.rundir import RunDir, run_dir_for
 from bench.spec import RunSpec
 from conftest import write_recipe
 from test_ddp import TWO_LAYOUTS
@@ -40,14 +40,14 @@ def test_two_nodes_train_the_model_one_process_trains_and_a_rerun_skips_it(tmp_p
     outs = _both_nodes(path, tmp_path / "runs", port)
     for rc, out in outs:
         assert rc == 0 and "done 1" in out, out
-    b = RunDir(runner.run_dir_for(two, tmp_path / "runs"))
+    b = RunDir(run_dir_for(two, tmp_path / "runs"))
     assert "--nnodes=2" in (b.path / "log.txt").read_text()
     assert b.read_status()["state"] == "done"
 
     a = runner.run([one], tmp_path / "runs", device="cpu", slots=["cpu0"], progress=False,
                    log=lambda m: None)
     assert a.done == [one.run_id]
-    wa = torch.load(RunDir(runner.run_dir_for(one, tmp_path / "runs")).checkpoints /
+    wa = torch.load(RunDir(run_dir_for(one, tmp_path / "runs")).checkpoints /
                     "model_0000009.pth", weights_only=False)["model"]
     wb = torch.load(b.checkpoints / "model_0000009.pth", weights_only=False)["model"]
     for k in wa:
@@ -81,13 +81,13 @@ def test_bench_run_under_torchrun_trains_each_run_with_all_its_processes(tmp_pat
                          text=True, timeout=600)
     assert out.returncode == 0 and "done 1, skipped (already done) 0, failed 0" in out.stdout, \
         out.stdout + out.stderr
-    grouped = RunDir(runner.run_dir_for(two, tmp_path / "group"))
+    grouped = RunDir(run_dir_for(two, tmp_path / "group"))
     assert grouped.read_status()["where"].startswith("torchrun: 2 processes")
 
     launched = runner.run([two], tmp_path / "runner", device="cpu", slots=["cpu0", "cpu1"],
                           progress=False, log=lambda m: None)
     assert launched.done == [two.run_id]
-    ref = RunDir(runner.run_dir_for(two, tmp_path / "runner"))
+    ref = RunDir(run_dir_for(two, tmp_path / "runner"))
     wa = torch.load(ref.checkpoints / "model_0000009.pth", weights_only=False)["model"]
     wb = torch.load(grouped.checkpoints / "model_0000009.pth", weights_only=False)["model"]
     for k in wa:

@@ -15,7 +15,7 @@ import torch
 from bench import recipe
 from bench.analysis import table
 from bench.rundir import RunDir
-from bench.runner import run_dir_for
+from bench.rundir import run_dir_for
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 from collections import namedtuple
 
 from bench import interrupt, runner
-from bench.rundir import RunDir
+from bench.rundir import RunDir, run_dir_for
 
 
 def test_gpu_slots_follow_cuda_visible_devices_and_can_be_shared(monkeypatch):
@@ -86,7 +86,7 @@ def test_a_run_another_bench_run_is_training_is_left_to_it_not_failed(tmp_path, 
     from conftest import REPO
     assert runner.BUSY == worker.BUSY
     spec = recipe.load(REPO / "recipes/mini/study.yaml").runs[0]
-    rd = RunDir(runner.run_dir_for(spec, tmp_path))
+    rd = RunDir(run_dir_for(spec, tmp_path))
     rd.write_spec(spec)
     with open(rd.path / ".lock", "a+") as held:  # the other `bench run`'s worker
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -14,7 +14,7 @@ import pytest
 
 from bench import recipe
 from bench.rundir import RunDir
-from bench.runner import run_dir_for
+from bench.rundir import run_dir_for
 from bench.slurm import RunJob, SlurmOptions
 from conftest import REPO, write_recipe
 from slurm_cluster import slurm_missing

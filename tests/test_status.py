@@ -55,7 +55,7 @@ def test_a_run_whose_process_died_shows_as_interrupted(tmp_path):
 def test_status_is_a_table_with_a_summary_and_the_failures(tmp_path):
     path = write_recipe(tmp_path, scratch_study(180))
     spec = _spec(tmp_path)
-    from bench.runner import run_dir_for
+    from bench.rundir import run_dir_for
     rd = RunDir(run_dir_for(spec, tmp_path / "runs"))
     rd.write_status("failed", iteration=20, error="NonFiniteLoss: loss is nan at iteration 20",
                     train_seconds=36.0)
@@ -76,7 +76,7 @@ def test_damaged_run_files_read_as_unknown_not_as_a_traceback(tmp_path):
     one line naming the file. A runs root that does not exist is named too."""
     path = write_recipe(tmp_path, scratch_study(180))
     spec = _spec(tmp_path)
-    from bench.runner import run_dir_for
+    from bench.rundir import run_dir_for
     rd = RunDir(run_dir_for(spec, tmp_path / "runs"))
     rd.write_spec(spec)
     rd.status_file.write_text("[1]")
