@@ -108,7 +108,8 @@ def load_latest(directory, log=print, set_aside=False):
             if state.get("iteration") != iteration:
                 raise ValueError(f"holds iteration {state.get('iteration')}")
         except Exception as e:  # noqa: BLE001 - any unreadable file means "try the previous"
-            msg = f"checkpoint {path} is unreadable ({unreadable_reason(e)}); using the previous one"
+            msg = (f"checkpoint {path} is unreadable ({unreadable_reason(e)}); using the "
+                   f"previous one")
             warnings.warn(msg)
             log(f"{WARNING}{msg}")
             unreadable.append(path)

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import yaml
 
+from bench import plan, preflight
 from bench.paths import runs_root
+from bench.preflight import PreflightError
 
 
 def _common(ap):
@@ -90,39 +92,6 @@ def cmd_pretrain(args):
                               workers=workers)
 
 
-def plan_rows(studies, root, gpu="H100", full=False):
-    """One row per run: what it trains, and its GPU-hours from the measured throughput table
-    (None when this model was never measured on a `gpu`: no estimate, never a guess); with
-    `full`, also the whole resolved RunSpec of each run (what it will train, every value)."""
-    from bench import fork, speed
-    from bench.rundir import is_done, run_dir_for
-    table = speed.read_table()
-    rows = []
-    for study in studies:
-        parents = fork.parent_of(study.runs) if study.fork else {}
-        for s in study.runs:
-            measured = speed.lookup(s, gpu, table)
-            parent, fork_at = parents.get(s.run_id, (None, 0))
-            hours = speed.gpu_hours(s, measured) if measured else None
-            rows.append({
-                "study": study.name, "run_id": s.run_id, "arch": s.model.arch,
-                "backbone": f"{s.model.backbone}{s.model.depth}", "norm": s.model.norm,
-                "init": s.init, "schedule": s.solver.schedule, "iterations": s.solver.max_iter,
-                "lr_drops": list(s.solver.steps), "lr": s.solver.lr, "batch": s.solver.batch,
-                "train_images": s.data.train_images or "all", "dataset": s.data.dataset,
-                "gpus": s.gpus, "sec_per_iter": float(measured["sec_per_iter"]) if measured
-                else None, "gpu_hours": round(hours, 2) if measured else None,
-                "measured_on": measured["device"] if measured else None,
-                # a shorter schedule trains only past its parent's checkpoint (bench.fork)
-                "forks_from": parent.run_id if parent else None, "fork_at": fork_at,
-                "gpu_hours_forked": round(hours * (1 - fork_at / s.solver.max_iter), 2)
-                if measured else None,
-                "done": is_done(run_dir_for(s, root))})
-            if full:
-                rows[-1]["spec"] = s.to_dict()
-    return rows
-
-
 class _FlowListDumper(yaml.SafeDumper):
     """Block mappings with lists on one line (`steps: [120000, 160000]`): a spec to read."""
 
@@ -137,7 +106,7 @@ def cmd_plan(args):
         raise SystemExit("bench plan: --gpu must name a device, e.g. --gpu H100 (or --gpu CPU)")
     root = Path(args.runs_root) if args.runs_root else runs_root()
     studies = _studies(args)
-    rows = plan_rows(studies, root, args.gpu, full=args.full)
+    rows = plan.rows(studies, root, args.gpu, full=args.full)
     unsupported = [{"study": st.name, "recipe": str(st.path), "reason": st.unsupported}
                    for st in studies if st.unsupported]
     known = [r["gpu_hours"] for r in rows if r["gpu_hours"] is not None]
@@ -286,7 +255,7 @@ def cmd_run(args):
         return _run_on_slurm(args, studies, specs, root)
     from bench import group
     if group.under_torchrun():
-        _preflight(studies, specs, root)
+        preflight.check(studies, specs, root)
         outcome = group.run_in_group(specs, root, device=device, workers=args.workers)
         if int(os.environ.get("RANK", 0)) == 0:
             _print_outcome(outcome)
@@ -294,7 +263,7 @@ def cmd_run(args):
     nodes = runner.Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port)
     if not 0 <= nodes.node_rank < nodes.nnodes:
         raise SystemExit(f"bench run: --node-rank {nodes.node_rank} is not in 0..{nodes.nnodes - 1}")
-    _preflight(studies, specs, root, slots=slot_names, device=device, nodes=nodes)
+    preflight.check(studies, specs, root, slots=slot_names, device=device, nodes=nodes)
     names = list(dict.fromkeys(s.name for s in studies))  # a study may span several files
     print(f"{len(specs)} runs of {', '.join(names)} -> {root}/ on {device}",
           flush=True)
@@ -334,171 +303,9 @@ def cmd_parity(args):
 def _run_on_slurm(args, studies, specs, root):
     """One Slurm job per unfinished run (bench.slurm); then follow them unless --no-wait."""
     from bench import slurm
-    from bench.rundir import RunDir
-    from bench.rundir import is_done, run_dir_for
-    why = slurm.missing()
-    if why:
-        raise PreflightError(f"--slurm: {why}")
-    cli = {k: getattr(args, f"slurm_{k}") for k in slurm.SlurmOptions.fields()
-           if getattr(args, f"slurm_{k}", None) is not None}
-    options_of = {}
-    for study in studies:  # defaults < the recipe's slurm: < the command line
-        try:
-            opts = slurm.SlurmOptions().updated(study.slurm, str(study.path)).updated(cli, "--slurm")
-            for s in study.runs:
-                opts.layout(s)
-        except ValueError as e:
-            raise PreflightError(str(e)) from None
-        options_of.update({s.run_id: opts for s in study.runs})
-    _preflight(studies, specs, root)
-    jobs, skipped = {}, 0
-    for spec in specs:
-        rd = RunDir(run_dir_for(spec, root))
-        rd.write_spec(spec)
-        if is_done(rd.path):
-            skipped += 1
-            continue
-        try:
-            job_id = slurm.submit(spec, rd.path, options_of[spec.run_id])
-        except slurm.SubmitError as e:
-            raise PreflightError(f"--slurm: {e}") from None
-        jobs[rd.path] = (spec, job_id)
-        print(f"{spec.run_id}: slurm job {job_id}", flush=True)
-    print(f"{len(jobs)} run(s) in Slurm, {skipped} already done, runs in {root}/", flush=True)
-    if args.no_wait or not jobs:
-        return 0
-    done, failed = slurm.follow(jobs)
-    print(f"done {len(done)}, skipped (already done) {skipped}, failed {len(failed)}")
-    for run_id, reason in failed:
-        print(f"  failed {run_id}: {reason}")
-    return 1 if failed else 0
-
-
-class PreflightError(RuntimeError):
-    """What would fail a run hours in, found before it starts."""
-
-
-def _check_dataset_files(files):
-    """Both annotation files parse, and every val image is there: a run would otherwise
-    fail at its first evaluation, hours in (train images are read all along; not stat'ed)."""
-    from bench.data.coco import load_coco
-    try:
-        load_coco(files.train_annotations)
-        val = load_coco(files.val_annotations)
-    except ValueError as e:
-        raise PreflightError(str(e)) from None
-    missing = [im["file_name"] for im in val.imgs.values()
-               if not (files.val_images / im["file_name"]).is_file()]
-    if missing:
-        raise PreflightError(f"{files.val_images}: {len(missing)} of the {len(val.imgs)} val "
-                             f"images in {files.val_annotations.name} are missing (e.g. "
-                             f"{missing[0]}); restore them, or regenerate the dataset")
-
-
-def _preflight(studies, specs, root, slots=None, device="cpu", nodes=None):
-    """Fail in seconds, before any training, on what would fail hours later."""
-    from bench.data import registry, subsets
-    from bench.engines.torchvision.model import build_detector, load_backbone_weights
-    from bench.imagenet import load_imagenet_backbone
-    from bench.paths import resolve_cache_path
-    from bench.rundir import is_done, run_dir_for
-    study_of = {s.run_id: study for study in studies for s in study.runs}
-    todo = [s for s in specs if not is_done(run_dir_for(s, root))]
-    from bench import engines
-    for engine in sorted({s.engine for s in todo}):
-        engines.get(engine)  # an engine that is not installed: one line on how to get it
-    for dataset in sorted({s.data.dataset for s in specs}):
-        registry.resolve(dataset)  # raises DatasetMissing naming the path and the fix
-    for dataset in sorted({s.data.dataset for s in todo}):
-        _check_dataset_files(registry.resolve(dataset))
-    if slots is not None:  # each run fits on this machine's GPUs (or CPU slots)
-        from bench.runner import Nodes, check_fits
-        check_fits(specs, slots, device, nodes or Nodes())
-    if any(s.eval.backend == "faster-coco-eval" for s in todo):
-        try:
-            import faster_coco_eval  # noqa: F401
-        except ImportError:
-            raise PreflightError("eval.backend: faster-coco-eval is not installed; `pip install "
-                                 "faster-coco-eval` (or bench[fast-eval]), or use eval.backend: "
-                                 "pycocotools") from None
-    for dataset, n, seed in sorted({(s.data.dataset, s.data.train_images, s.data.subset_seed)
-                                    for s in todo if s.data.train_images is not None}):
-        files = registry.resolve(dataset)
-        try:
-            path = registry.subset_file(files, n, seed)  # missing COCO subset: DatasetMissing
-            subsets.read_subset(path, files.train_annotations, size=n, seed=seed)
-        except ValueError as e:
-            raise PreflightError(f"data.train_images={n} on {dataset}: {e}") from None
-    checked = set()
-    for s in todo:
-        if s.init != "imagenet" or (s.pretrained, s.model) in checked:
-            continue
-        checked.add((s.pretrained, s.model))
-        study = study_of[s.run_id]
-        f = resolve_cache_path(s.pretrained)
-        if not f.is_file() and not s.pretrained.startswith("torchvision:"):  # those download
-            how = (f"run `bench pretrain {study.path}` first" if study.pretrain else
-                   "put the ImageNet checkpoint the recipe names there")
-            raise FileNotFoundError(f"{study.path}: pretrained checkpoint {s.pretrained} not "
-                                    f"found at {f}; {how}")
-        try:  # the checkpoint must load and cover the backbone, once per file and model
-            state = load_imagenet_backbone(s.pretrained, s.model)
-            load_backbone_weights(build_detector(s.model, 1, s.data), state, log=lambda *_: None)
-        except (ValueError, FileNotFoundError) as e:
-            raise PreflightError(f"{study.path}: {e}") from None
-    from bench.group import under_torchrun
-    one_at_a_time = (nodes is not None and nodes.nnodes > 1) or under_torchrun()
-    parallel = 1 if one_at_a_time else len(todo) if slots is None else len(slots)
-    _check_storage(Path(root), todo, parallel)
-
-
-def _checkpoint_bytes(spec, _cache={}):
-    """A checkpoint's size: fp32 weights and SGD momentum, plus a little for the rest."""
-    key = (spec.model, spec.data)
-    if key not in _cache:
-        from bench.engines.torchvision.model import build_detector
-        params = sum(p.numel() for p in build_detector(spec.model, 80, spec.data).parameters())
-        _cache[key] = 2 * 4 * params + 2 ** 20
-    return _cache[key]
-
-
-def _check_storage(root: Path, todo, parallel):
-    """The runs root takes files and has room for the checkpoints of the runs about to start
-    (each keeps checkpoint.keep, plus the one being written): a full disk found hours into a
-    run costs that run's work since its last checkpoint, found here it costs nothing."""
-    import shutil
-    if not todo:
-        return
-    where = "; choose another with --runs-root or $BENCH_RUNS"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{os.getpid()}"
-        probe.write_bytes(bytes(4096))
-        probe.unlink()
-    except OSError as e:
-        raise PreflightError(f"runs root {root} is not writable ({e.strerror or e}){where}") from None
-    from bench import fork
-    from bench.checkpoint import list_checkpoints
-    from bench.rundir import run_dir_for
-    kept = {p: len(kids) for p, kids in fork.families(todo).items()}  # a parent's fork points
-
-    def more_bytes(s):
-        # A half-done run already holds some of its checkpoints: it needs only the rest,
-        # and at least room for the one it writes next.
-        size = _checkpoint_bytes(s)
-        peak = (s.checkpoint.keep + 1 + kept.get(s.run_id, 0)) * size
-        held = sum(p.stat().st_size for _, p in
-                   list_checkpoints(run_dir_for(s, root) / "checkpoints") if p.exists())
-        return max(size, peak - held)
-
-    need = sorted((more_bytes(s) for s in todo), reverse=True)[:max(parallel, 1)]
-    free = shutil.disk_usage(root).free
-    if free < sum(need):
-        gib = 2 ** 30
-        raise PreflightError(f"runs root {root}: {free / gib:.2f} GiB free but the {len(need)} "
-                             f"run(s) about to start need about {sum(need) / gib:.2f} GiB more for "
-                             f"checkpoints (checkpoint.keep + 1 each, and a parent's fork "
-                             f"points, less those already saved); free some space{where}")
+    options = {k: getattr(args, f"slurm_{k}") for k in slurm.SlurmOptions.fields()
+               if getattr(args, f"slurm_{k}", None) is not None}
+    return slurm.run_study(studies, specs, root, options, wait=not args.no_wait)
 
 
 def cmd_subsets(args):

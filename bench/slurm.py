@@ -27,7 +27,8 @@ from typing import Optional
 
 from bench import interrupt
 from bench.rundir import RunBusy, RunDir
-from bench.procs import children, is_torchrun, kill_tree, running, stop_workers, worker_command
+from bench.procs import (children, is_torchrun, kill_tree, running, stop_workers,
+                         worker_command)
 
 # How long a job gets between the warning signal and Slurm's SIGKILL at its time limit:
 # time for the iteration in progress (or an evaluation) to end and its checkpoint to be saved.
@@ -330,3 +331,47 @@ def follow(jobs, log=print, progress=True, poll_s=10.0):
     finally:
         bar.close()
     return done, failed
+
+
+def run_study(studies, specs, root, cli_options: dict, wait: bool = True) -> int:
+    """`bench run --slurm`: one job per unfinished run of `specs`, then follow them unless
+    not `wait`; `cli_options` are the --slurm-* values, over each recipe's slurm: section.
+    Returns bench run's exit code."""
+    from bench import preflight
+    from bench.preflight import PreflightError
+    from bench.rundir import is_done, run_dir_for
+    why = missing()
+    if why:
+        raise PreflightError(f"--slurm: {why}")
+    options_of = {}
+    for study in studies:  # defaults < the recipe's slurm: < the command line
+        try:
+            opts = SlurmOptions().updated(study.slurm, str(study.path)).updated(cli_options,
+                                                                              "--slurm")
+            for s in study.runs:
+                opts.layout(s)
+        except ValueError as e:
+            raise PreflightError(str(e)) from None
+        options_of.update({s.run_id: opts for s in study.runs})
+    preflight.check(studies, specs, root)
+    jobs, skipped = {}, 0
+    for spec in specs:
+        rd = RunDir(run_dir_for(spec, root))
+        rd.write_spec(spec)
+        if is_done(rd.path):
+            skipped += 1
+            continue
+        try:
+            job_id = submit(spec, rd.path, options_of[spec.run_id])
+        except SubmitError as e:
+            raise PreflightError(f"--slurm: {e}") from None
+        jobs[rd.path] = (spec, job_id)
+        print(f"{spec.run_id}: slurm job {job_id}", flush=True)
+    print(f"{len(jobs)} run(s) in Slurm, {skipped} already done, runs in {root}/", flush=True)
+    if not wait or not jobs:
+        return 0
+    done, failed = follow(jobs)
+    print(f"done {len(done)}, skipped (already done) {skipped}, failed {len(failed)}")
+    for run_id, reason in failed:
+        print(f"  failed {run_id}: {reason}")
+    return 1 if failed else 0

@@ -7,9 +7,8 @@ from collections import namedtuple
 
 import pytest
 
-from bench import cli, recipe
-from bench.rundir import RunDir
-from bench.rundir import run_dir_for
+from bench import preflight, recipe
+from bench.rundir import RunDir, run_dir_for
 from conftest import write_recipe
 from test_slurm import scratch_study
 
@@ -57,11 +56,11 @@ def test_a_disk_without_room_for_the_checkpoints_is_one_line_before_training(tmp
                 if s.init == "scratch")
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr("shutil.disk_usage", lambda _: usage(2 ** 30, 2 ** 30 - 2 ** 20, 2 ** 20))
-    with pytest.raises(cli.PreflightError, match=r"runs root .*: 0\.00 GiB free but the 1 run\(s\) "
+    with pytest.raises(preflight.PreflightError, match=r"runs root .*: 0\.00 GiB free but the 1 run\(s\) "
                                                  r"about to start need about 0\.\d\d GiB"):
-        cli._check_storage(tmp_path / "runs", [spec], parallel=2)
+        preflight.check_storage(tmp_path / "runs", [spec], parallel=2)
     monkeypatch.undo()
-    cli._check_storage(tmp_path / "runs", [spec], parallel=2)  # this disk has the room
+    preflight.check_storage(tmp_path / "runs", [spec], parallel=2)  # this disk has the room
 
 
 def test_a_half_done_run_needs_room_only_for_the_checkpoints_it_has_not_saved(tmp_path,
@@ -70,17 +69,17 @@ def test_a_half_done_run_needs_room_only_for_the_checkpoints_it_has_not_saved(tm
     # for its next checkpoint: the ones it already holds were counted as still to come.
     spec = next(s for s in recipe.load(write_recipe(tmp_path, scratch_study(9))).runs
                 if s.init == "scratch")
-    size = cli._checkpoint_bytes(spec)
+    size = preflight.checkpoint_bytes(spec)
     held = run_dir_for(spec, tmp_path / "runs") / "checkpoints"
     held.mkdir(parents=True)
     for k in range(spec.checkpoint.keep):
         (held / f"model_{9 * (k + 1):07d}.pth").write_bytes(bytes(size))
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr("shutil.disk_usage", lambda _: usage(2 ** 40, 0, int(1.5 * size)))
-    cli._check_storage(tmp_path / "runs", [spec], parallel=1)
+    preflight.check_storage(tmp_path / "runs", [spec], parallel=1)
     monkeypatch.setattr("shutil.disk_usage", lambda _: usage(2 ** 40, 0, size // 2))
-    with pytest.raises(cli.PreflightError, match="GiB more for checkpoints"):
-        cli._check_storage(tmp_path / "runs", [spec], parallel=1)  # not even the next one
+    with pytest.raises(preflight.PreflightError, match="GiB more for checkpoints"):
+        preflight.check_storage(tmp_path / "runs", [spec], parallel=1)  # not even the next one
 
 
 def test_a_failed_evaluation_keeps_its_checkpoint_and_the_rerun_evaluates_it(tmp_path,

@@ -201,7 +201,7 @@ def test_no_fork_is_a_recipe_key_and_keeps_the_run_ids(tmp_path):
 
 def test_the_plan_shows_each_child_fork_and_the_gpu_hours_both_ways(tmp_path, monkeypatch):
     from bench import speed
-    from bench.cli import plan_rows
+    from bench.plan import rows as plan_rows
     study = recipe.load(REPO / "recipes/he2019/r50_gn.yaml")
     table = tmp_path / "throughput.csv"
     monkeypatch.setenv("BENCH_THROUGHPUT", str(table))
