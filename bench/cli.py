@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 from bench import plan, preflight
 from bench.paths import runs_root
@@ -92,64 +91,11 @@ def cmd_pretrain(args):
                               workers=workers)
 
 
-class _FlowListDumper(yaml.SafeDumper):
-    """Block mappings with lists on one line (`steps: [120000, 160000]`): a spec to read."""
-
-
-for _seq in (list, tuple):
-    _FlowListDumper.add_representer(_seq, lambda dumper, value: dumper.represent_sequence(
-        "tag:yaml.org,2002:seq", value, flow_style=True))
-
-
 def cmd_plan(args):
     if not args.gpu.strip():
         raise SystemExit("bench plan: --gpu must name a device, e.g. --gpu H100 (or --gpu CPU)")
     root = Path(args.runs_root) if args.runs_root else runs_root()
-    studies = _studies(args)
-    rows = plan.rows(studies, root, args.gpu, full=args.full)
-    unsupported = [{"study": st.name, "recipe": str(st.path), "reason": st.unsupported}
-                   for st in studies if st.unsupported]
-    known = [r["gpu_hours"] for r in rows if r["gpu_hours"] is not None]
-    total = round(sum(known), 2) if len(known) == len(rows) and rows else None
-    forked = (round(sum(r["gpu_hours_forked"] for r in rows), 2) if total is not None else None)
-    if args.json:
-        print(json.dumps({"gpu": args.gpu, "runs": rows, "total_gpu_hours": total,
-                          "total_gpu_hours_forked": forked,
-                          "runs_without_estimate": len(rows) - len(known),
-                          "unsupported": unsupported}, indent=1))
-        return
-    names = {r["run_id"]: r["schedule"] for r in rows}
-    shown = [{**r, "GPU-h": "no estimate" if r["gpu_hours"] is None else f"{r['gpu_hours']:.1f}",
-              "forked": "-" if r["gpu_hours_forked"] is None else f"{r['gpu_hours_forked']:.1f}",
-              "fork": f"{names[r['forks_from']]} @{r['fork_at']}" if r["forks_from"] else "-"}
-             for r in rows]
-    if rows:
-        _print_table(shown, ["run_id", "arch", "backbone", "norm", "init", "schedule",
-                             "iterations", "lr_drops", "lr", "batch", "train_images", "gpus",
-                             "fork", "GPU-h", "forked", "done"])
-    if args.full:
-        # every value, as detectron2 dumps its config: what a user checks before GPU time
-        for r in rows:
-            print(f"\n# {r['run_id']} ({r['study']})")
-            print(yaml.dump(r["spec"], Dumper=_FlowListDumper, sort_keys=False).rstrip())
-        print()
-    if total is not None:
-        digits = 1 if total >= 1 else 3
-        cost = f"{total:,.{digits}f} GPU-hours on {args.gpu}"
-        if forked < total:
-            cost += (f" trained separately, {forked:,.{digits}f} with shorter schedules forked "
-                     f"from the longest ({total / forked:.2f}x cheaper; --no-fork trains "
-                     f"each separately)")
-    elif known:
-        cost = (f"{sum(known):,.1f} GPU-hours on {args.gpu} for the {len(known)} measured runs; "
-                f"{len(rows) - len(known)} runs have no estimate")
-    else:
-        cost = f"no estimate on {args.gpu}"
-    if len(known) < len(rows):
-        cost += " (measure a model with `bench speed RECIPE --record` on that GPU)"
-    print(f"{len(rows)} runs, {sum(r['iterations'] for r in rows):,} iterations; {cost}")
-    for u in unsupported:
-        print(f"not yet supported: {u['study']} ({u['recipe']}): {u['reason']}")
+    plan.report(_studies(args), root, args.gpu, full=args.full, as_json=args.json)
 
 
 def _only(specs, only):
@@ -229,13 +175,6 @@ def _detectron2_twin(spec):
               f"(solver.amp={spec.solver.amp})")
         return None
     return twin
-
-
-def _print_table(rows, cols):
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols} if rows else {}
-    print("  ".join(c.ljust(widths[c]) for c in cols))
-    for r in rows:
-        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
 
 
 def cmd_run(args):
@@ -342,7 +281,7 @@ def cmd_status(args):
                                 f"$BENCH_RUNS")
     specs = [s for study in _studies(args) for s in study.runs]
     rows = status.table(specs, lambda s: run_dir_for(s, root))
-    _print_table(rows, status.COLUMNS)
+    plan.print_table(rows, status.COLUMNS)
     counts = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
