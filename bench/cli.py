@@ -111,70 +111,11 @@ def _only(specs, only):
 
 
 def cmd_speed(args):
-    import torch
-
     from bench import speed
     specs = _only([s for study in _studies(args) for s in study.runs], args.only)
-    device = _device(args.device)
-    import importlib.util
-    has_d2 = importlib.util.find_spec("detectron2") is not None
-    if args.vs_detectron2 and not has_d2:
-        from bench import engines
-        engines.get("detectron2")  # one line on how to install it
-    # On a GPU the reference is timed whenever it is installed; on a CPU when asked
-    compare = has_d2 and (args.vs_detectron2 or device == "cuda")
-    rows = []
-    here = speed.device_name(torch.device(device))
-    table = speed.read_table()
-    done = set()  # speed keys timed by this command
-
-    def timed(spec):
-        """This machine's row for `spec`: from the table, or measured now."""
-        key = speed.speed_key(spec)
-        known = speed.lookup(spec, here, table + rows)
-        if known and (key in done or not args.force):
-            if key not in done:
-                print(f"{spec.run_id}: already measured on {here} (--force to measure again)")
-            return known
-        try:
-            rows.append(speed.measure(spec, device, warmup=args.warmup, iters=args.iters))
-        except ValueError as e:  # an engine or dataset bench speed cannot time
-            raise SystemExit(f"bench speed: {e}") from None
-        done.add(key)
-        if args.record:  # one at a time: a later model running out of memory loses nothing
-            speed.record(rows[-1:])
-        return rows[-1]
-
-    for s in speed.distinct_models(specs):
-        ours = timed(s)
-        twin = _detectron2_twin(s) if compare else None
-        if twin is not None:
-            theirs = timed(twin)
-            ratio = float(theirs["sec_per_iter"]) / float(ours["sec_per_iter"])
-            print(f"  detectron2 / torchvision s/iter: {ratio:.2f} (the same model, "
-                  f"{theirs['device']})")
-    if args.record:
-        print(f"{len(rows)} rows appended to {speed.table_path()}")
-
-
-def _detectron2_twin(spec):
-    """`spec` run by the detectron2 engine, or None when detectron2 cannot build it."""
-    import dataclasses
-
-    from bench.engines.detectron2.config import Untranslatable, translate
-    if spec.engine != "torchvision":
-        return None
-    twin = dataclasses.replace(spec, engine="detectron2")
-    try:
-        translate(twin)
-    except Untranslatable as e:
-        print(f"  no detectron2 timing: {e}")
-        return None
-    if spec.solver.amp != "off":
-        print(f"  no detectron2 timing: bench speed times detectron2 without AMP only "
-              f"(solver.amp={spec.solver.amp})")
-        return None
-    return twin
+    speed.run_command(specs, _device(args.device), vs_detectron2=args.vs_detectron2,
+                      force=args.force, to_table=args.record, warmup=args.warmup,
+                      iters=args.iters)
 
 
 def cmd_run(args):

@@ -298,3 +298,71 @@ def distinct_models(specs):
             seen.add(k)
             out.append(s)
     return out
+
+
+def run_command(specs, device: str, vs_detectron2=False, force=False, to_table=False,
+                warmup=5, iters=20):
+    """`bench speed`: time each distinct model of `specs` on this machine (or take its row
+    from the table), side by side with detectron2 when asked or on a GPU; `to_table` appends
+    the new rows to the throughput table one at a time."""
+    import importlib.util
+
+    import torch
+    has_d2 = importlib.util.find_spec("detectron2") is not None
+    if vs_detectron2 and not has_d2:
+        from bench import engines
+        engines.get("detectron2")  # one line on how to install it
+    # On a GPU the reference is timed whenever it is installed; on a CPU when asked
+    compare = has_d2 and (vs_detectron2 or device == "cuda")
+    rows = []
+    here = device_name(torch.device(device))
+    table = read_table()
+    done = set()  # speed keys timed by this command
+
+    def timed(spec):
+        """This machine's row for `spec`: from the table, or measured now."""
+        key = speed_key(spec)
+        known = lookup(spec, here, table + rows)
+        if known and (key in done or not force):
+            if key not in done:
+                print(f"{spec.run_id}: already measured on {here} (--force to measure again)")
+            return known
+        try:
+            rows.append(measure(spec, device, warmup=warmup, iters=iters))
+        except ValueError as e:  # an engine or dataset bench speed cannot time
+            raise SystemExit(f"bench speed: {e}") from None
+        done.add(key)
+        if to_table:  # one at a time: a later model running out of memory loses nothing
+            record(rows[-1:])
+        return rows[-1]
+
+    for s in distinct_models(specs):
+        ours = timed(s)
+        twin = _detectron2_twin(s) if compare else None
+        if twin is not None:
+            theirs = timed(twin)
+            ratio = float(theirs["sec_per_iter"]) / float(ours["sec_per_iter"])
+            print(f"  detectron2 / torchvision s/iter: {ratio:.2f} (the same model, "
+                  f"{theirs['device']})")
+    if to_table:
+        print(f"{len(rows)} rows appended to {table_path()}")
+
+
+def _detectron2_twin(spec):
+    """`spec` run by the detectron2 engine, or None when detectron2 cannot build it."""
+    import dataclasses
+
+    from bench.engines.detectron2.config import Untranslatable, translate
+    if spec.engine != "torchvision":
+        return None
+    twin = dataclasses.replace(spec, engine="detectron2")
+    try:
+        translate(twin)
+    except Untranslatable as e:
+        print(f"  no detectron2 timing: {e}")
+        return None
+    if spec.solver.amp != "off":
+        print(f"  no detectron2 timing: bench speed times detectron2 without AMP only "
+              f"(solver.amp={spec.solver.amp})")
+        return None
+    return twin
