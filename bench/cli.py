@@ -214,53 +214,18 @@ def cmd_subsets(args):
 
 def cmd_status(args):
     from bench import status
-    from bench.rundir import run_dir_for
     root = Path(args.runs_root) if args.runs_root else runs_root()
-    if not root.is_dir():
-        raise FileNotFoundError(f"runs root {root} is not a directory (no run has started "
-                                f"there); pass the one `bench run` used: --runs-root or "
-                                f"$BENCH_RUNS")
-    specs = [s for study in _studies(args) for s in study.runs]
-    rows = status.table(specs, lambda s: run_dir_for(s, root))
-    plan.print_table(rows, status.COLUMNS)
-    counts = {}
-    for r in rows:
-        counts[r["state"]] = counts.get(r["state"], 0) + 1
-    print(f"{len(rows)} runs: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-          + f"; {sum(r['gpu_hours'] for r in rows):.2f} GPU-hours used")
-    for r in rows:
-        if r["error"]:
-            print(f"  failed {r['run']}: {r['error']}")
+    status.report([s for study in _studies(args) for s in study.runs], root)
 
 
 def cmd_figures(args):
     """Copy the named studies' run files into results/ (--collect), then draw every study
     there from those committed files alone, and the index page."""
-    from bench.analysis import collect, html, reference, report
-    results = Path(args.results)
+    from bench.analysis import report
+    collect_from = None
     if args.collect:
-        root = Path(args.runs_root) if args.runs_root else runs_root()
-        for study in args.study or sorted(p.name for p in root.iterdir() if p.is_dir()):
-            n = collect.collect(root / study, results / study / "runs")
-            print(f"{study}: {n} runs copied from {root / study} to {results / study / 'runs'}")
-    studies = sorted(p.parent.name for p in results.glob("*/runs") if p.is_dir())
-    studies = [s for s in studies if not args.study or s in args.study]
-    if not studies:
-        raise FileNotFoundError(f"no study under {results} has a runs/ folder; copy a study's "
-                                f"run files there first with `bench figures --collect --study "
-                                f"NAME`")
-    published = reference.load(results / "reference")
-    for study in studies:
-        try:
-            written = report.write_study_results(results / study / "runs", results / study,
-                                                 published)
-        except FileNotFoundError as e:  # a study with no evaluation yet: the others go on
-            print(f"{study}: skipped: {e}")
-            continue
-        for path in written:
-            print(path)
-    print(html.write_index(results, sorted(p.parent.name for p in results.glob("*/runs")),
-                           Path(args.recipes)))
+        collect_from = Path(args.runs_root) if args.runs_root else runs_root()
+    report.redraw(Path(args.results), args.study, Path(args.recipes), collect_from)
 
 
 def _count(least: int):

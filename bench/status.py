@@ -8,6 +8,7 @@ A run marked running whose process is gone (checked when it ran on this machine)
 
 import socket
 import time
+from pathlib import Path
 
 from bench.rundir import RunDir
 from bench.procs import running
@@ -57,3 +58,24 @@ def row(spec, run_dir, now=None) -> dict:
 def table(specs, run_dir_of) -> list:
     now = time.time()
     return [row(spec, run_dir_of(spec), now) for spec in specs]
+
+
+def report(specs, root: Path):
+    """Print `bench status`: one row per run, the count per state, GPU-hours used, and each
+    failed run's error."""
+    from bench.plan import print_table
+    from bench.rundir import run_dir_for
+    if not root.is_dir():
+        raise FileNotFoundError(f"runs root {root} is not a directory (no run has started "
+                                f"there); pass the one `bench run` used: --runs-root or "
+                                f"$BENCH_RUNS")
+    rows = table(specs, lambda s: run_dir_for(s, root))
+    print_table(rows, COLUMNS)
+    counts = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    print(f"{len(rows)} runs: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+          + f"; {sum(r['gpu_hours'] for r in rows):.2f} GPU-hours used")
+    for r in rows:
+        if r["error"]:
+            print(f"  failed {r['run']}: {r['error']}")

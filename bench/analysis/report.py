@@ -150,3 +150,33 @@ def markdown_published(compared: pd.DataFrame) -> str:
                      f"{_fmt(r['ours'])} | {_fmt(r['published'])} | "
                      f"{_fmt(r['ours - published'])} | {r['state']} | {r['source']} |")
     return "\n".join(lines) + "\n"
+
+
+def redraw(results: Path, only=None, recipes: Path = Path("recipes"), collect_from=None):
+    """`bench figures`: with `collect_from` (a runs root), first copy the `only` studies' run
+    files (all studies there if none named) into results/<study>/runs; then draw every
+    study under `results` (or the `only` ones) from those committed files alone, and the
+    index page."""
+    from bench.analysis import collect, html
+    if collect_from is not None:
+        root = collect_from
+        for study in only or sorted(p.name for p in root.iterdir() if p.is_dir()):
+            n = collect.collect(root / study, results / study / "runs")
+            print(f"{study}: {n} runs copied from {root / study} to {results / study / 'runs'}")
+    studies = sorted(p.parent.name for p in results.glob("*/runs") if p.is_dir())
+    studies = [s for s in studies if not only or s in only]
+    if not studies:
+        raise FileNotFoundError(f"no study under {results} has a runs/ folder; copy a study's "
+                                f"run files there first with `bench figures --collect --study "
+                                f"NAME`")
+    published = reference.load(results / "reference")
+    for study in studies:
+        try:
+            written = write_study_results(results / study / "runs", results / study, published)
+        except FileNotFoundError as e:  # a study with no evaluation yet: the others go on
+            print(f"{study}: skipped: {e}")
+            continue
+        for path in written:
+            print(path)
+    print(html.write_index(results, sorted(p.parent.name for p in results.glob("*/runs")),
+                           recipes))
