@@ -34,17 +34,8 @@ def num_classes(spec) -> int:
 
 def parameters(spec) -> int:
     """Parameters of the model `spec`'s engine builds (on the CPU, weights random)."""
-    classes = num_classes(spec)
-    if spec.engine == "detectron2":
-        from bench.engines import get
-        get("detectron2")  # one line on how to install it when it is missing
-        from detectron2.modeling import build_model
-        from bench.engines.detectron2.train import detectron2_cfg
-        model = build_model(detectron2_cfg(spec, num_classes=classes))
-    else:
-        from bench.engines.torchvision.model import build_detector
-        model = build_detector(spec.model, num_classes=classes, data=spec.data)
-    return sum(p.numel() for p in model.parameters())
+    from bench import engines
+    return engines.get(spec.engine).parameters(spec, num_classes(spec))
 
 
 def _measured(rd: RunDir, max_iter: int) -> dict:

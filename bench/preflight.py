@@ -30,7 +30,6 @@ def check_dataset_files(files):
 def check(studies, specs, root, slots=None, device="cpu", nodes=None):
     """Fail in seconds, before any training, on what would fail hours later."""
     from bench.data import registry, subsets
-    from bench.engines.torchvision.model import build_detector, load_backbone_weights
     from bench.imagenet import load_imagenet_backbone
     from bench.paths import resolve_cache_path
     from bench.rundir import is_done, run_dir_for
@@ -38,7 +37,7 @@ def check(studies, specs, root, slots=None, device="cpu", nodes=None):
     todo = [s for s in specs if not is_done(run_dir_for(s, root))]
     from bench import engines
     for engine in sorted({s.engine for s in todo}):
-        engines.get(engine)  # an engine that is not installed: one line on how to get it
+        engines.get(engine).require()  # not installed: one line on how to get it
     for dataset in sorted({s.data.dataset for s in specs}):
         registry.resolve(dataset)  # raises DatasetMissing naming the path and the fix
     for dataset in sorted({s.data.dataset for s in todo}):
@@ -75,7 +74,7 @@ def check(studies, specs, root, slots=None, device="cpu", nodes=None):
                                     f"found at {f}; {how}")
         try:  # the checkpoint must load and cover the backbone, once per file and model
             state = load_imagenet_backbone(s.pretrained, s.model)
-            load_backbone_weights(build_detector(s.model, 1, s.data), state, log=lambda *_: None)
+            engines.get(s.engine).check_pretrained(s, state)
         except (ValueError, FileNotFoundError) as e:
             raise PreflightError(f"{study.path}: {e}") from None
     from bench.group import under_torchrun
@@ -85,12 +84,11 @@ def check(studies, specs, root, slots=None, device="cpu", nodes=None):
 
 
 def checkpoint_bytes(spec, _cache={}):
-    """A checkpoint's size: fp32 weights and SGD momentum, plus a little for the rest."""
-    key = (spec.model, spec.data)
+    """A checkpoint's size, as the run's engine estimates it (built once per model)."""
+    key = (spec.engine, spec.model, spec.data)
     if key not in _cache:
-        from bench.engines.torchvision.model import build_detector
-        params = sum(p.numel() for p in build_detector(spec.model, 80, spec.data).parameters())
-        _cache[key] = 2 * 4 * params + 2 ** 20
+        from bench import engines
+        _cache[key] = engines.get(spec.engine).checkpoint_bytes(spec)
     return _cache[key]
 
 

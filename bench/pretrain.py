@@ -17,10 +17,10 @@ from torchvision import datasets, transforms
 
 from bench.backbones import build_backbone
 from bench.data import synthetic
-from bench.engines.torchvision.model import pixel_normalization
 from bench.norms import trainable_norm
 from bench.paths import resolve_cache_path
 from bench.rundir import atomic_write_text, code_version
+from bench.spec import pixel_normalization
 
 SOURCES = {
     "shapes-cls": synthetic.SourceConfig(),

@@ -189,24 +189,6 @@ def _check_ranges(spec: RunSpec, where: str):
                         f"or null for the whole training set")
 
 
-_BUILDS = {}
-
-
-def _check_model_builds(spec: RunSpec, where: str):
-    """Build each distinct model once on the CPU: a depth the backbone lacks or GN groups that
-    do not divide a width fail here, in one line, not in every worker."""
-    key = (spec.model, spec.data)
-    if key not in _BUILDS:
-        from bench.engines.torchvision.model import build_detector
-        try:
-            build_detector(spec.model, num_classes=1, data=spec.data)
-            _BUILDS[key] = None
-        except Exception as e:  # noqa: BLE001 - a (plugin) builder may raise anything
-            _BUILDS[key] = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if _BUILDS[key] is not None:
-        raise SpecError(f"{where}: the model cannot be built: {_BUILDS[key]}")
-
-
 def _check_pair_rules(spec: RunSpec, where: str):
     """Impossible combinations, caught before any GPU time is spent."""
     _check_ranges(spec, where)
@@ -235,14 +217,11 @@ def _check_pair_rules(spec: RunSpec, where: str):
     if spec.data.dataset not in DATASETS:
         raise SpecError(f"{where}: data.dataset {spec.data.dataset!r} is unknown; allowed: "
                         f"{', '.join(DATASETS)}")
-    if spec.engine == "torchvision":
-        _check_model_builds(spec, where)
-    else:  # pure data: no detectron2 needed to say it cannot express this run
-        from bench.engines.detectron2.config import Untranslatable, translate
-        try:
-            translate(spec)
-        except Untranslatable as e:
-            raise SpecError(f"{where}: engine detectron2: {e}") from None
+    from bench import engines
+    try:  # (the detectron2 engine checks its translation, needing no detectron2)
+        engines.get(spec.engine).validate(spec)
+    except ValueError as e:
+        raise SpecError(f"{where}: {e}") from None
 
 
 def run_name(spec: RunSpec) -> str:

@@ -341,3 +341,9 @@ def replace(obj, **changes):
         out[head] = replace(current, **value) if isinstance(value, dict) and \
             dataclasses.is_dataclass(current) else value
     return dataclasses.replace(obj, **out)
+
+
+def pixel_normalization(m):
+    """ModelSpec's pixel mean and std (RGB, 0-255) as torchvision's transform takes them, for
+    images scaled to [0, 1] (the detector's and the backbone pre-training's input)."""
+    return tuple(v / 255 for v in m.pixel_mean), tuple(v / 255 for v in m.pixel_std)

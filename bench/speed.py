@@ -154,72 +154,6 @@ def _peak_rss_gb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
 
 
-def _torchvision_step(spec, device, per_gpu, batches):
-    """The torchvision engine's own train step (bench.engines.torchvision.train.Stepper)."""
-    from bench.engines.torchvision.model import build_detector, use_input_sizes
-    from bench.engines.torchvision.train import Stepper, build_optimizer
-    model = build_detector(spec.model, num_classes=DATASET_SHAPES[spec.data.dataset][2],
-                           data=spec.data).to(device).train()
-    use_input_sizes(model, train=True)
-    optimizer = build_optimizer(model, spec.solver)
-    for group in optimizer.param_groups:
-        group["lr"] = 1e-4  # timing only; keep the random model finite
-    micro = spec.solver.micro_batch or per_gpu
-    step = Stepper(model, optimizer, micro, spec.solver.amp)
-
-    def run(i):
-        images, targets = batches[i % len(batches)]
-        step(images, targets, seeds=list(range(i, i + per_gpu // micro)))
-        step.apply()
-    return run, micro
-
-
-def _detectron2_step(spec, device, per_gpu, batches):
-    """detectron2's train step for the same spec: its model and optimizer, and what its
-    SimpleTrainer.run_step does (forward, summed losses, backward, SGD step). Its inputs are
-    resized here as its DatasetMapper would (shorter side drawn from the train sizes, BGR,
-    0-255), since data loading is left out of the timing for both engines."""
-    from detectron2.modeling import build_model
-    from detectron2.solver import build_optimizer
-    from detectron2.structures import BitMasks, Boxes, Instances
-    from detectron2.utils.events import EventStorage
-
-    from bench.engines.detectron2.train import detectron2_cfg
-    if spec.solver.amp != "off":
-        raise ValueError(f"{spec.run_id}: bench speed times detectron2 without AMP only")
-    cfg = detectron2_cfg(spec, num_classes=DATASET_SHAPES[spec.data.dataset][2],
-                         device=str(device))
-    model = build_model(cfg).train()
-    optimizer = build_optimizer(cfg, model)
-    for group in optimizer.param_groups:
-        group["lr"] = 1e-4
-    d = spec.data
-    sizes = d.train_min_size if isinstance(d.train_min_size, tuple) else (d.train_min_size,)
-    g = torch.Generator().manual_seed(1)
-
-    def resized(img, target):
-        h, w = img.shape[1:]
-        short = sizes[int(torch.randint(len(sizes), (1,), generator=g))]
-        scale = min(short / min(h, w), d.train_max_size / max(h, w))
-        nh, nw = round(h * scale), round(w * scale)
-        image = torch.nn.functional.interpolate(img[None].flip(1) * 255, (nh, nw),
-                                                mode="bilinear", align_corners=False)[0]
-        masks = torch.nn.functional.interpolate(target["masks"][None].float(), (nh, nw))[0]
-        inst = Instances((nh, nw), gt_boxes=Boxes(target["boxes"] * scale),
-                         gt_classes=target["labels"] - 1, gt_masks=BitMasks(masks > 0))
-        return {"image": image, "instances": inst, "height": h, "width": w}
-
-    inputs = [[resized(i, t) for i, t in zip(*batch)] for batch in batches]
-
-    def run(i):
-        with EventStorage(i):  # detectron2's models log into the trainer's storage
-            losses = sum(model(inputs[i % len(inputs)]).values())
-        optimizer.zero_grad()
-        losses.backward()
-        optimizer.step()
-    return run, per_gpu
-
-
 def measure(spec, device="cpu", warmup=5, iters=20, log=print) -> dict:
     """Time `iters` train steps of `spec`'s model, with its engine's own step, after
     `warmup` untimed ones."""
@@ -230,8 +164,8 @@ def measure(spec, device="cpu", warmup=5, iters=20, log=print) -> dict:
     per_gpu = spec.solver.batch // spec.gpus
     g = torch.Generator().manual_seed(0)
     batches = [_synthetic_batch(spec, per_gpu, g, device) for _ in range(4)]
-    build = {"torchvision": _torchvision_step, "detectron2": _detectron2_step}[spec.engine]
-    step, micro = build(spec, device, per_gpu, batches)
+    from bench import engines
+    step, micro = engines.get(spec.engine).train_step(spec, device, per_gpu, batches)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
@@ -311,7 +245,7 @@ def run_command(specs, device: str, vs_detectron2=False, force=False, to_table=F
     has_d2 = importlib.util.find_spec("detectron2") is not None
     if vs_detectron2 and not has_d2:
         from bench import engines
-        engines.get("detectron2")  # one line on how to install it
+        engines.get("detectron2").require()  # one line on how to install it
     # On a GPU the reference is timed whenever it is installed; on a CPU when asked
     compare = has_d2 and (vs_detectron2 or device == "cuda")
     rows = []
@@ -352,14 +286,14 @@ def _detectron2_twin(spec):
     """`spec` run by the detectron2 engine, or None when detectron2 cannot build it."""
     import dataclasses
 
-    from bench.engines.detectron2.config import Untranslatable, translate
+    from bench import engines
     if spec.engine != "torchvision":
         return None
     twin = dataclasses.replace(spec, engine="detectron2")
     try:
-        translate(twin)
-    except Untranslatable as e:
-        print(f"  no detectron2 timing: {e}")
+        engines.get("detectron2").validate(twin)
+    except ValueError as e:
+        print(f"  no detectron2 timing: {str(e).removeprefix('engine detectron2: ')}")
         return None
     if spec.solver.amp != "off":
         print(f"  no detectron2 timing: bench speed times detectron2 without AMP only "

@@ -92,9 +92,9 @@ def test_the_parity_study_runs_every_pair_through_both_engines(tmp_path):
     from bench import parity
     study = recipe.load(REPO / "recipes/parity/pair.yaml")
     parity.check(study)
-    # seven seeds of each arm through each engine
-    assert sorted(s.engine for s in study.runs) == ["detectron2"] * 14 + ["torchvision"] * 14
-    assert sorted({s.seed for s in study.runs}) == list(range(7))
+    # ten seeds of each arm through each engine
+    assert sorted(s.engine for s in study.runs) == ["detectron2"] * 20 + ["torchvision"] * 20
+    assert sorted({s.seed for s in study.runs}) == list(range(10))
     with pytest.raises(SpecError, match=r"a parity study varies `engine: \[torchvision, "
                                         r"detectron2\]`; this one runs torchvision only"):
         parity.check(recipe.load(REPO / "recipes/mini/study.yaml"))

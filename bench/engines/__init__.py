@@ -1,25 +1,78 @@
 """Engines turn a RunSpec into a trained, evaluated run dir. They share only that format.
 
-An engine module provides `run(spec, run_dir, device, workers, log)`, usually its
-`train` wrapped by `recording_failure`.
+`get(name)` returns the engine: everything the rest of the suite may ask of one (train a
+run, check that it can train a spec, build its model to count parameters and size
+checkpoints, load an ImageNet backbone into it, time its train step). Nothing outside
+bench/engines/ imports an engine's own modules; an engine imports its heavy dependencies
+only when a method needs them, so a recipe for an engine that is not installed is still
+checked, planned and refused in one line.
 """
 
 import functools
 import importlib
 
-ENGINES = {"torchvision": "bench.engines.torchvision.train",
-           "detectron2": "bench.engines.detectron2.train"}
+ENGINES = {"torchvision": "bench.engines.torchvision",
+           "detectron2": "bench.engines.detectron2"}
 
 
 class EngineUnavailable(RuntimeError):
     pass
 
 
-def get(name: str):
+class Engine:
+    """The interface; each engine's package defines `Engine(bench.engines.Engine)`."""
+    name = ""
+    trainer = ""  # the module whose run() trains a run dir (imports the engine's dependencies)
+
+    def require(self):
+        """The trainer module, or EngineUnavailable saying how to install what is missing."""
+        return _import(self.trainer, self.name)
+
+    def run(self, spec, run_dir, device="cpu", workers=0, log=print):
+        """Train and evaluate `spec` into `run_dir` (resuming what is there)."""
+        return self.require().run(spec, run_dir, device=device, workers=workers, log=log)
+
+    def validate(self, spec):
+        """Raise ValueError (one line) when this engine cannot train `spec`."""
+        raise NotImplementedError
+
+    def build_model(self, spec, num_classes: int):
+        """The detector this engine trains for `spec` (on the CPU, weights random)."""
+        raise NotImplementedError
+
+    def parameters(self, spec, num_classes: int) -> int:
+        return sum(p.numel() for p in self.build_model(spec, num_classes).parameters())
+
+    def checkpoint_bytes(self, spec) -> int:
+        """About the size of one of this engine's checkpoints of `spec`: fp32 weights and SGD
+        momentum, plus a little for the rest."""
+        return 2 * 4 * self.parameters(spec, 80) + 2 ** 20
+
+    def check_pretrained(self, spec, state: dict):
+        """Load ImageNet backbone `state` (bench.imagenet's layout) into this engine's model
+        of `spec`; ValueError when it does not fit."""
+        raise NotImplementedError
+
+    def train_step(self, spec, device, per_gpu: int, batches):
+        """(step(i), images per pass) for timing: one of this engine's own train steps on
+        `batches` (our (images, targets) lists), as bench speed measures it."""
+        raise NotImplementedError
+
+
+_ENGINES = {}
+
+
+def get(name: str) -> Engine:
     if name not in ENGINES:
         raise EngineUnavailable(f"unknown engine {name!r}; allowed: {', '.join(ENGINES)}")
+    if name not in _ENGINES:
+        _ENGINES[name] = importlib.import_module(ENGINES[name]).Engine()
+    return _ENGINES[name]
+
+
+def _import(module: str, name: str):
     try:
-        return importlib.import_module(ENGINES[name])
+        return importlib.import_module(module)
     except ImportError as e:
         missing = (e.name or "").split(".")[0]
         if name == "detectron2" and missing == "detectron2":

@@ -40,7 +40,7 @@ from bench.engines.detectron2 import data as d2data
 from bench.engines.detectron2.config import Untranslatable, flatten, translate
 from bench.engines.detectron2.weights import to_detectron2
 from bench.engines.metrics_log import evaluated, open_session
-from bench.engines.torchvision.evaluate import STAT_NAMES, no_detection_stats
+from bench.engines.coco_stats import STAT_NAMES, no_detection_stats
 from bench.imagenet import load_imagenet_backbone
 from bench.norms import backbone_init_, init_mask_logits_
 from bench.rundir import RunDir
@@ -402,8 +402,13 @@ def _initialize(model, spec):
 def _load_backbone(model, spec, log):
     """The ImageNet (or stand-in) backbone, read by the same code as the torchvision engine
     (bench pretrain checkpoints, torchvision weights, Caffe2 .pkl) and renamed for detectron2."""
-    state = to_detectron2(load_imagenet_backbone(spec.pretrained, spec.model, log=log),
-                          spec.pretrained)
+    load_backbone_state(model, spec, load_imagenet_backbone(spec.pretrained, spec.model, log=log),
+                        log)
+
+
+def load_backbone_state(model, spec, state, log):
+    """`state` (bench.imagenet's layout) into detectron2's ResNet of `model`."""
+    state = to_detectron2(state, spec.pretrained)
     bottom_up = model.backbone.bottom_up
     missing, unexpected = bottom_up.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # a BN counter

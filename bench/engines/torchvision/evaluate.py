@@ -18,9 +18,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
 from bench import distributed, per_image
+from bench.engines.coco_stats import STAT_NAMES, no_detection_stats
 from bench.engines.torchvision.model import use_input_sizes
 
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 def same_size_batches(dataset, indices, batch_size):
@@ -128,25 +128,6 @@ def coco_stats(coco_gt, results, iou_type, image_ids=None, backend="pycocotools"
     # COCOeval reports -1 where a size range has no ground truth; keep it as NaN, not 0.
     return {f"{iou_type}/{n}": (float(v) * 100 if v >= 0 else float("nan"))
             for n, v in zip(STAT_NAMES, ev.stats)}
-
-
-# COCOeval's object size ranges (area in pixels), as its params.areaRng
-_SIZE_RANGES = {"": (0, 1e10), "s": (0, 32 ** 2), "m": (32 ** 2, 96 ** 2), "l": (96 ** 2, 1e10)}
-
-
-def no_detection_stats(coco_gt, image_ids=None) -> dict:
-    """The 12 stats COCOeval would give no detection, which it cannot score (loadRes fails
-    on an empty list): 0, or NaN for a size range without ground truth, as it reports with
-    detections. Keeps a model that detects nothing on the same footing as one that does."""
-    anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=list(image_ids) if image_ids is not None
-                                              else [], iscrowd=False))
-    areas = [a["area"] for a in anns]
-    out = {}
-    for name in STAT_NAMES:
-        size = name[2:] if name[2:] in ("s", "m", "l") else ""
-        lo, hi = _SIZE_RANGES[size]
-        out[name] = 0.0 if any(lo <= a <= hi for a in areas) else float("nan")
-    return out
 
 
 def evaluate(model, dataset, device, masks=True, backend="pycocotools",

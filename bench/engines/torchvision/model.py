@@ -31,12 +31,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from bench.backbones import build_backbone
 from bench.norms import init_mask_logits_, msra_init_, norm_layer, xavier_init_
-
-
-def pixel_normalization(m):
-    """ModelSpec's pixel mean and std (RGB, 0-255) as torchvision's transform takes them, for
-    images scaled to [0, 1]."""
-    return tuple(v / 255 for v in m.pixel_mean), tuple(v / 255 for v in m.pixel_std)
+from bench.spec import pixel_normalization
 
 
 def _freeze_batchnorms(module: nn.Module):
