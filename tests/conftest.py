@@ -9,6 +9,10 @@ import pytest
 from slurm_cluster import slurm_cluster  # noqa: F401 - the real-Slurm fixture, for every test
 
 REPO = Path(__file__).resolve().parents[1]
+# The recipe folders the suite ships: tests that plan "every recipe" plan these, so a user's
+# own recipes/<folder>/ never breaks `make test`.
+SHIPPED_RECIPE_DIRS = [REPO / "recipes" / d
+                       for d in ("detectron2-zoo", "examples", "he2019", "mini", "parity")]
 
 TINY_RECIPE = f"""
 study: tiny
@@ -88,3 +92,78 @@ def make_coco_layout(dest):
     (root / "train2017").symlink_to(src / "train")
     (root / "val2017").symlink_to(src / "val")
     return root
+
+
+def scratch_study(unit_iters, extra=""):
+    """A study whose scratch runs need no checkpoint (the tests take only those)."""
+    return f"""
+study: slurmtest
+base: {REPO}/recipes/mini/_model.yaml
+run:
+  pretrained: cache:pretrained/none.pth
+  data: {{dataset: shapes-tiny}}
+  solver: {{batch: 2, ref_batch: 2, base_lr: 0.08, unit_iters: {unit_iters}, drops_from_end: [6, 2], warmup_iters: 3}}
+  eval: {{period: {unit_iters}}}
+  checkpoint: {{period: {unit_iters}, keep: 3}}
+vary:
+  schedule: [1x]
+compare:
+  init: [scratch, imagenet]
+{extra}"""
+
+
+# A 1x scratch / pre-trained pair at 1 and 2 processes (DDP, multi-node tests)
+TWO_LAYOUTS = f"""
+study: ddp
+base: {REPO}/recipes/mini/_model.yaml
+run:
+  pretrained: cache:pretrained/unused.pth
+  data: {{dataset: shapes-tiny, aspect_grouping: true}}
+  solver: {{batch: 2, micro_batch: 1, ref_batch: 2, base_lr: 0.08, unit_iters: 9, drops_from_end: [6, 2],
+            warmup_iters: 3}}
+  eval: {{period: 9}}
+  checkpoint: {{period: 9, keep: 1}}
+vary:
+  schedule: [1x]
+  gpus: [1, 2]
+compare:
+  init: [scratch, imagenet]
+"""
+
+
+@pytest.fixture(scope="module")
+def gt_and_detections():
+    """Noisy detections made from the tiny val set's ground truth: jittered boxes and masks,
+    random scores, misses and false positives, so every stat is something other than 0/100."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from bench.data import registry
+    from bench.data.coco import load_coco
+    files = registry.resolve("shapes-tiny")
+    gt = load_coco(files.val_annotations)
+    rng = np.random.default_rng(0)
+    boxes, segms = [], []
+    for ann in gt.dataset["annotations"]:
+        if rng.random() < 0.2:
+            continue                                          # a miss
+        img = gt.imgs[ann["image_id"]]
+        x, y, w, h = ann["bbox"]
+        jitter = rng.normal(0, 0.1, 4) * [w, h, w, h]
+        box = [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]]
+        score = float(rng.uniform(0.05, 1))
+        cat = ann["category_id"] if rng.random() < 0.9 else gt.getCatIds()[0]
+        boxes.append({"image_id": ann["image_id"], "category_id": cat, "bbox": box,
+                      "score": score})
+        m = gt.annToMask(ann)
+        m = np.roll(m, int(rng.integers(-2, 3)), axis=int(rng.integers(0, 2)))
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        segms.append({"image_id": ann["image_id"], "category_id": cat, "segmentation": rle,
+                      "score": score})
+        if rng.random() < 0.3:                                # a false positive
+            fp = [float(rng.uniform(0, img["width"] - 20)), float(rng.uniform(0, img["height"] - 20)),
+                  20.0, 20.0]
+            boxes.append({"image_id": ann["image_id"], "category_id": cat, "bbox": fp,
+                          "score": float(rng.uniform(0.05, 0.5))})
+    return gt, boxes, segms

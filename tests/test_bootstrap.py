@@ -13,7 +13,6 @@ from pycocotools.cocoeval import COCOeval
 
 from bench import per_image
 from bench.analysis import bootstrap
-from test_evaluate import gt_and_detections  # noqa: F401  (the fixture)
 
 
 def _cocoeval(gt, results, iou_type):
@@ -43,7 +42,7 @@ def _copied(gt, results, draw):
 
 
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
-def test_ap_from_per_image_results_is_pycocotools_ap(gt_and_detections, iou_type):  # noqa: F811
+def test_ap_from_per_image_results_is_pycocotools_ap(gt_and_detections, iou_type):
     gt, boxes, segms = gt_and_detections
     ev = _cocoeval(gt, boxes if iou_type == "bbox" else segms, iou_type)
     acc = bootstrap.Accumulator(per_image.from_cocoeval(ev))
@@ -51,7 +50,7 @@ def test_ap_from_per_image_results_is_pycocotools_ap(gt_and_detections, iou_type
 
 
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
-def test_a_weighted_resample_is_pycocotools_ap_of_the_copied_images(gt_and_detections,  # noqa: F811
+def test_a_weighted_resample_is_pycocotools_ap_of_the_copied_images(gt_and_detections,
                                                                     iou_type):
     gt, boxes, segms = gt_and_detections
     results = boxes if iou_type == "bbox" else segms

@@ -18,24 +18,9 @@ from bench.engines.torchvision.model import build_detector
 from bench.engines.torchvision.train import datasets_for
 from bench.norms import SyncBatchNorm
 from bench.rundir import RunDir, run_dir_for
-from conftest import REPO, write_recipe
+from conftest import TWO_LAYOUTS, write_recipe
 
-TWO_LAYOUTS = f"""
-study: ddp
-base: {REPO}/recipes/mini/_model.yaml
-run:
-  pretrained: cache:pretrained/unused.pth
-  data: {{dataset: shapes-tiny, aspect_grouping: true}}
-  solver: {{batch: 2, micro_batch: 1, ref_batch: 2, base_lr: 0.08, unit_iters: 9, drops_from_end: [6, 2],
-            warmup_iters: 3}}
-  eval: {{period: 9}}
-  checkpoint: {{period: 9, keep: 1}}
-vary:
-  schedule: [1x]
-  gpus: [1, 2]
-compare:
-  init: [scratch, imagenet]
-"""
+
 
 
 def test_two_processes_train_the_same_model_as_one_with_the_same_passes(tmp_path):

@@ -10,39 +10,6 @@ from bench.data.coco import load_coco
 from bench.engines.torchvision.evaluate import STAT_NAMES, coco_stats
 
 
-@pytest.fixture(scope="module")
-def gt_and_detections():
-    """Noisy detections made from the tiny val set's ground truth: jittered boxes and masks,
-    random scores, misses and false positives, so every stat is something other than 0/100."""
-    files = registry.resolve("shapes-tiny")
-    gt = load_coco(files.val_annotations)
-    rng = np.random.default_rng(0)
-    boxes, segms = [], []
-    for ann in gt.dataset["annotations"]:
-        if rng.random() < 0.2:
-            continue                                          # a miss
-        img = gt.imgs[ann["image_id"]]
-        x, y, w, h = ann["bbox"]
-        jitter = rng.normal(0, 0.1, 4) * [w, h, w, h]
-        box = [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]]
-        score = float(rng.uniform(0.05, 1))
-        cat = ann["category_id"] if rng.random() < 0.9 else gt.getCatIds()[0]
-        boxes.append({"image_id": ann["image_id"], "category_id": cat, "bbox": box,
-                      "score": score})
-        m = gt.annToMask(ann)
-        m = np.roll(m, int(rng.integers(-2, 3)), axis=int(rng.integers(0, 2)))
-        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-        rle["counts"] = rle["counts"].decode("ascii")
-        segms.append({"image_id": ann["image_id"], "category_id": cat, "segmentation": rle,
-                      "score": score})
-        if rng.random() < 0.3:                                # a false positive
-            fp = [float(rng.uniform(0, img["width"] - 20)), float(rng.uniform(0, img["height"] - 20)),
-                  20.0, 20.0]
-            boxes.append({"image_id": ann["image_id"], "category_id": cat, "bbox": fp,
-                          "score": float(rng.uniform(0.05, 0.5))})
-    return gt, boxes, segms
-
-
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_faster_coco_eval_gives_the_same_stats_as_pycocotools(gt_and_detections, iou_type):
     pytest.importorskip("faster_coco_eval")

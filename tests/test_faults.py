@@ -9,8 +9,7 @@ import pytest
 
 from bench import preflight, recipe
 from bench.rundir import RunDir, run_dir_for
-from conftest import write_recipe
-from test_slurm import scratch_study
+from conftest import scratch_study, write_recipe
 
 
 def bench_run(path, runs, *extra):

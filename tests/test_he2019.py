@@ -10,9 +10,9 @@ import time
 import pytest
 
 from bench import recipe
-from conftest import REPO
+from conftest import REPO, SHIPPED_RECIPE_DIRS
 
-RECIPE_DIRS = sorted(d for d in (REPO / "recipes").iterdir() if d.is_dir())
+RECIPE_DIRS = SHIPPED_RECIPE_DIRS
 HE2019 = {st.name: st for st in recipe.load_all([REPO / "recipes/he2019"])}
 ZOO = {st.name: st for st in recipe.load_all([REPO / "recipes/detectron2-zoo"])}
 

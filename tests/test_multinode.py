@@ -11,8 +11,7 @@ import torch
 from bench import recipe, runner
 from bench.rundir import RunDir, run_dir_for
 from bench.spec import RunSpec
-from conftest import write_recipe
-from test_ddp import TWO_LAYOUTS
+from conftest import TWO_LAYOUTS, write_recipe
 
 
 def _free_port():

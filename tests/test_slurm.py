@@ -16,28 +16,10 @@ from bench import recipe
 from bench.rundir import RunDir
 from bench.rundir import run_dir_for
 from bench.slurm import RunJob, SlurmOptions
-from conftest import REPO, write_recipe
+from conftest import scratch_study, write_recipe
 from slurm_cluster import slurm_missing
 
 needs_slurm = pytest.mark.skipif(slurm_missing() is not None, reason=str(slurm_missing()))
-
-
-def scratch_study(unit_iters, extra=""):
-    """A study whose scratch runs need no checkpoint (the tests take only those)."""
-    return f"""
-study: slurmtest
-base: {REPO}/recipes/mini/_model.yaml
-run:
-  pretrained: cache:pretrained/none.pth
-  data: {{dataset: shapes-tiny}}
-  solver: {{batch: 2, ref_batch: 2, base_lr: 0.08, unit_iters: {unit_iters}, drops_from_end: [6, 2], warmup_iters: 3}}
-  eval: {{period: {unit_iters}}}
-  checkpoint: {{period: {unit_iters}, keep: 3}}
-vary:
-  schedule: [1x]
-compare:
-  init: [scratch, imagenet]
-{extra}"""
 
 
 # -- options: pure data --------------------------------------------------------------------

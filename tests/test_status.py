@@ -11,8 +11,7 @@ import pytest
 from bench import recipe, status
 from bench.rundir import RunDir
 from bench.spec import SpecError
-from conftest import write_recipe
-from test_slurm import scratch_study
+from conftest import scratch_study, write_recipe
 
 
 def _spec(tmp_path):
