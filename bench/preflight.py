@@ -62,9 +62,9 @@ def check(studies, specs, root, slots=None, device="cpu", nodes=None):
             raise PreflightError(f"data.train_images={n} on {dataset}: {e}") from None
     checked = set()
     for s in todo:
-        if s.init != "imagenet" or (s.pretrained, s.model) in checked:
+        if s.init != "imagenet" or (s.engine, s.pretrained, s.model) in checked:
             continue
-        checked.add((s.pretrained, s.model))
+        checked.add((s.engine, s.pretrained, s.model))
         study = study_of[s.run_id]
         f = resolve_cache_path(s.pretrained)
         if not f.is_file() and not s.pretrained.startswith("torchvision:"):  # those download

@@ -37,7 +37,7 @@ def main(argv=None):
         distributed.shutdown()
 
 
-# train_run's results: the runner (or the group loop of bench.runner) acts on them
+# train_run's results: the runner (or the group loop of bench.group) acts on them
 DONE, FAILED, BUSY, FAILED_EVERYWHERE, STOPPED = 0, 1, 3, 4, 130
 
 

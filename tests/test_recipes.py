@@ -226,11 +226,14 @@ def test_an_error_in_a_base_file_names_the_base_too(tmp_path):
         recipe.load(path)
 
 
-def test_a_users_own_recipe_folder_is_not_planned_by_the_suites_tests():
-    # The golden plan and the every-recipe tests plan the folders the suite ships; a folder a
-    # user adds under recipes/ (tried: one added recipe failed `make test`) is not among them.
+def test_the_folders_the_suites_tests_plan_are_the_shipped_ones():
+    # The golden plan and the every-recipe tests plan the folders the suite ships, listed in
+    # conftest, so a folder a user adds under recipes/ (tried: one added recipe failed
+    # `make test`) is never among them; every listed folder is one git tracks.
     import subprocess
-    tracked = subprocess.run(["git", "ls-files", "recipes"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.split()
-    assert {f.split("/")[1] for f in tracked if f.count("/") >= 2} == \
-        {d.name for d in SHIPPED_RECIPE_DIRS}
+    listed = subprocess.run(["git", "ls-files", "recipes"], cwd=REPO, capture_output=True,
+                            text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: the shipped recipe folders cannot be told apart")
+    tracked = {f.split("/")[1] for f in listed.stdout.split() if f.count("/") >= 2}
+    assert all(d.is_dir() and d.name in tracked for d in SHIPPED_RECIPE_DIRS)

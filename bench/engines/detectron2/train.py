@@ -410,6 +410,12 @@ def load_backbone_state(model, spec, state, log):
     """`state` (bench.imagenet's layout) into detectron2's ResNet of `model`."""
     state = to_detectron2(state, spec.pretrained)
     bottom_up = model.backbone.bottom_up
+    theirs = bottom_up.state_dict()
+    wrong = [k for k, v in state.items() if k in theirs and v.shape != theirs[k].shape]
+    if wrong:  # load_state_dict would raise a multi-line RuntimeError
+        raise ValueError(f"pretrained {spec.pretrained}: does not fit detectron2's ResNet-"
+                         f"{spec.model.depth} (shape of {wrong[0]}: {tuple(state[wrong[0]].shape)}"
+                         f" vs {tuple(theirs[wrong[0]].shape)}); pre-train a matching backbone")
     missing, unexpected = bottom_up.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # a BN counter
     if missing or unexpected:
