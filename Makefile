@@ -20,7 +20,7 @@ help:
 	@echo "make test     run the test suite (CPU only)"
 	@echo "make figures  redraw every figure and table under results/ (and results/index.html) from the committed run files"
 	@echo "make setup    create .venv and install the suite (done by the targets above)"
-	@echo "make parity   the parity pair (7 seeds per engine and arm, 1,440 iterations) through both engines, side by side (needs detectron2 in .venv; about 3.5 h on 2 CPU cores)"
+	@echo "make parity   the parity pair (10 seeds per engine and arm, 1,440 iterations) through both engines, side by side (needs detectron2 in .venv; about 4.5 h on 2 CPU cores)"
 	@echo "make speed    benchmark: s/iter, images/s, peak memory of the paper's R50-FPN GN model (SPEED_ARGS=...)"
 	@echo "make reproduce-he2019 [COCO=PATH] [DRY_RUN=1]   the paper's study on the local GPUs (DRY_RUN: print the plan)"
 
