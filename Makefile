@@ -13,11 +13,12 @@ COCO_ARG := $(if $(COCO),--coco $(COCO),)
 
 SPEED_ARGS ?= --iters 20 --warmup 5
 
-.PHONY: setup mini test figures data pretrain clean-mini help reproduce-he2019 speed parity
+.PHONY: setup mini test test-fast figures data pretrain clean-mini help reproduce-he2019 speed parity
 
 help:
 	@echo "make mini     generate data, pre-train, train and evaluate every mini run, write figures"
-	@echo "make test     run the test suite (CPU only)"
+	@echo "make test     run the test suite (CPU only; about 15 min)"
+	@echo "make test-fast  the tests that train nothing and start no process (under 90 s): the change-test loop"
 	@echo "make figures  redraw every figure and table under results/ (and results/index.html) from the committed run files"
 	@echo "make setup    create .venv and install the suite (done by the targets above)"
 	@echo "make parity   the parity pair (10 seeds per engine and arm, 1,440 iterations) through both engines, side by side (needs detectron2 in .venv; about 4.5 h on 2 CPU cores)"
@@ -55,6 +56,10 @@ figures: setup
 
 test: setup slurm-deps
 	$(BIN)/python -m pytest -q
+
+# The change-test loop: everything that does not train, launch processes or start Slurm
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # A real single-node Slurm (with munge and slurmdbd on a private MariaDB) for the tests that
 # submit jobs (tests/slurm_cluster.py starts it on loopback). Installed from Debian's packages

@@ -6,10 +6,14 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from bench import recipe
 from conftest import REPO, nine_iteration_pair
+
+# trains, or launches processes: the full suite only (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
 
 PLUGIN = '''
 from collections import OrderedDict

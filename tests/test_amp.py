@@ -9,6 +9,9 @@ from bench import recipe
 from bench.engines.torchvision.train import train
 from conftest import nine_iteration_pair, write_recipe
 
+# trains, or launches processes: the full suite only (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def fp16_spec(tmp_path_factory):

@@ -70,6 +70,7 @@ def test_run_without_any_row_is_still_listed(tmp_path):
     assert list(df["state"]) == ["queued"] and df["metric"].isna().all()
 
 
+@pytest.mark.slow
 def test_figures_refuse_runs_without_any_eval_in_one_line(tmp_path):
     import pytest
 
@@ -80,6 +81,7 @@ def test_figures_refuse_runs_without_any_eval_in_one_line(tmp_path):
         report.write_study_results(tmp_path / scratch.study, tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_unfinished_pairs_are_labelled_in_the_table(tmp_path):
     from bench.analysis import report
     scratch, imagenet = STUDY.pairs[0]
@@ -121,6 +123,7 @@ def mini_with_seeds(root):
     return pairs
 
 
+@pytest.mark.slow
 def test_every_figure_and_table_is_written_with_the_expected_series(tmp_path):
     from bench.analysis import figures, report
     pairs = mini_with_seeds(tmp_path / "runs")
@@ -159,6 +162,7 @@ def test_every_figure_and_table_is_written_with_the_expected_series(tmp_path):
     assert len(pairs) == 2
 
 
+@pytest.mark.slow
 def test_our_final_ap_is_set_beside_the_papers_number_for_the_same_run(tmp_path):
     from bench.analysis import reference, report
     study = recipe.load(REPO / "recipes/he2019/r50_gn.yaml")
@@ -211,6 +215,7 @@ def test_collect_copies_whole_rows_and_drops_runs_that_are_gone(tmp_path):
     assert (copied / "per_image" / "0000054.npz").read_bytes() == b"54"
 
 
+@pytest.mark.slow
 def test_make_figures_redraws_results_from_committed_files_byte_for_byte(tmp_path):
     import filecmp
     import shutil
@@ -262,6 +267,7 @@ def _per_image_run(root, spec, ap, hits, iteration=90):
     return rd
 
 
+@pytest.mark.slow
 def test_pair_gaps_carry_intervals_over_seeds_and_over_val_images(tmp_path):
     """pairs.csv: each seed's difference with its bootstrap interval over val images;
     gaps.csv: the seeds pooled, with Student's t interval over seeds (known answer) and
@@ -302,6 +308,7 @@ def test_pair_gaps_carry_intervals_over_seeds_and_over_val_images(tmp_path):
     assert "| 1x | 90 | 500 | 2 | -2.1 | [" in (out / "gaps.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_analysis_reads_run_dirs_only_importing_no_recipe_engine_or_torch():
     # DESIGN: recipe -> run spec -> engine -> run dir -> analysis. What pairs two runs is in
     # their spec.yaml (read with bench.spec's field names), never in a recipe.

@@ -79,6 +79,7 @@ def write_pkl(path, blobs, wrap="blobs"):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("style,norm,wrap", [("bn", "FrozenBN", "blobs"),
                                              ("bn-stats", "SyncBN", "model"),
                                              ("bn-stats", "FrozenBN", None),

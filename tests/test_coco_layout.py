@@ -11,6 +11,9 @@ import pytest
 
 from conftest import REPO, make_coco_layout, nine_iteration_pair
 
+# trains, or launches processes: the full suite only (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 RECIPE = nine_iteration_pair("coco-subsets", "  data: {dataset: coco, train_images: 16}")
 
 

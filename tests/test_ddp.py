@@ -20,6 +20,9 @@ from bench.norms import SyncBatchNorm
 from bench.rundir import RunDir, run_dir_for
 from conftest import TWO_LAYOUTS, write_recipe
 
+# trains, or launches processes: the full suite only (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 
 
 

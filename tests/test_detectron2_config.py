@@ -129,6 +129,7 @@ def _merged_cfg(spec):
     return detectron2_cfg(spec, weights="imagenet.pkl")  # raises on a key detectron2 lacks
 
 
+@pytest.mark.slow
 def test_with_detectron2_every_translation_is_its_config_and_builds_the_published_model():
     pytest.importorskip("detectron2", reason="detectron2 is not installed (an optional engine)")
     from detectron2.modeling import build_model
@@ -142,6 +143,7 @@ def test_with_detectron2_every_translation_is_its_config_and_builds_the_publishe
     assert sum(p.numel() for p in model.parameters()) == 45_711_152
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["GN", "SyncBN", "FrozenBN"])
 def test_with_detectron2_both_engines_build_the_same_number_of_parameters(norm):
     """The same spec is the same network in both engines, FrozenBN's norm-free FPN and

@@ -71,6 +71,7 @@ def test_both_engines_runs_differ_in_name_and_id_only_by_the_engine(tmp_path):
         assert dataclasses.replace(b, engine="torchvision", name=a.name) == a
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth,norm", [(18, "GN"), (50, "FrozenBN")])
 def test_our_resnet_weights_take_detectron2s_names_and_bgr_order(depth, norm):
     spec = recipe.load(REPO / "recipes/parity/pair.yaml").runs[0]
@@ -277,6 +278,7 @@ def test_both_engines_optimizers_give_every_parameter_the_same_lr_momentum_and_d
     assert len({lr for lr, _, _, _ in mine.values()}) == (2 if "bias_lr_factor" in solver else 1)
 
 
+@pytest.mark.slow
 @needs_d2
 @pytest.mark.parametrize("flip", [False, True])
 def test_each_engines_own_data_pipeline_gives_the_same_pixels_boxes_classes_and_masks(
@@ -317,6 +319,7 @@ def test_each_engines_own_data_pipeline_gives_the_same_pixels_boxes_classes_and_
         assert torch.equal(instances.gt_masks.tensor.to(torch.uint8), target["masks"])
 
 
+@pytest.mark.slow
 @needs_d2
 @pytest.mark.parametrize("arch", ["mask_rcnn", "faster_rcnn"])
 def test_the_same_weights_and_images_give_both_engines_the_same_losses_and_gradients(
@@ -354,6 +357,7 @@ def both_engines(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @needs_d2
 def test_detectron2_writes_the_torchvision_engines_rows_keys_and_schedule(both_engines):
     tv_spec, tv = both_engines["torchvision"]
@@ -383,6 +387,7 @@ def test_detectron2_writes_the_torchvision_engines_rows_keys_and_schedule(both_e
     assert [p.name for p in rd.checkpoints.iterdir()] == ["model_0000040.pth"]  # keep: 1
 
 
+@pytest.mark.slow
 @needs_d2
 def test_a_detectron2_run_with_detectrons_bias_lr_logs_the_base_lr_and_detectrons_inits(
         tmp_path):
@@ -402,6 +407,7 @@ def test_a_detectron2_run_with_detectrons_bias_lr_logs_the_base_lr_and_detectron
         assert math.isfinite(row["loss"])
 
 
+@pytest.mark.slow
 @needs_d2
 def test_a_stopped_detectron2_run_resumes_where_it_stopped(tmp_path, monkeypatch, both_engines):
     from bench import interrupt
@@ -427,6 +433,7 @@ def test_a_stopped_detectron2_run_resumes_where_it_stopped(tmp_path, monkeypatch
     assert rd.read_status()["state"] == "done"
 
 
+@pytest.mark.slow
 @needs_d2
 def test_a_failed_detectron2_evaluation_keeps_its_checkpoint_and_is_redone(tmp_path,
                                                                           monkeypatch,
@@ -449,6 +456,7 @@ def test_a_failed_detectron2_evaluation_keeps_its_checkpoint_and_is_redone(tmp_p
     assert rd.read_status()["state"] == "done"
 
 
+@pytest.mark.slow
 @needs_d2
 def test_the_pretrained_side_starts_from_the_checkpoint_in_detectron2s_resnet(tmp_path):
     from detectron2.modeling import build_model
@@ -484,6 +492,7 @@ def test_the_pretrained_side_starts_from_the_checkpoint_in_detectron2s_resnet(tm
         _load_backbone(model, spec, log=lambda msg: None)
 
 
+@pytest.mark.slow
 @needs_d2
 def test_detectron2_takes_detectrons_inits_when_the_spec_asks_and_its_own_otherwise(tmp_path):
     """model.conv_init and mask_logits_init have no detectron2 config key: the engine redraws
@@ -516,6 +525,7 @@ def test_detectron2_takes_detectrons_inits_when_the_spec_asks_and_its_own_otherw
     assert own.roi_heads.mask_head.predictor.weight.std().item() == pytest.approx(0.001, rel=0.15)
 
 
+@pytest.mark.slow
 @needs_d2
 def test_bench_parity_prints_both_engines_side_by_side(tmp_path):
     text = (REPO / "recipes/parity/pair.yaml").read_text()
@@ -537,6 +547,7 @@ def test_bench_parity_prints_both_engines_side_by_side(tmp_path):
     assert "mean over the seeds [min-max]" in table[-1]
 
 
+@pytest.mark.slow
 @needs_d2
 def test_a_two_process_detectron2_run_trains_under_the_runners_process_group(tmp_path,
                                                                              both_engines):
@@ -561,6 +572,7 @@ def test_a_two_process_detectron2_run_trains_under_the_runners_process_group(tmp
     assert (kept["det_image"] < half).any() and (kept["det_image"] >= half).any()
 
 
+@pytest.mark.slow
 @needs_d2
 def test_a_shorter_detectron2_schedule_forks_from_the_longer_run(tmp_path):
     text = D2_STUDY.format(study="d2fork", engine="detectron2").replace(
@@ -593,6 +605,7 @@ def _speed(tmp_path, *extra):
                           env={**os.environ, "BENCH_THROUGHPUT": str(tmp_path / "t.csv")})
 
 
+@pytest.mark.slow
 @needs_d2
 def test_bench_speed_times_the_same_model_through_detectron2_and_prints_the_ratio(tmp_path):
     out = _speed(tmp_path, "--vs-detectron2", "--record")
@@ -609,6 +622,7 @@ def test_bench_speed_vs_detectron2_without_it_is_one_line(tmp_path):
     assert "engine detectron2 needs detectron2" in out.stderr
 
 
+@pytest.mark.slow
 @needs_d2
 def test_a_detectron2_run_trains_on_a_nested_subset_of_a_coco_layout_dataset(tmp_path):
     root = make_coco_layout(tmp_path)
@@ -629,6 +643,7 @@ def test_a_detectron2_run_trains_on_a_nested_subset_of_a_coco_layout_dataset(tmp
     assert rd.read_metrics()[-1]["type"] == "eval"
 
 
+@pytest.mark.slow
 @needs_d2
 def test_a_detectron2_run_with_loader_workers_ends_when_it_is_done(tmp_path):
     # its loader never runs out and its workers ignore SIGTERM (a Slurm stop must not kill

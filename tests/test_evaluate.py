@@ -79,6 +79,7 @@ def _mixed_size_set(dest):
     return CocoDetection(dest, ann, train=False)
 
 
+@pytest.mark.slow
 def test_detections_do_not_depend_on_eval_batch(tmp_path):
     """A GN model's detections for an image are those of the image alone, however many
     images of other sizes share its evaluation (Detectron and detectron2 test one image at

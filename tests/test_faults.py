@@ -39,6 +39,7 @@ def test_a_run_that_diverges_fails_alone_and_the_study_goes_on(tmp_path):
     assert "skipped (already done) 1, failed 1" in again.stdout
 
 
+@pytest.mark.slow
 def test_an_unwritable_runs_root_is_one_line_before_training(tmp_path):
     path = write_recipe(tmp_path, scratch_study(9))
     blocker = tmp_path / "a-file"
@@ -81,6 +82,7 @@ def test_a_half_done_run_needs_room_only_for_the_checkpoints_it_has_not_saved(tm
         preflight.check_storage(tmp_path / "runs", [spec], parallel=1)  # not even the next one
 
 
+@pytest.mark.slow
 def test_a_failed_evaluation_keeps_its_checkpoint_and_the_rerun_evaluates_it(tmp_path,
                                                                              monkeypatch):
     """The checkpoint of an eval iteration is written before the evaluation: a crash in it

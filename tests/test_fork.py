@@ -155,6 +155,7 @@ def test_a_parent_stopped_before_the_fork_point_resumes_and_still_saves_it(tmp_p
     assert child.read_status()["iteration"] == 30
 
 
+@pytest.mark.slow
 def test_a_child_whose_parent_checkpoint_is_corrupt_says_so_and_trains_from_the_start(tmp_path):
     path = write_recipe(tmp_path, FAMILY.replace("unit_iters: 45", "unit_iters: 9").replace(
         "drops_from_end: [30, 10]", "drops_from_end: [6, 2]").replace("period: 15", "period: 9"))

@@ -102,6 +102,7 @@ def test_pairs_differ_only_in_init_and_declared_fine_tuning_conventions():
                                                              "pixel_std", "stride_in_1x1"}
 
 
+@pytest.mark.slow
 def test_every_recipe_plans_and_the_plan_json_is_stable(tmp_path):
     args = ["plan", *map(str, RECIPE_DIRS), "--json", "--runs-root", str(tmp_path)]
     first, second = _bench(*args), _bench(*args)
@@ -116,6 +117,7 @@ def test_every_recipe_plans_and_the_plan_json_is_stable(tmp_path):
                                                          "he2019-keypoint-r50-gn"}
 
 
+@pytest.mark.slow
 def test_plan_estimates_only_from_measured_throughput(tmp_path, monkeypatch):
     table = tmp_path / "throughput.csv"
     monkeypatch.setenv("BENCH_THROUGHPUT", str(table))
@@ -138,6 +140,7 @@ def test_plan_estimates_only_from_measured_throughput(tmp_path, monkeypatch):
     assert other["total_gpu_hours"] is None
 
 
+@pytest.mark.slow
 def test_reproduce_without_coco_stops_in_seconds_naming_the_path_and_make_mini(tmp_path):
     t0 = time.time()
     out = _bench("run", str(REPO / "recipes/he2019"), "--coco", str(tmp_path / "coco"),
@@ -149,6 +152,7 @@ def test_reproduce_without_coco_stops_in_seconds_naming_the_path_and_make_mini(t
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_make_reproduce_he2019_dry_run_prints_the_plan_and_without_coco_stops(tmp_path):
     if subprocess.run(["make", "-q", "setup"], cwd=REPO).returncode != 0:
         pytest.skip("the venv is not set up by `make setup` (make would install it)")
@@ -164,6 +168,7 @@ def test_make_reproduce_he2019_dry_run_prints_the_plan_and_without_coco_stops(tm
     assert "make mini" in real.stderr
 
 
+@pytest.mark.slow
 def test_plan_full_shows_every_resolved_value_of_every_run(tmp_path):
     """`bench plan --full` is the config dump a user reads before spending GPU time: every
     field of every run's resolved spec, enough to rebuild the run exactly."""

@@ -208,6 +208,7 @@ def test_torchvision_weights_come_from_torchs_cache_and_say_how_to_get_them(tmp_
         load_imagenet_backbone("torchvision:resnet18/NOPE", SCRATCH.model)
 
 
+@pytest.mark.slow
 def test_box_losses_are_detectron2s_l1_and_torchvisions_smooth_l1_at_beta_one_ninth():
     """The RPN and box-head box losses take model.box_loss_beta: 0 (L1, detectron2) by
     default; at 1/9 they are exactly torchvision's own losses."""

@@ -6,12 +6,16 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from bench import recipe, runner
 from bench.rundir import RunDir, run_dir_for
 from bench.spec import RunSpec
 from conftest import TWO_LAYOUTS, write_recipe
+
+# trains, or launches processes: the full suite only (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
 
 
 def _free_port():

@@ -13,6 +13,9 @@ from bench import recipe
 from bench.engines.torchvision.train import train
 from bench.rundir import RunDir
 
+# trains, or launches processes: the full suite only (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 TIMING = ("wall", "time", "data_time", "eval_time")
 
 

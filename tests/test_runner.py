@@ -2,6 +2,8 @@
 
 from collections import namedtuple
 
+import pytest
+
 from bench import interrupt, runner
 from bench.rundir import RunDir, run_dir_for
 
@@ -55,6 +57,7 @@ def test_no_slot_is_an_error_not_a_hang(tmp_path):
         runner.run([], tmp_path, device="cuda", slots=[], progress=False)
 
 
+@pytest.mark.slow
 def test_a_run_dir_is_trained_by_one_process_at_a_time(tmp_path):
     import fcntl
     import subprocess
@@ -77,6 +80,7 @@ def test_a_run_dir_is_trained_by_one_process_at_a_time(tmp_path):
     assert not rd.metrics_file.exists()
 
 
+@pytest.mark.slow
 def test_a_run_another_bench_run_is_training_is_left_to_it_not_failed(tmp_path, capsys):
     # Two `bench run` of one study at once: each trained its share, but each exited 1 and
     # listed as failed the runs the other one was training.
@@ -101,6 +105,7 @@ def test_a_run_another_bench_run_is_training_is_left_to_it_not_failed(tmp_path, 
     assert f"trained by another process: {spec.run_id}" in printed
 
 
+@pytest.mark.slow
 def test_a_run_that_does_not_stop_in_time_is_killed_with_its_children():
     """The last resort of a stopping runner reaches torchrun's workers, not only torchrun."""
     import os

@@ -66,6 +66,7 @@ def test_a_multi_node_job_rendezvouses_at_its_first_node_on_a_port_of_its_job_id
     assert one[1:4] == ["-m", "bench.worker", "/runs/x"]
 
 
+@pytest.mark.slow
 def test_without_sbatch_slurm_is_one_line_before_anything_runs(tmp_path):
     path = write_recipe(tmp_path, scratch_study(9))
     env = dict(os.environ, PATH=os.path.dirname(sys.executable))

@@ -11,6 +11,7 @@ import pytest
 from slurm_cluster import slurm_missing
 
 pytestmark = [
+    pytest.mark.slow,  # starts a real Slurm
     pytest.mark.skipif(slurm_missing() is not None, reason=str(slurm_missing())),
     pytest.mark.timeout(180),
 ]

@@ -51,6 +51,7 @@ def test_a_run_whose_process_died_shows_as_interrupted(tmp_path):
     assert status.row(spec, tmp_path / "never-started")["state"] == "queued"
 
 
+@pytest.mark.slow
 def test_status_is_a_table_with_a_summary_and_the_failures(tmp_path):
     path = write_recipe(tmp_path, scratch_study(180))
     spec = _spec(tmp_path)
@@ -69,6 +70,7 @@ def test_status_is_a_table_with_a_summary_and_the_failures(tmp_path):
     assert f"  failed {spec.run_id}: NonFiniteLoss: loss is nan at iteration 20" in lines
 
 
+@pytest.mark.slow
 def test_damaged_run_files_read_as_unknown_not_as_a_traceback(tmp_path):
     """status.json and metrics.jsonl are rewritten by a rerun: damage reads as queued, and a
     row that is not a metrics row is skipped. spec.yaml is the run's record: its damage is
