@@ -18,7 +18,7 @@ SPEED_ARGS ?= --iters 20 --warmup 5
 help:
 	@echo "make mini     generate data, pre-train, train and evaluate every mini run, write figures"
 	@echo "make test     run the test suite (CPU only; about 15 min)"
-	@echo "make test-fast  the tests that train nothing and start no process (under 90 s): the change-test loop"
+	@echo "make test-fast  the tests that train nothing and start no training process (about 30 s): the change-test loop"
 	@echo "make figures  redraw every figure and table under results/ (and results/index.html) from the committed run files"
 	@echo "make setup    create .venv and install the suite (done by the targets above)"
 	@echo "make parity   the parity pair (10 seeds per engine and arm, 1,440 iterations) through both engines, side by side (needs detectron2 in .venv; about 4.5 h on 2 CPU cores)"

@@ -89,6 +89,22 @@ def test_our_resnet_weights_take_detectron2s_names_and_bgr_order(depth, norm):
         to_detectron2({"head.weight": torch.zeros(1)}, "x.pth")
 
 
+@needs_d2
+def test_a_backbone_of_another_shape_is_one_line_naming_the_tensor_in_detectron2s_resnet(
+        tmp_path):
+    # load_state_dict's size mismatch is a multi-line RuntimeError, which escaped preflight
+    from bench import engines
+    from bench.engines.detectron2.train import load_backbone_state
+    spec = next(s for s in d2_study(tmp_path).runs if s.init == "imagenet")
+    state = build_backbone(spec.model).body.state_dict()
+    state["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)  # 3x3 in a ResNet-18
+    model = engines.get("detectron2").build_model(spec, 1)
+    with pytest.raises(ValueError, match=r"does not fit detectron2's ResNet-18 \(shape of "
+                                         r"res2.0.conv1.weight: \(64, 64, 1, 1\)") as e:
+        load_backbone_state(model, spec, state, log=lambda m: None)
+    assert "\n" not in str(e.value) and "pre-train a matching backbone" in str(e.value)
+
+
 def test_the_parity_study_runs_every_pair_through_both_engines(tmp_path):
     from bench import parity
     study = recipe.load(REPO / "recipes/parity/pair.yaml")
@@ -129,6 +145,7 @@ def test_bench_parity_pools_seeds_and_compares_final_aps_only(tmp_path):
     assert "3/3 done" in text and "2/3 done" in text and "99.0" not in text
 
 
+@pytest.mark.slow  # bench.cli processes
 @pytest.mark.skipif(HAS_D2, reason="detectron2 is installed here")
 @pytest.mark.parametrize("cmd", ["run", "parity"])
 def test_without_detectron2_asking_for_it_is_one_line_saying_how_to_install_it(tmp_path, cmd):
@@ -615,6 +632,7 @@ def test_bench_speed_times_the_same_model_through_detectron2_and_prints_the_rati
     assert sorted(r.split(",")[2] for r in rows) == ["detectron2", "torchvision"]
 
 
+@pytest.mark.slow  # a bench.cli process
 @pytest.mark.skipif(HAS_D2, reason="detectron2 is installed here")
 def test_bench_speed_vs_detectron2_without_it_is_one_line(tmp_path):
     out = _speed(tmp_path, "--vs-detectron2")

@@ -165,6 +165,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
         recipe.load(path)
 
 
+@pytest.mark.slow  # a bench.cli process
 def test_cli_rejects_a_bad_recipe_in_one_line_before_training(tmp_path):
     path = write_recipe(tmp_path, f"study: bad\n{BASE}run: {{model: {{norm: gn}}}}\n")
     out = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(path),
