@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from bench.procs import running
+
 STATES = ("queued", "running", "done", "failed")
 
 
@@ -182,7 +184,7 @@ class RunDir:
         prefix = f".status.json.tmp-{socket.gethostname()}-"
         for tmp in self.path.glob(prefix + "*"):
             pid = tmp.name[len(prefix):]
-            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            if pid.isdigit() and not running(pid):
                 tmp.unlink(missing_ok=True)
 
     def write_status(self, state, **fields):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from bench import fork, interrupt
 from bench.procs import BUSY, is_torchrun, kill_tree, stop_workers, worker_command
-from bench.rundir import RunBusy, RunDir, is_done, run_dir_for
+from bench.rundir import WARNING, RunBusy, RunDir, is_done, run_dir_for
 
 
 # How long a stopping runner waits for its runs to checkpoint the iteration they are on
@@ -289,7 +289,6 @@ def _record_failure(run_dir, reason):
 def _echo_warnings(job):
     """Show on the console the warnings a worker logged since the last look (a corrupt
     checkpoint skipped, a run trained again from 0): log.txt alone is read too late."""
-    from bench.rundir import WARNING
     try:
         with open(job.run_dir / "log.txt", "rb") as f:
             f.seek(job.log_seen)

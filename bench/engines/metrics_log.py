@@ -6,6 +6,8 @@ import time
 
 from torch.utils.tensorboard import SummaryWriter
 
+from bench.rundir import WARNING
+
 
 class MetricsLog:
     """Call with a row dict: appended to metrics.jsonl, its numbers to TensorBoard."""
@@ -60,7 +62,6 @@ def open_session(rd, start: int, max_iter: int, train_images: int, main: bool = 
         reached = max([rd.read_status().get("iteration") or 0]
                       + [r.get("iteration", 0) for r in rd.read_metrics()])
         if start == 0 and reached > 0:
-            from bench.rundir import WARNING
             log(f"{WARNING}{rd.path.name} had reached iteration {reached} but has no "
                 f"checkpoint to resume from in {rd.checkpoints}: training it again from "
                 f"iteration 0 (its metrics rows are replaced)")
