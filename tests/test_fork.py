@@ -50,9 +50,10 @@ def test_the_mini_study_is_six_families_each_forking_at_the_first_lr_drops():
     by_id = {s.run_id: s for s in study.runs}
     for parent_id, children in fams.items():
         parent = by_id[parent_id]
-        assert parent.solver.schedule == "5x"
+        assert parent.solver.schedule == "7x"
         assert sorted((c.solver.schedule, f) for c, f in children) == [("2x", 1440),
-                                                                        ("4x", 3600)]
+                                                                        ("4x", 3600),
+                                                                        ("6x", 5760)]
         for child, f in children:
             assert f == min(child.solver.steps)
             # the LR of every iteration before the fork point is the parent's
