@@ -15,7 +15,6 @@ Errors in recipes, data or checkpoints end with one line naming the file, the ke
 """
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -73,22 +72,7 @@ def cmd_data(args):
 
 def cmd_pretrain(args):
     from bench import pretrain
-    done = set()
-    for study in _studies(args):
-        if study.pretrain is None:
-            print(f"{study.path}: no `pretrain:` section; its imagenet init comes from elsewhere")
-            continue
-        for spec in study.runs:
-            if spec.init != "imagenet" or spec.pretrained in done:
-                continue
-            done.add(spec.pretrained)
-            if not args.force and pretrain.is_done(spec.pretrained, spec.model, study.pretrain):
-                print(f"{spec.pretrained}: already pre-trained, skipped (--force to redo)")
-                continue
-            device = _device(args.device)
-            workers = args.workers if args.workers >= 0 else (4 if device == "cuda" else 0)
-            pretrain.pretrain(spec.model, study.pretrain, spec.pretrained, device=device,
-                              workers=workers)
+    pretrain.run_command(_studies(args), lambda: _device(args.device), args.workers, args.force)
 
 
 def cmd_plan(args):
@@ -98,21 +82,9 @@ def cmd_plan(args):
     plan.report(_studies(args), root, args.gpu, full=args.full, as_json=args.json)
 
 
-def _only(specs, only):
-    """The runs whose id contains `only`; none is a mistake (a typo), not an empty success."""
-    if not only:
-        return specs
-    kept = [s for s in specs if only in s.run_id]
-    if specs and not kept:
-        from bench.spec import SpecError
-        raise SpecError(f"--only {only!r} matches none of the {len(specs)} runs (e.g. "
-                        f"{specs[0].run_id}); `bench plan` lists their ids")
-    return kept
-
-
 def cmd_speed(args):
     from bench import speed
-    specs = _only([s for study in _studies(args) for s in study.runs], args.only)
+    specs = plan.select([s for study in _studies(args) for s in study.runs], args.only)
     speed.run_command(specs, _device(args.device), vs_detectron2=args.vs_detectron2,
                       force=args.force, to_table=args.record, warmup=args.warmup,
                       iters=args.iters)
@@ -121,24 +93,20 @@ def cmd_speed(args):
 def cmd_run(args):
     from bench import runner
     studies = _studies(args)
-    specs = _only([s for study in studies for s in study.runs], args.only)
+    specs = plan.select([s for study in studies for s in study.runs], args.only)
     root = Path(args.runs_root) if args.runs_root else runs_root()
     device = _device(args.device)
-    slot_names = runner.default_slots(device, args.threads, args.per_gpu)
-    if args.slots:
-        if device == "cuda" and args.slots > len(slot_names):
-            raise SystemExit(f"bench run: --slots {args.slots} but {len(slot_names)} GPU slot(s) "
-                             f"are visible; share GPUs between small runs with --per-gpu N")
-        slot_names = (slot_names[:args.slots] if device == "cuda"
-                      else [f"cpu{k}" for k in range(args.slots)])
-    if args.slurm:
-        return _run_on_slurm(args, studies, specs, root)
+    slot_names = runner.default_slots(device, args.threads, args.per_gpu, args.slots)
+    if args.slurm:  # one Slurm job per unfinished run; followed unless --no-wait
+        from bench import slurm
+        return slurm.run_study(studies, specs, root, slurm.options_from(args),
+                               wait=not args.no_wait)
     from bench import group
     if group.under_torchrun():
         preflight.check(studies, specs, root)
         outcome = group.run_in_group(specs, root, device=device, workers=args.workers)
         if int(os.environ.get("RANK", 0)) == 0:
-            _print_outcome(outcome)
+            outcome.print_summary()
         return 1 if outcome.failed else 0
     nodes = runner.Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port)
     if not 0 <= nodes.node_rank < nodes.nnodes:
@@ -152,19 +120,8 @@ def cmd_run(args):
     outcome = runner.run(specs, root, device=device, slots=slot_names, threads=args.threads,
                          workers=args.workers, nodes=nodes,
                          forking=(lambda s: not args.no_fork and s.run_id not in no_fork))
-    _print_outcome(outcome)
+    outcome.print_summary()
     return 1 if outcome.failed else 0
-
-
-def _print_outcome(outcome):
-    print(f"done {len(outcome.done)}, skipped (already done) {len(outcome.skipped)}, "
-          f"failed {len(outcome.failed)}" + (f", trained by another process "
-                                             f"{len(outcome.elsewhere)}" if outcome.elsewhere
-                                             else ""))
-    for run_id, reason in outcome.failed:
-        print(f"  failed {run_id}: {reason}")
-    for run_id in outcome.elsewhere:
-        print(f"  trained by another process: {run_id} (bench status shows how far it is)")
 
 
 def cmd_parity(args):
@@ -172,44 +129,13 @@ def cmd_parity(args):
     for study in _studies(args):
         parity.check(study)  # before any training
     code = cmd_run(args)
-    root = Path(args.runs_root) if args.runs_root else runs_root()
-    for study in _studies(args):
-        print(f"\n{study.name}: torchvision (tv) and detectron2 (d2) engines; AP in percent, "
-              f"s/iter the median of the train rows")
-        print(parity.format_table(parity.rows(study, root)))
+    parity.report(_studies(args), Path(args.runs_root) if args.runs_root else runs_root())
     return code
-
-
-def _run_on_slurm(args, studies, specs, root):
-    """One Slurm job per unfinished run (bench.slurm); then follow them unless --no-wait."""
-    from bench import slurm
-    options = {k: getattr(args, f"slurm_{k}") for k in slurm.SlurmOptions.fields()
-               if getattr(args, f"slurm_{k}", None) is not None}
-    return slurm.run_study(studies, specs, root, options, wait=not args.no_wait)
 
 
 def cmd_subsets(args):
     from bench.data import subsets
-    ann = Path(args.annotations)
-    if not ann.is_file():
-        raise FileNotFoundError(f"--annotations {ann}: no such file; give the path of "
-                                f"instances_train2017.json")
-    out = Path(args.out) if args.out else ann.parent.parent / "bench_subsets"
-    from bench.data.coco import AnnotationError
-    from bench.spec import SpecError
-    bad = [n for n in args.sizes if n <= 0]
-    if bad:
-        raise SpecError(f"--sizes {bad[0]}: a subset is a positive number of images")
-    try:
-        paths = subsets.write_subsets(ann, sorted(args.sizes), out, args.seed)
-    except AnnotationError:
-        raise
-    except ValueError as e:  # more images asked than the file has
-        raise SpecError(f"{ann}: {e}") from None
-    for path in paths:
-        doc = json.loads(path.read_text())
-        print(f"{path}: {doc['size']} images, ids sha256 {doc['image_ids_sha256'][:12]}, "
-              f"from {doc['annotations']} sha256 {doc['annotations_sha256'][:12]}")
+    subsets.run_command(Path(args.annotations), args.sizes, args.out, args.seed)
 
 
 def cmd_status(args):
@@ -304,22 +230,8 @@ def main(argv=None):
     p.add_argument("--master-addr", default="127.0.0.1", metavar="HOST", help="node 0's address")
     p.add_argument("--master-port", type=int, default=29500, metavar="PORT",
                    help="base port on node 0 (each run uses base + a number from its id)")
-    g = p.add_argument_group("Slurm (also settable in a recipe's slurm: section)")
-    g.add_argument("--slurm", action="store_true",
-                   help="submit each unfinished run as a Slurm job (submitit) instead")
-    g.add_argument("--partition", dest="slurm_partition", metavar="NAME")
-    g.add_argument("--account", dest="slurm_account", metavar="NAME")
-    g.add_argument("--qos", dest="slurm_qos", metavar="NAME")
-    g.add_argument("--constraint", dest="slurm_constraint", metavar="FEATURES")
-    g.add_argument("--time", dest="slurm_time", type=int, metavar="MINUTES",
-                   help="per job (default 4320); a run that needs longer requeues itself")
-    g.add_argument("--gpus-per-node", dest="slurm_gpus_per_node", type=int, metavar="N",
-                   help="default 8; 0 for CPU nodes")
-    g.add_argument("--cpus-per-gpu", dest="slurm_cpus_per_gpu", type=int, metavar="N",
-                   help="default 8")
-    g.add_argument("--mem-gb", dest="slurm_mem_gb", type=int, metavar="GB", help="per node")
-    g.add_argument("--no-wait", action="store_true",
-                   help="return once submitted (`bench status` follows the runs)")
+    from bench.slurm import add_arguments
+    add_arguments(p.add_argument_group("Slurm (also settable in a recipe's slurm: section)"))
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("parity", help="a recipe pair through both engines (torchvision, "

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from bench.rundir import RunBusy, RunDir, atomic_write_text, run_dir_for
+from bench.rundir import LOG_PERIOD, RunBusy, RunDir, atomic_write_text, run_dir_for
 
 FORKS_FILE = "forks.json"
 
@@ -141,7 +141,7 @@ def fork(parent_spec, parent_dir, child_spec, child_dir, f):
         raise ForkUnavailable(f"parent checkpoint {source} is unreadable "
                               f"({unreadable_reason(e)})") from None
     rows = [r for r in prd.read_metrics() if r["iteration"] <= f]
-    if not rows or max(r["iteration"] for r in rows) < f - 20:
+    if not rows or max(r["iteration"] for r in rows) < f - LOG_PERIOD:
         raise ForkUnavailable(f"parent metrics {prd.metrics_file} lack the rows up to {f}")
 
     crd.write_spec(child_spec)

@@ -98,6 +98,14 @@ COLUMNS = ["run", "seeds", "params tv", "params d2", "s/iter tv", "s/iter d2", "
            "state d2"]
 
 
+def report(studies, root):
+    """`bench parity`'s table of each study, after training."""
+    for study in studies:
+        print(f"\n{study.name}: torchvision (tv) and detectron2 (d2) engines; AP in percent, "
+              f"s/iter the median of the train rows")
+        print(format_table(rows(study, root)))
+
+
 def format_table(table) -> str:
     def fmt(column, v):
         if v is None:

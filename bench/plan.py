@@ -2,6 +2,19 @@
 run, and its GPU-hours from the measured throughput table (no estimate, never a guess)."""
 
 
+def select(specs, only):
+    """The runs whose id contains `only` (--only); none is a mistake (a typo), not an empty
+    success."""
+    if not only:
+        return specs
+    kept = [s for s in specs if only in s.run_id]
+    if specs and not kept:
+        from bench.spec import SpecError
+        raise SpecError(f"--only {only!r} matches none of the {len(specs)} runs (e.g. "
+                        f"{specs[0].run_id}); `bench plan` lists their ids")
+    return kept
+
+
 def rows(studies, root, gpu="H100", full=False):
     """One row per run: what it trains, and its GPU-hours from the measured throughput table
     (None when this model was never measured on a `gpu`: no estimate, never a guess); with

@@ -99,6 +99,27 @@ def set_aside(path: str):
     return kept
 
 
+def run_command(studies, device, workers: int, force: bool):
+    """`bench pretrain`: each backbone the studies name as their imagenet init, once, unless
+    already made (`force`: again). `device()` is asked only when something is trained;
+    `workers` < 0: 4 loader processes on a GPU, none on a CPU."""
+    done = set()
+    for study in studies:
+        if study.pretrain is None:
+            print(f"{study.path}: no `pretrain:` section; its imagenet init comes from elsewhere")
+            continue
+        for spec in study.runs:
+            if spec.init != "imagenet" or spec.pretrained in done:
+                continue
+            done.add(spec.pretrained)
+            if not force and is_done(spec.pretrained, spec.model, study.pretrain):
+                print(f"{spec.pretrained}: already pre-trained, skipped (--force to redo)")
+                continue
+            on = device()
+            pretrain(spec.model, study.pretrain, spec.pretrained, device=on,
+                     workers=workers if workers >= 0 else (4 if on == "cuda" else 0))
+
+
 def pretrain(model_spec, p, out_path: str, device="cpu", workers=0, log=print) -> dict:
     """Train the backbone as a classifier on the source set; `workers` loader processes keep a
     GPU fed (the data order and flips come from seeded generators either way)."""

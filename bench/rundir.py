@@ -27,6 +27,9 @@ from bench.procs import running
 STATES = ("queued", "running", "done", "failed")
 
 
+# metrics.jsonl has a train row every LOG_PERIOD iterations (and at the last), whatever the engine
+LOG_PERIOD = 20
+
 # A worker's log line with this prefix is also shown on the runner's console (bench.runner)
 WARNING = "warning: "
 

@@ -74,6 +74,15 @@ class Outcome:
     # held by another process (a second `bench run` of the study): not this call's failure
     elsewhere: List[str] = field(default_factory=list)
 
+    def print_summary(self):
+        print(f"done {len(self.done)}, skipped (already done) {len(self.skipped)}, "
+              f"failed {len(self.failed)}" + (f", trained by another process "
+                                              f"{len(self.elsewhere)}" if self.elsewhere else ""))
+        for run_id, reason in self.failed:
+            print(f"  failed {run_id}: {reason}")
+        for run_id in self.elsewhere:
+            print(f"  trained by another process: {run_id} (bench status shows how far it is)")
+
 
 def _cuda_count():
     try:
@@ -83,11 +92,20 @@ def _cuda_count():
         return 0
 
 
-def default_slots(device: str, threads: int, per_gpu: int = 1) -> List[str]:
-    """One slot per GPU (or `per_gpu` small runs sharing each GPU), or cores/threads CPU slots.
+def default_slots(device: str, threads: int, per_gpu: int = 1, count: int = 0) -> List[str]:
+    """One slot per GPU (or `per_gpu` small runs sharing each GPU), or cores/threads CPU slots;
+    `count` (--slots) of them when given.
 
     Slot names are `cuda:<id>#<k>`: the id goes to CUDA_VISIBLE_DEVICES of the run.
     """
+    if count:
+        slots = default_slots(device, threads, per_gpu)
+        if device != "cuda":
+            return [f"cpu{k}" for k in range(count)]
+        if count > len(slots):
+            raise SystemExit(f"bench run: --slots {count} but {len(slots)} GPU slot(s) are "
+                             f"visible; share GPUs between small runs with --per-gpu N")
+        return slots[:count]
     if device == "cuda":
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = visible.split(",") if visible else [str(i) for i in range(_cuda_count())]

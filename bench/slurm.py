@@ -35,6 +35,31 @@ from bench.procs import (children, is_torchrun, kill_tree, running, stop_workers
 SIGNAL_DELAY_S = 240
 
 
+def add_arguments(g):
+    """`bench run`'s Slurm options (argparse group `g`); options_from reads them back."""
+    g.add_argument("--slurm", action="store_true",
+                   help="submit each unfinished run as a Slurm job (submitit) instead")
+    g.add_argument("--partition", dest="slurm_partition", metavar="NAME")
+    g.add_argument("--account", dest="slurm_account", metavar="NAME")
+    g.add_argument("--qos", dest="slurm_qos", metavar="NAME")
+    g.add_argument("--constraint", dest="slurm_constraint", metavar="FEATURES")
+    g.add_argument("--time", dest="slurm_time", type=int, metavar="MINUTES",
+                   help="per job (default 4320); a run that needs longer requeues itself")
+    g.add_argument("--gpus-per-node", dest="slurm_gpus_per_node", type=int, metavar="N",
+                   help="default 8; 0 for CPU nodes")
+    g.add_argument("--cpus-per-gpu", dest="slurm_cpus_per_gpu", type=int, metavar="N",
+                   help="default 8")
+    g.add_argument("--mem-gb", dest="slurm_mem_gb", type=int, metavar="GB", help="per node")
+    g.add_argument("--no-wait", action="store_true",
+                   help="return once submitted (`bench status` follows the runs)")
+
+
+def options_from(args) -> dict:
+    """The SlurmOptions values given on the command line (the rest: recipe or default)."""
+    return {k: getattr(args, f"slurm_{k}") for k in SlurmOptions.fields()
+            if getattr(args, f"slurm_{k}", None) is not None}
+
+
 @dataclass(frozen=True)
 class SlurmOptions:
     """Where and how the jobs run; never part of a run's identity (set from CLI or a recipe)."""

@@ -125,7 +125,7 @@ def test_a_full_disk_ends_a_run_as_one_line_naming_the_iteration_and_the_checkpo
 
 
 def test_a_status_that_could_not_be_written_is_recorded_when_there_is_room(tmp_path):
-    from bench.engines.metrics_log import open_session
+    from bench.engines.session import open_session
     from bench.rundir import RunDir, atomic_write_text
     from bench.runner import _record_failure
     rd = RunDir(tmp_path / "run")

@@ -38,6 +38,33 @@ def test_the_detectron2_engine_imports_nothing_of_the_torchvision_engine():
     assert reaching == []
 
 
+# What only the shared run session (bench/engines/session.py) may do to a run dir in training
+RUN_DIR_WRITES = {"write_status", "append_metrics", "truncate_metrics", "save"}
+
+
+def _calls(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            yield ast.unparse(node.func)
+
+
+@pytest.mark.parametrize("name", list(engines.ENGINES))
+def test_each_engines_trainer_leaves_the_run_dir_to_the_one_session_both_share(name):
+    trainer = PACKAGE / "engines" / name / "train.py"
+    written = [call for call in _calls(trainer)
+               if call.rsplit(".", 1)[-1] in RUN_DIR_WRITES and call != "rd.write_spec"]
+    assert written == []  # rows, status, checkpoints and per-image files: session.py's
+    assert "bench.engines.session.RunSession" in set(_imports(trainer))
+
+
+def test_the_train_row_period_is_defined_once():
+    defined = [str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py")
+               for node in ast.walk(ast.parse(p.read_text()))
+               if isinstance(node, ast.Assign)
+               and any(getattr(t, "id", None) == "LOG_PERIOD" for t in node.targets)]
+    assert defined == ["bench/rundir.py"]
+
+
 @pytest.mark.parametrize("name", list(engines.ENGINES))
 def test_every_engine_answers_the_whole_interface(name):
     engine = engines.get(name)

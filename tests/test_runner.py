@@ -86,7 +86,7 @@ def test_a_run_another_bench_run_is_training_is_left_to_it_not_failed(tmp_path, 
     # listed as failed the runs the other one was training.
     import fcntl
 
-    from bench import cli, recipe, worker
+    from bench import recipe, worker
     from conftest import REPO
     assert runner.BUSY == worker.BUSY
     spec = recipe.load(REPO / "recipes/mini/study.yaml").runs[0]
@@ -99,7 +99,7 @@ def test_a_run_another_bench_run_is_training_is_left_to_it_not_failed(tmp_path, 
         outcome = runner.run([spec], tmp_path, device="cpu", slots=["cpu0"], progress=False,
                              log=lambda m: None)
     assert outcome.failed == [] and outcome.elsewhere == [spec.run_id]
-    cli._print_outcome(outcome)
+    outcome.print_summary()
     printed = capsys.readouterr().out
     assert "failed 0, trained by another process 1" in printed
     assert f"trained by another process: {spec.run_id}" in printed
@@ -172,7 +172,7 @@ def test_a_workers_warnings_reach_the_runners_console_once_each(tmp_path, capsys
 def test_a_run_trained_again_from_0_though_it_had_progressed_says_so(tmp_path):
     # Its checkpoints are gone (deleted, or it was killed before the first), its status and
     # rows say iteration 61: the rows are replaced, and that is said, not done silently.
-    from bench.engines.metrics_log import open_session
+    from bench.engines.session import open_session
     rd = RunDir(tmp_path / "run")
     rd.write_status("running", iteration=61, max_iter=63)
     for it in (20, 40, 60):

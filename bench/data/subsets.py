@@ -80,3 +80,27 @@ def read_subset(path, ann_file, size=None, seed=None):
         raise ValueError(f"{path} was drawn from another {Path(ann_file).name} than {ann_file}; "
                          f"delete it to draw the subset from this annotation file")
     return ids
+
+
+def run_command(ann: Path, sizes, out, seed: int):
+    """`bench subsets`: write the nested subsets of `ann` (default folder: bench_subsets/
+    beside annotations/, where `bench run` looks) and print what each holds."""
+    from bench.spec import SpecError
+    if not ann.is_file():
+        raise FileNotFoundError(f"--annotations {ann}: no such file; give the path of "
+                                f"instances_train2017.json")
+    out = Path(out) if out else ann.parent.parent / "bench_subsets"
+    bad = [n for n in sizes if n <= 0]
+    if bad:
+        raise SpecError(f"--sizes {bad[0]}: a subset is a positive number of images")
+    from bench.data.coco import AnnotationError
+    try:
+        paths = write_subsets(ann, sorted(sizes), out, seed)
+    except AnnotationError:  # already names the file and the fix
+        raise
+    except ValueError as e:  # more images asked than the file has
+        raise SpecError(f"{ann}: {e}") from None
+    for path in paths:
+        doc = json.loads(path.read_text())
+        print(f"{path}: {doc['size']} images, ids sha256 {doc['image_ids_sha256'][:12]}, "
+              f"from {doc['annotations']} sha256 {doc['annotations_sha256'][:12]}")

@@ -5,10 +5,10 @@ detectron2/config.py), the optimizer (its `build_optimizer`: SGD, no decay on no
 LR schedule (`build_lr_scheduler`: linear warm-up, then steps), the data pipeline
 (`DatasetMapper`, `build_detection_train_loader` with its aspect-ratio grouping), trains with
 its `SimpleTrainer` (`AMPTrainer` when solver.amp is set) and evaluates with its
-`COCOEvaluator`. What is ours is the run dir around it, kept by one hook (RunDirHook):
-metrics.jsonl rows at the torchvision engine's iterations with its keys, status.json, atomic
-last-K checkpoints (bench.checkpoint), the checkpoints shorter schedules fork from
-(bench.fork), and stop requests (bench.interrupt). Under torchrun the runner's process group
+`COCOEvaluator`. What is ours is the run dir around it: one hook (RunDirHook) hands each step
+to the run session both engines share (bench.engines.session: metrics.jsonl rows with the
+torchvision engine's keys, status.json, atomic last-K checkpoints, the checkpoints shorter
+schedules fork from, evaluations, stop requests). Under torchrun the runner's process group
 is detectron2's.
 
 Resume: model, optimizer, gradient scaler, the open log window and the iteration come back;
@@ -35,17 +35,16 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from torch.nn.parallel import DistributedDataParallel
 
-from bench import checkpoint, distributed, engines, fork, interrupt, per_image, schedule
+from bench import checkpoint, distributed, engines, interrupt, per_image
 from bench.engines.detectron2 import data as d2data
 from bench.engines.detectron2.config import Untranslatable, flatten, translate
 from bench.engines.detectron2.weights import to_detectron2
-from bench.engines.metrics_log import evaluated, open_session
+from bench.engines.session import RunSession
 from bench.engines.coco_stats import STAT_NAMES, no_detection_stats
 from bench.imagenet import load_imagenet_backbone
 from bench.norms import backbone_init_, init_mask_logits_
 from bench.rundir import RunDir
 
-LOG_PERIOD = 20
 # detectron2's loss names -> the torchvision engine's, so both engines' metrics.jsonl rows
 # have the same keys (bench.analysis reads either)
 LOSS_KEYS = {"total_loss": "loss", "loss_cls": "loss_classifier", "loss_box_reg": "loss_box_reg",
@@ -140,84 +139,36 @@ def _seek_lr(scheduler, optimizer, iteration):
 
 
 class RunDirHook(HookBase):
-    """Everything the run dir gets, after each of detectron2's steps (registered last, so the
-    step's losses, data time and LR are in the event storage)."""
+    """Hands each of detectron2's steps to the run session (registered last, so the step's
+    losses, data time and LR are in the event storage)."""
 
-    def __init__(self, spec, rd, world, device, evaluate, save, log_row, spent, log, window):
-        self.spec, self.rd, self.world, self.device = spec, rd, world, device
-        self.evaluate, self.save, self.log_row, self.spent, self.log = \
-            evaluate, save, log_row, spent, log
-        self.window = window  # {"n", "losses"} of the open train row, from the checkpoint
-        # the iterations done so far, for a failure's status (trainer.iter is one behind
-        # while this hook saves or evaluates, and 0 before training starts)
-        self.reached = None
-        self.time = self.data_time = 0.0
-        self.timed = 0
-
-    def evaluate_at(self, done):
-        out = self.evaluate()
-        if self.world.main:
-            stats, kept = out
-            per_image.save(self.rd.per_image_file(done), kept)  # before the row announcing it
-            self.log_row({"type": "eval", "iteration": done,
-                          "images_seen": done * self.spec.solver.batch, "wall": time.time(),
-                          **stats})
+    def __init__(self, session, solver, world, device):
+        self.session, self.solver, self.world, self.device = session, solver, world, device
 
     def before_step(self):
         self.t_step = time.perf_counter()
 
     def after_step(self):
-        spec, solver, world = self.spec, self.spec.solver, self.world
-        done = self.reached = self.trainer.iter + 1
-        storage = self.trainer.storage
-        self.time += time.perf_counter() - self.t_step
-        self.timed += 1
-        if world.main:
+        seconds = time.perf_counter() - self.t_step
+        storage, losses, data_time = self.trainer.storage, None, None
+        if self.world.main:
             latest = storage.latest()
-            self.data_time += latest["data_time"][0]
-            for theirs, ours in LOSS_KEYS.items():
-                if theirs in latest and latest[theirs][1] == self.trainer.iter:
-                    self.window["losses"][ours] = \
-                        self.window["losses"].get(ours, 0.0) + latest[theirs][0]
-        self.window["n"] += 1
-        if done % LOG_PERIOD == 0 or done == solver.max_iter:
-            if world.main:
-                n = self.window["n"]
-                # detectron2 logs the LR of the group its LRScheduler hook picks (the largest),
-                # which with a bias_lr_factor can be the biases': log the base LR
-                groups = self.trainer.optimizer.param_groups
-                picked = groups[hooks.LRScheduler.get_best_param_group_id(self.trainer.optimizer)]
-                lr = storage.latest()["lr"][0] * solver.lr / picked.get("initial_lr", solver.lr)
-                row = {"type": "train", "iteration": done, "images_seen": done * solver.batch,
-                       "lr": lr, "time": self.time / self.timed,
-                       "data_time": self.data_time / self.timed, "wall": time.time(),
-                       **{k: v / n for k, v in self.window["losses"].items()}}
-                if self.device.type == "cuda":
-                    row["max_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-                self.log_row(row)
-                self.rd.write_status("running", iteration=done, max_iter=solver.max_iter,
-                                     sec_per_iter=row["time"], train_seconds=self.spent())
-            self.window.update(n=0, losses={})
-            self.time = self.data_time = 0.0
-            self.timed = 0
+            data_time = latest["data_time"][0]
+            losses = {ours: latest[theirs][0] for theirs, ours in LOSS_KEYS.items()
+                      if theirs in latest and latest[theirs][1] == self.trainer.iter}
         stop = interrupt.requested()
-        if world.size > 1:  # every process stops after the same iteration
+        if self.world.size > 1:  # every process stops after the same iteration
             flag = torch.tensor([float(stop)], device=self.device)
-            stop = distributed.mean(flag, world).item() > 0
-        # an eval iteration's checkpoint first: a failed evaluation loses no training
-        evaluates = schedule.is_eval_iteration(spec, done)
-        if (done % spec.checkpoint.period == 0 or done == solver.max_iter
-                or done in self.save.fork_points or stop or evaluates):
-            self.save(done)
-        if evaluates:
-            self.evaluate_at(done)
-        if stop and done < solver.max_iter:
-            self.log(f"stopped at iteration {done} on request, checkpoint saved; rerun to resume")
-            if world.main:
-                self.rd.write_status("queued", iteration=done, max_iter=solver.max_iter,
-                                     train_seconds=self.spent())
-            distributed.barrier(world)  # the others wait for rank 0's checkpoint
-            raise interrupt.Stopped(f"stopped at iteration {done}")
+            stop = distributed.mean(flag, self.world).item() > 0
+        self.session.step(seconds, data_time, losses, self._lr, stop)
+
+    def _lr(self):
+        # detectron2 logs the LR of the group its LRScheduler hook picks (the largest), which
+        # with a bias_lr_factor can be the biases': log the base LR
+        optimizer = self.trainer.optimizer
+        picked = optimizer.param_groups[hooks.LRScheduler.get_best_param_group_id(optimizer)]
+        lr = self.trainer.storage.latest()["lr"][0]
+        return lr * self.solver.lr / picked.get("initial_lr", self.solver.lr)
 
 
 def train(spec, run_dir, device="cpu", workers=0, log=print):
@@ -265,16 +216,9 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     elif spec.init == "imagenet":
         _load_backbone(model, spec, log)
     _seek_lr(scheduler, optimizer, start)
-    window = dict(state.get("log_window", {"n": 0, "losses": {}})) if state else \
-        {"n": 0, "losses": {}}
-    window["losses"] = dict(window["losses"])
 
-    pending_eval = (state is not None and schedule.is_eval_iteration(spec, start)
-                    and not evaluated(rd, start, world, device))
-    if start >= solver.max_iter and not pending_eval:
-        if world.main:
-            rd.truncate_metrics(start)
-            rd.write_status("done", iteration=start, max_iter=solver.max_iter)
+    session = RunSession(spec, rd, world, device, start, state, log)
+    if session.nothing_left():
         return rd
 
     net = model
@@ -315,35 +259,19 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         results = inference_on_dataset(model, test_loader, evaluator)
         if not world.main:
             return None
-        # NaN (a size range without ground truth) is written as null, as the torchvision
-        # engine does: strict JSON readers choke on NaN
-        stats = {f"{task}/{k}": None if v != v else v
-                 for task in sorted(results) for k, v in results[task].items()}
+        stats = {f"{task}/{k}": v for task in sorted(results) for k, v in results[task].items()}
         return {**stats, "eval_time": time.time() - t0, "detections": evaluator.detections}, \
             evaluator.per_image
 
-    fork_points = set(fork.requested(rd.path))
+    def engine_state():
+        return {"engine": "detectron2", "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "grad_scaler": trainer.grad_scaler.state_dict() if solver.amp == "fp16" else None}
 
-    def save(iteration):
-        if not world.main:
-            return
-        checkpoint.save(rd.checkpoints, iteration, {
-            "iteration": iteration, "engine": "detectron2", "model": net.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "grad_scaler": trainer.grad_scaler.state_dict() if solver.amp == "fp16" else None,
-            "log_window": {"n": hook.window["n"], "losses": dict(hook.window["losses"])},
-            "run_id": spec.run_id}, keep=spec.checkpoint.keep, protect=fork_points)
-    save.fork_points = fork_points
-
-    log_row, spent = open_session(rd, start, solver.max_iter, len(train_dicts),
-                                   world.main, log)
-    hook = RunDirHook(spec, rd, world, device, evaluate, save, log_row, spent, log, window)
-    hook.reached = start  # a pending evaluation of the resumed iteration comes first
-    trainer.register_hooks([hooks.LRScheduler(optimizer=optimizer, scheduler=scheduler), hook])
+    trainer.register_hooks([hooks.LRScheduler(optimizer=optimizer, scheduler=scheduler),
+                            RunDirHook(session, solver, world, device)])
     try:
-        if pending_eval:
-            log(f"evaluating iteration {start}: its checkpoint was saved, its evaluation was not")
-            hook.evaluate_at(start)
+        session.open(len(train_dicts), engine_state, evaluate)
         if start < solver.max_iter:
             trainer.train(start, solver.max_iter)
     except FloatingPointError as e:  # detectron2's check of the loss, on rank 0
@@ -355,16 +283,12 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         error.iteration_done = trainer.iter  # the iteration that failed, counted from 0
         raise error from None
     except BaseException as e:
-        if getattr(e, "iteration_done", None) is None:
-            e.iteration_done = hook.reached
+        session.failed(e)
         raise
     finally:
-        log_row.close()
+        session.close()
         _close_loader(trainer)
-    if world.main:
-        rd.write_status("done", iteration=solver.max_iter, max_iter=solver.max_iter,
-                        finished=time.time(), train_seconds=spent())
-    distributed.barrier(world)
+    session.finish()
     return rd
 
 

@@ -1,9 +1,9 @@
 """The torchvision engine's trainer: RunSpec in, trained and evaluated run dir out.
 
 Read top to bottom: build data, model and optimizer; resume from the newest checkpoint;
-loop over iterations (SGD, linear warm-up, step LR); log train rows every 20 iterations
-(metrics.jsonl and TensorBoard); evaluate every `eval.period` iterations and at the end;
-checkpoint every `checkpoint.period` iterations and at the end.
+loop over iterations (SGD, linear warm-up, step LR). What the run dir gets after each step
+(train rows, evaluations, checkpoints, status) is bench.engines.session's, shared with the
+detectron2 engine.
 
 A run of `gpus` > 1 is that many processes (bench.distributed) under DDP: each takes its
 slice of every batch (bench.data.sampler), evaluates its slice of the val set, and only
@@ -21,19 +21,16 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from bench import checkpoint, distributed, engines, fork, interrupt, per_image, schedule
+from bench import checkpoint, distributed, engines, interrupt, schedule
 from bench.data import registry
 from bench.data.coco import CocoDetection, load_coco
 from bench.data.sampler import PositionSampler, TrainStream, collate
-from bench.engines.metrics_log import evaluated, open_session
+from bench.engines.session import RunSession
 from bench.engines.torchvision.evaluate import evaluate
 from bench.engines.torchvision.model import build_detector, load_backbone_weights, use_input_sizes
 from bench.imagenet import load_imagenet_backbone
 from bench.norms import is_norm, use_torch_sync_bn
 from bench.rundir import RunDir
-
-LOG_PERIOD = 20
-
 
 class NonFiniteLoss(FloatingPointError):
     # The loss checked is the mean over processes, so every process raises this at the same
@@ -75,10 +72,6 @@ def datasets_for(spec):
     val = CocoDetection(files.val_images, files.val_annotations, train=False, masks=masks,
                         coco=load_coco(files.val_annotations))
     return train, val
-
-
-def _clean(value):
-    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -169,10 +162,6 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     optimizer = build_optimizer(model, solver)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: schedule.lr_factor(solver, it))
 
-    # Train rows average the loss terms since the previous row; the open window travels in
-    # the checkpoint, so a resumed run logs exactly the rows an uninterrupted one does.
-    window = {"time": 0.0, "data_time": 0.0, "timed": 0, "n": 0}
-    losses_sum = {}
     if state is not None:
         try:
             net.load_state_dict(state["model"])
@@ -189,8 +178,6 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base * schedule.lr_factor(solver, start)
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        logged = state.get("log_window", {"n": 0, "losses": {}})
-        window["n"], losses_sum = logged["n"], dict(logged["losses"])
         log(f"resumed {rd.path.name} at iteration {start}")
     if world.size > 1:
         # Every parameter gets a gradient in every pass (torchvision's heads return a zero
@@ -205,64 +192,40 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     if state is not None and state.get("grad_scaler") and stepper.scaler:
         stepper.scaler.load_state_dict(state["grad_scaler"])
 
-    # The checkpoint of an eval iteration is saved before the evaluation, so a failed or
-    # killed evaluation loses no training; its resume evaluates first.
-    pending_eval = (state is not None and schedule.is_eval_iteration(spec, start)
-                    and not evaluated(rd, start, world, device))
-    if start >= solver.max_iter and not pending_eval:
-        if world.main:
-            rd.truncate_metrics(start)
-            rd.write_status("done", iteration=start, max_iter=solver.max_iter)
+    session = RunSession(spec, rd, world, device, start, state, log)
+    if session.nothing_left():
         return rd
 
-    log_row, spent = open_session(rd, start, solver.max_iter, len(train_set), world.main,
-                                   log)
+    def engine_state():
+        return {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "grad_scaler": stepper.scaler.state_dict() if stepper.scaler else None}
 
-    def evaluate_at(done):
+    def evaluate_now():
         # plain BN's running statistics drift apart per process (buffers are not
         # broadcast while training): evaluate everywhere with rank 0's, the saved ones
         distributed.broadcast_buffers(net, world)
         kept = {}
         stats = evaluate(net, val_set, device, masks=spec.model.arch == "mask_rcnn",
                          backend=spec.eval.backend, world=world, per_image_out=kept)
-        if world.main:
-            per_image.save(rd.per_image_file(done), kept)  # before the row that announces it
-            log_row({"type": "eval", "iteration": done, "images_seen": done * solver.batch,
-                     "wall": time.time(), **{k: _clean(v) for k, v in stats.items()}})
+        return stats, kept
 
-    if pending_eval:
-        log(f"evaluating iteration {start}: its checkpoint was saved, its evaluation was not")
-        evaluate_at(start)
-    stream = TrainStream(train_set, seed=spec.seed, hflip=spec.data.hflip,
-                         group=micro if spec.data.aspect_grouping else 0)
-    # The loader gets its own generator: creating its iterator would otherwise draw a seed
-    # from the global RNG after a resume restored it, shifting every later RoI sampling
-    # draw and breaking exact resume. (The data order itself needs no RNG: bench.data.sampler.)
-    loader = torch.utils.data.DataLoader(
-        stream, batch_size=per_rank, num_workers=workers, collate_fn=collate,
-        sampler=PositionSampler(start, solver.max_iter, solver.batch, world.rank, world.size),
-        generator=torch.Generator().manual_seed(spec.seed),
-        worker_init_fn=interrupt.loader_worker_init if workers else None)
-
-    # Shorter schedules of this run's family start from its checkpoints at their first LR
-    # drop (bench.fork): save those too, and keep them.
-    fork_points = set(fork.requested(rd.path))
-
-    def save(iteration):
-        if not world.main:
-            return
-        checkpoint.save(rd.checkpoints, iteration, {
-            "iteration": iteration, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "grad_scaler": stepper.scaler.state_dict() if stepper.scaler else None,
-            "log_window": {"n": window["n"], "losses": dict(losses_sum)},
-            "run_id": spec.run_id}, keep=spec.checkpoint.keep, protect=fork_points)
-
-    passes = per_rank // micro
-
-    t_data = time.perf_counter()
-    done = start
     try:
+        session.open(len(train_set), engine_state, evaluate_now)
+        stream = TrainStream(train_set, seed=spec.seed, hflip=spec.data.hflip,
+                             group=micro if spec.data.aspect_grouping else 0)
+        # The loader gets its own generator: creating its iterator would otherwise draw a seed
+        # from the global RNG after a resume restored it, shifting every later RoI sampling
+        # draw and breaking exact resume. (The data order itself needs no RNG:
+        # bench.data.sampler.)
+        loader = torch.utils.data.DataLoader(
+            stream, batch_size=per_rank, num_workers=workers, collate_fn=collate,
+            sampler=PositionSampler(start, solver.max_iter, solver.batch, world.rank, world.size),
+            generator=torch.Generator().manual_seed(spec.seed),
+            worker_init_fn=interrupt.loader_worker_init if workers else None)
+        passes = per_rank // micro
+
+        t_data = time.perf_counter()
         for iteration, (images, targets) in enumerate(loader, start=start):
             t_step = time.perf_counter()
             images = [img.to(device, torch.float32, non_blocking=True) / 255 for img in images]
@@ -280,53 +243,14 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
             lr = optimizer.param_groups[0]["lr"]  # the LR this iteration trained with
             stepper.apply()
             scheduler.step()
-
-            done = iteration + 1
-            window["time"] += time.perf_counter() - t_data
-            window["data_time"] += t_step - t_data
-            window["n"] += 1
-            window["timed"] += 1
-            for k, v in loss_terms.items():
-                losses_sum[k] = losses_sum.get(k, 0.0) + v
-
-            if done % LOG_PERIOD == 0 or done == solver.max_iter:
-                n, timed = window["n"], window["timed"]
-                row = {"type": "train", "iteration": done, "images_seen": done * solver.batch,
-                       "lr": lr, "time": window["time"] / timed,
-                       "data_time": window["data_time"] / timed, "wall": time.time(),
-                       **{k: v / n for k, v in losses_sum.items()}}
-                if device.type == "cuda":
-                    row["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-                log_row(row)
-                if world.main:
-                    rd.write_status("running", iteration=done, max_iter=solver.max_iter,
-                                    sec_per_iter=row["time"], train_seconds=spent())
-                window = {"time": 0.0, "data_time": 0.0, "timed": 0, "n": 0}
-                losses_sum = {}
-
-            evaluates = schedule.is_eval_iteration(spec, done)
-            if (done % spec.checkpoint.period == 0 or done == solver.max_iter or done in fork_points
-                    or stepper.stop or evaluates):
-                save(done)
-            if evaluates:
-                evaluate_at(done)
-            if stepper.stop and done < solver.max_iter:
-                log(f"stopped at iteration {done} on request, checkpoint saved; rerun to resume")
-                if world.main:
-                    rd.write_status("queued", iteration=done, max_iter=solver.max_iter,
-                                    train_seconds=spent())
-                distributed.barrier(world)  # the others wait for rank 0's checkpoint
-                raise interrupt.Stopped(f"stopped at iteration {done}")
+            session.step(time.perf_counter() - t_data, t_step - t_data, loss_terms, lr,
+                         stepper.stop)
             t_data = time.perf_counter()
     except BaseException as e:
-        e.iteration_done = done  # how far it got: the failed status says so (recording_failure)
+        session.failed(e)
+        session.close()
         raise
-
-    log_row.close()
-    if world.main:
-        rd.write_status("done", iteration=solver.max_iter, max_iter=solver.max_iter,
-                        finished=time.time(), train_seconds=spent())
-    distributed.barrier(world)
+    session.finish()
     return rd
 
 
