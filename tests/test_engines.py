@@ -39,20 +39,22 @@ def test_the_detectron2_engine_imports_nothing_of_the_torchvision_engine():
 
 
 # What only the shared run session (bench/engines/session.py) may do to a run dir in training
-RUN_DIR_WRITES = {"write_status", "append_metrics", "truncate_metrics", "save"}
+RUN_DIR_WRITES = {"write_status", "update_status", "append_metrics", "truncate_metrics",
+                  "remove_stale_temp_files", "save", "open_session", "MetricsLog",
+                  "SummaryWriter"}
 
 
 def _calls(path: Path):
+    """Every function called in `path`, as written (`checkpoint.save`, `open_session`)."""
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        if isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name)):
             yield ast.unparse(node.func)
 
 
 @pytest.mark.parametrize("name", list(engines.ENGINES))
 def test_each_engines_trainer_leaves_the_run_dir_to_the_one_session_both_share(name):
     trainer = PACKAGE / "engines" / name / "train.py"
-    written = [call for call in _calls(trainer)
-               if call.rsplit(".", 1)[-1] in RUN_DIR_WRITES and call != "rd.write_spec"]
+    written = [call for call in _calls(trainer) if call.rsplit(".", 1)[-1] in RUN_DIR_WRITES]
     assert written == []  # rows, status, checkpoints and per-image files: session.py's
     assert "bench.engines.session.RunSession" in set(_imports(trainer))
 
@@ -60,8 +62,9 @@ def test_each_engines_trainer_leaves_the_run_dir_to_the_one_session_both_share(n
 def test_the_train_row_period_is_defined_once():
     defined = [str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py")
                for node in ast.walk(ast.parse(p.read_text()))
-               if isinstance(node, ast.Assign)
-               and any(getattr(t, "id", None) == "LOG_PERIOD" for t in node.targets)]
+               if isinstance(node, (ast.Assign, ast.AnnAssign))
+               and any(getattr(t, "id", None) == "LOG_PERIOD"
+                       for t in getattr(node, "targets", [getattr(node, "target", None)]))]
     assert defined == ["bench/rundir.py"]
 
 

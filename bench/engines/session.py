@@ -124,14 +124,14 @@ class RunSession:
                           "images_seen": done * self.spec.solver.batch, "wall": time.time(),
                           **{k: _clean(v) for k, v in stats.items()}})
 
-    def step(self, seconds: float, data_seconds, losses, lr, stop: bool):
-        """After one SGD step: `seconds` it took with its data, `data_seconds` of them waiting
+    def step(self, done: int, seconds: float, data_seconds, losses, lr, stop: bool):
+        """After the SGD step that completed iteration `done`: `seconds` it took with its data, `data_seconds` of them waiting
         for data, its loss terms (None where this process does not read them), the LR it
         trained with (a number, or a function asked only when a row is written), and whether
         a stop was asked (the same on every process). Writes what is due; raises
         interrupt.Stopped after saving when asked to stop."""
         solver, world = self.spec.solver, self.world
-        done = self.reached = self.reached + 1
+        self.reached = done
         self.time += seconds
         self.data_time += data_seconds or 0.0
         self.timed += 1

@@ -150,6 +150,7 @@ class RunDirHook(HookBase):
 
     def after_step(self):
         seconds = time.perf_counter() - self.t_step
+        done = self.session.reached = self.trainer.iter + 1  # a failure below says so
         storage, losses, data_time = self.trainer.storage, None, None
         if self.world.main:
             latest = storage.latest()
@@ -160,7 +161,7 @@ class RunDirHook(HookBase):
         if self.world.size > 1:  # every process stops after the same iteration
             flag = torch.tensor([float(stop)], device=self.device)
             stop = distributed.mean(flag, self.world).item() > 0
-        self.session.step(seconds, data_time, losses, self._lr, stop)
+        self.session.step(done, seconds, data_time, losses, self._lr, stop)
 
     def _lr(self):
         # detectron2 logs the LR of the group its LRScheduler hook picks (the largest), which
@@ -270,8 +271,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
 
     trainer.register_hooks([hooks.LRScheduler(optimizer=optimizer, scheduler=scheduler),
                             RunDirHook(session, solver, world, device)])
+    session.open(len(train_dicts), engine_state, evaluate)
     try:
-        session.open(len(train_dicts), engine_state, evaluate)
         if start < solver.max_iter:
             trainer.train(start, solver.max_iter)
     except FloatingPointError as e:  # detectron2's check of the loss, on rank 0

@@ -32,6 +32,7 @@ from bench.imagenet import load_imagenet_backbone
 from bench.norms import is_norm, use_torch_sync_bn
 from bench.rundir import RunDir
 
+
 class NonFiniteLoss(FloatingPointError):
     # The loss checked is the mean over processes, so every process raises this at the same
     # iteration and their process group stays usable (bench.worker.FAILED_EVERYWHERE).
@@ -210,8 +211,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
                          backend=spec.eval.backend, world=world, per_image_out=kept)
         return stats, kept
 
+    session.open(len(train_set), engine_state, evaluate_now)
     try:
-        session.open(len(train_set), engine_state, evaluate_now)
         stream = TrainStream(train_set, seed=spec.seed, hflip=spec.data.hflip,
                              group=micro if spec.data.aspect_grouping else 0)
         # The loader gets its own generator: creating its iterator would otherwise draw a seed
@@ -243,12 +244,11 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
             lr = optimizer.param_groups[0]["lr"]  # the LR this iteration trained with
             stepper.apply()
             scheduler.step()
-            session.step(time.perf_counter() - t_data, t_step - t_data, loss_terms, lr,
-                         stepper.stop)
+            session.step(iteration + 1, time.perf_counter() - t_data, t_step - t_data,
+                         loss_terms, lr, stepper.stop)
             t_data = time.perf_counter()
     except BaseException as e:
         session.failed(e)
-        session.close()
         raise
     session.finish()
     return rd
