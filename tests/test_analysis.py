@@ -319,3 +319,34 @@ def test_the_analysis_reads_run_dirs_only_importing_no_recipe_engine_or_torch():
             "('bench.recipe', 'bench.engines', 'bench.cli', 'bench.plugins', 'torch'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_saturation_table_says_whether_the_longest_schedule_still_improved(tmp_path):
+    # The paper's regime test: pre-trained 3x within 1.5 box AP of its 2x (saturated), scratch
+    # still 4 points up (not); two seeds of the pre-trained 3x are averaged; a failed run and
+    # another training-set size are separate (the failed one left out).
+    from bench.analysis import saturation
+    from bench.spec import replace
+    by = {(s.init, s.solver.schedule, s.data.train_images): s for s in STUDY.runs}
+    finals = {("scratch", "1x"): 10.0, ("scratch", "2x"): 20.0, ("scratch", "3x"): 24.0,
+              ("imagenet", "1x"): 25.0, ("imagenet", "2x"): 30.0, ("imagenet", "3x"): 31.0}
+    for (init, schedule), ap in finals.items():
+        spec = by[(init, schedule, None)]
+        fake_run(tmp_path, spec, [(spec.solver.max_iter, ap)])
+    seed1 = replace(by[("imagenet", "3x", None)], seed=1)
+    fake_run(tmp_path, seed1, [(seed1.solver.max_iter, 32.0)])  # pre-trained 3x: mean 31.5
+    small = by[("imagenet", "3x", 500)]
+    fake_run(tmp_path, small, [(small.solver.max_iter, 50.0)], state="failed")
+    rows = saturation.table(table.final_metrics(table.load_runs(tmp_path)))
+    got = {(r["init"], r["schedule"]): r for _, r in rows.iterrows()}
+    assert len(rows) == 6 and set(rows["train_images"]) == {-1}
+    assert got[("imagenet", "3x")]["bbox/AP"] == 31.5 and got[("imagenet", "3x")]["seeds"] == 2
+    assert got[("imagenet", "3x")]["Δ bbox/AP"] == pytest.approx(1.5)
+    assert got[("imagenet", "3x")]["saturated"] is True
+    assert got[("scratch", "3x")]["Δ bbox/AP"] == pytest.approx(4.0)
+    assert got[("scratch", "3x")]["saturated"] is False
+    assert got[("scratch", "2x")]["saturated"] is None  # only the longest is judged
+    assert got[("imagenet", "1x")]["Δ segm/AP"] != got[("imagenet", "1x")]["Δ segm/AP"]  # NaN
+    md = saturation.markdown(rows)
+    assert "| all | imagenet | 3x | 270 | 2 | 31.5 | +1.5 | 30.5 | +1.5 | yes |" in md
+    assert "| all | scratch | 3x | 270 | 1 | 24.0 | +4.0 | 23.0 | +4.0 | no |" in md

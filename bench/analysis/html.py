@@ -88,6 +88,9 @@ def write_index(results_root: Path, studies, recipes_root: Path) -> Path:
             parts.append("<h3>Gaps, seeds pooled, with 95% intervals</h3>" + _table(
                 out / "gaps.csv", [c for c in gaps.columns if c in (
                     "engine", "schedule", "max_iter", "train_images", "seeds") or "AP gap" in c]))
+        if (out / "saturation.csv").is_file():
+            parts.append("<h3>Has the longest schedule stopped improving? (final AP per "
+                         "schedule, seeds averaged)</h3>" + _table(out / "saturation.csv"))
         if (out / "vs_published.csv").is_file():
             parts.append("<h3>Ours vs published</h3>" + _table(out / "vs_published.csv"))
         else:

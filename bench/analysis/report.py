@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.analysis import bootstrap, figures, reference, table
+from bench.analysis import bootstrap, figures, reference, saturation, table
 from bench.analysis.table import STAT_ORDER
 from bench.rundir import RunDir
 
@@ -125,6 +125,13 @@ def write_study_results(runs_dir: Path, out: Path, published=None, log=print):
     gaps.to_csv(out / "gaps.csv", index=False, float_format="%.3f")
     (out / "gaps.md").write_text(markdown_gaps(gaps))
     written += [out / "gaps.csv", out / "gaps.md"]
+    curve = saturation.table(final)
+    for path in (out / "saturation.csv", out / "saturation.md"):
+        path.unlink(missing_ok=True)  # a study that no longer has a finished run keeps none
+    if not curve.empty:
+        curve.to_csv(out / "saturation.csv", index=False, float_format="%.3f")
+        (out / "saturation.md").write_text(saturation.markdown(curve))
+        written += [out / "saturation.csv", out / "saturation.md"]
 
     compared = reference.beside(final, published if published is not None else reference.load())
     stale = [out / f for f in ("vs_published.csv", "vs_published.md", "ours_vs_published.png",
