@@ -322,31 +322,38 @@ def test_the_analysis_reads_run_dirs_only_importing_no_recipe_engine_or_torch():
 
 
 def test_the_saturation_table_says_whether_the_longest_schedule_still_improved(tmp_path):
-    # The paper's regime test: pre-trained 3x within 1.5 box AP of its 2x (saturated), scratch
-    # still 4 points up (not); two seeds of the pre-trained 3x are averaged; a failed run and
-    # another training-set size are separate (the failed one left out).
+    # The paper's regime test on all images: pre-trained 3x within 1.5 box AP of its 2x
+    # (saturated; the change is over seed 0, the seed both schedules have, though the 3x
+    # shows the mean of two), scratch 2 points *down* (not saturated: a change either way);
+    # a failed scratch 3x of seed 1 is left out. On 500 images the pre-trained 3x failed, so
+    # its family has no verdict (its longest finished run is not its longest schedule).
     from bench.analysis import saturation
     from bench.spec import replace
     by = {(s.init, s.solver.schedule, s.data.train_images): s for s in STUDY.runs}
-    finals = {("scratch", "1x"): 10.0, ("scratch", "2x"): 20.0, ("scratch", "3x"): 24.0,
-              ("imagenet", "1x"): 25.0, ("imagenet", "2x"): 30.0, ("imagenet", "3x"): 31.0}
+    finals = {("scratch", "1x"): 10.0, ("scratch", "2x"): 20.0, ("scratch", "3x"): 18.0,
+              ("imagenet", "1x"): 25.0, ("imagenet", "2x"): 30.0, ("imagenet", "3x"): 28.6}
     for (init, schedule), ap in finals.items():
         spec = by[(init, schedule, None)]
         fake_run(tmp_path, spec, [(spec.solver.max_iter, ap)])
-    seed1 = replace(by[("imagenet", "3x", None)], seed=1)
-    fake_run(tmp_path, seed1, [(seed1.solver.max_iter, 32.0)])  # pre-trained 3x: mean 31.5
-    small = by[("imagenet", "3x", 500)]
-    fake_run(tmp_path, small, [(small.solver.max_iter, 50.0)], state="failed")
+    for init, ap, state in (("imagenet", 34.4, "done"), ("scratch", 50.0, "failed")):
+        seed1 = replace(by[(init, "3x", None)], seed=1)
+        fake_run(tmp_path, seed1, [(seed1.solver.max_iter, ap)], state=state)
+    for schedule, ap, state in (("1x", 20.0, "done"), ("2x", 21.0, "done"), ("3x", 40.0, "failed")):
+        spec = by[("imagenet", schedule, 500)]
+        fake_run(tmp_path, spec, [(spec.solver.max_iter, ap)], state=state)
     rows = saturation.table(table.final_metrics(table.load_runs(tmp_path)))
-    got = {(r["init"], r["schedule"]): r for _, r in rows.iterrows()}
-    assert len(rows) == 6 and set(rows["train_images"]) == {-1}
-    assert got[("imagenet", "3x")]["bbox/AP"] == 31.5 and got[("imagenet", "3x")]["seeds"] == 2
-    assert got[("imagenet", "3x")]["Δ bbox/AP"] == pytest.approx(1.5)
-    assert got[("imagenet", "3x")]["saturated"] is True
-    assert got[("scratch", "3x")]["Δ bbox/AP"] == pytest.approx(4.0)
-    assert got[("scratch", "3x")]["saturated"] is False
-    assert got[("scratch", "2x")]["saturated"] is None  # only the longest is judged
-    assert got[("imagenet", "1x")]["Δ segm/AP"] != got[("imagenet", "1x")]["Δ segm/AP"]  # NaN
+    got = {(r["train_images"], r["init"], r["schedule"]): r for _, r in rows.iterrows()}
+    assert len(rows) == 8
+    top = got[(-1, "imagenet", "3x")]
+    assert top["bbox/AP"] == pytest.approx(31.5) and top["seeds"] == 2
+    assert top["Δ bbox/AP"] == pytest.approx(-1.4) and top["saturated"] is True
+    assert got[(-1, "scratch", "3x")]["Δ bbox/AP"] == pytest.approx(-2.0)
+    assert got[(-1, "scratch", "3x")]["saturated"] is False and got[(-1, "scratch", "3x")]["seeds"] == 1
+    assert got[(-1, "scratch", "2x")]["Δ bbox/AP"] == pytest.approx(10.0)
+    assert got[(-1, "scratch", "2x")]["saturated"] is None  # only the longest is judged
+    assert got[(-1, "scratch", "1x")]["Δ bbox/AP"] != got[(-1, "scratch", "1x")]["Δ bbox/AP"]
+    assert got[(500, "imagenet", "2x")]["Δ bbox/AP"] == pytest.approx(1.0)
+    assert got[(500, "imagenet", "2x")]["saturated"] is None  # its 3x did not finish
     md = saturation.markdown(rows)
-    assert "| all | imagenet | 3x | 270 | 2 | 31.5 | +1.5 | 30.5 | +1.5 | yes |" in md
-    assert "| all | scratch | 3x | 270 | 1 | 24.0 | +4.0 | 23.0 | +4.0 | no |" in md
+    assert "| all | imagenet | 3x | 270 | 2 | 31.5 | -1.4 | 30.5 | -1.4 | yes |" in md
+    assert "| all | scratch | 3x | 270 | 1 | 18.0 | -2.0 | 17.0 | -2.0 | no |" in md

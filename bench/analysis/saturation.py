@@ -31,36 +31,59 @@ def family_key(pair: str) -> str:
 
 def table(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> pd.DataFrame:
     """One row per (family, init, schedule) of the finished runs: final AP (seed mean), seeds,
-    and the change from the family's next-shorter schedule ("Δ <metric>"); `saturated` on
-    each family's longest schedule says whether its box AP change is within SATURATED_WITHIN."""
-    done = final[final["state"] == "done"].copy()
-    if done.empty:
+    and the change from the family's next-shorter schedule ("Δ <metric>", over the seeds both
+    finished, so a seed added at one schedule only does not move it). `saturated` is given on
+    each family's longest schedule, when that run has finished: whether its box AP changed by
+    at most SATURATED_WITHIN. Families of one schedule have nothing to compare: left out."""
+    if final.empty:
         return pd.DataFrame()
-    done["family"] = done["pair"].map(family_key)
-    cols = [m for m in metrics if m in done.columns]
+    runs = final.assign(family=final["pair"].map(family_key))
     keys = ["family", "engine", "arch", "backbone", "norm", "train_images", "init"]
-    rows = (done.groupby(keys + ["schedule", "max_iter"], dropna=False)
-            .agg(**{m: (m, "mean") for m in cols}, seeds=("seed", "nunique"))
-            .reset_index().sort_values(keys + ["max_iter"]))
-    for m in cols:
-        rows[f"Δ {m}"] = rows.groupby(keys, dropna=False)[m].diff()
-    longest = rows.groupby(keys, dropna=False)["max_iter"].transform("max") == rows["max_iter"]
-    box = rows.get("Δ bbox/AP")
-    rows["saturated"] = None
-    if box is not None:
-        rows.loc[longest & box.notna(), "saturated"] = box[longest & box.notna()].abs() \
-            <= SATURATED_WITHIN
+    planned = runs.groupby(keys, dropna=False)["max_iter"].transform("max")
+    done = runs[runs["state"] == "done"].assign(planned=planned)
+    cols = [m for m in metrics if m in done.columns]
+    records = []
+    for _, fam in done.groupby(keys, dropna=False):
+        by_schedule = sorted(fam.groupby("max_iter"), key=lambda kv: kv[0])
+        if len({k for k, _ in by_schedule}) + int(fam["planned"].iloc[0] not in
+                                                  set(fam["max_iter"])) < 2:
+            continue
+        previous = None
+        for max_iter, runs_at in by_schedule:
+            row = {k: runs_at[k].iloc[0] for k in keys + ["schedule"]}
+            row.update(max_iter=max_iter, seeds=runs_at["seed"].nunique(),
+                       **{m: runs_at[m].mean() for m in cols})
+            for m in cols:
+                row[f"Δ {m}"] = float("nan")
+                if previous is not None:
+                    shared = set(runs_at["seed"]) & set(previous["seed"])
+                    now, before = (runs_at, previous) if not shared else \
+                        (runs_at[runs_at["seed"].isin(shared)],
+                         previous[previous["seed"].isin(shared)])
+                    row[f"Δ {m}"] = now[m].mean() - before[m].mean()
+            box = row.get("Δ bbox/AP", float("nan"))
+            row["saturated"] = (bool(abs(box) <= SATURATED_WITHIN)
+                                if max_iter == runs_at["planned"].iloc[0] and box == box
+                                else None)
+            records.append(row)
+            previous = runs_at
+    if not records:
+        return pd.DataFrame()
+    rows = pd.DataFrame.from_records(records)
     order = rows["train_images"].where(rows["train_images"] != -1, float("inf"))
-    return rows.assign(_n=order).sort_values(["_n", "engine", "init", "max_iter"]) \
+    return rows.assign(_n=order).sort_values(["_n", "engine", "family", "init", "max_iter"]) \
         .drop(columns=["_n", "family"]).reset_index(drop=True)
 
 
 def markdown(rows: pd.DataFrame) -> str:
     def fmt(v):
         return "-" if v is None or v != v else f"{v:+.1f}"
+
+    def value(v):
+        return "-" if v is None or v != v else f"{v:.1f}"
     lines = [f"Final AP per schedule (mean over seeds) and the change from the next-shorter "
-             f"schedule; the longest of each family counts as saturated when its box AP "
-             f"changed by at most {SATURATED_WITHIN}.", "",
+             f"schedule (over the seeds both finished); the longest of each family counts as "
+             f"saturated when its box AP changed by at most {SATURATED_WITHIN}.", "",
              "| train images | init | schedule | iterations | seeds | box AP | Δ box | mask AP "
              "| Δ mask | saturated |", "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in rows.iterrows():
@@ -69,7 +92,6 @@ def markdown(rows: pd.DataFrame) -> str:
         sat = {True: "yes", False: "no"}.get(r["saturated"], "")
         lines.append(" | ".join([
             f"| {n}", r["init"] + engine, r["schedule"], str(int(r["max_iter"])),
-            str(int(r["seeds"])), f"{r.get('bbox/AP', float('nan')):.1f}",
-            fmt(r.get("Δ bbox/AP")), f"{r.get('segm/AP', float('nan')):.1f}",
-            fmt(r.get("Δ segm/AP")), f"{sat} |"]))
+            str(int(r["seeds"])), value(r.get("bbox/AP")), fmt(r.get("Δ bbox/AP")),
+            value(r.get("segm/AP")), fmt(r.get("Δ segm/AP")), f"{sat} |"]))
     return "\n".join(lines) + "\n"
