@@ -12,6 +12,11 @@ The parent saves a checkpoint at every child's fork point and keeps it (`forks.j
 run dir lists them; keep-K never deletes them). A child forked from it is a complete run
 dir: the parent's checkpoint at the fork point, the parent's metrics rows up to it (marked
 `forked_from`), and a status at that iteration; training resumes there as after any stop.
+
+The same holds the other way: two members train alike up to the earlier of their first LR
+drops, so a new longest run (a study's schedules made longer) gets a head start from a
+finished member already in the study's runs root, at its latest kept checkpoint before that
+point (`head_start`): extending a study costs only the iterations it adds.
 """
 
 import dataclasses
@@ -45,6 +50,27 @@ def fork_point(parent, child) -> Optional[int]:
     if f >= child.solver.max_iter or (parent.solver.steps and min(parent.solver.steps) < f):
         return None
     return f
+
+
+def first_drop(spec) -> int:
+    """The last iteration trained at the run's full LR (its end when it never drops)."""
+    return min([*spec.solver.steps, spec.solver.max_iter])
+
+
+def shared_prefix(a, b) -> Optional[int]:
+    """The iteration up to which runs `a` and `b` train exactly alike (the earlier of their
+    first LR drops), or None when they are not of one family."""
+    if family_key(a) != family_key(b):
+        return None
+    return min(first_drop(a), first_drop(b))
+
+
+def can_start_from(source, target, f) -> bool:
+    """May `target` start at `source`'s state after iteration f? (Both still have training
+    of their own left there, and neither has left the shared LR before f.)"""
+    shared = shared_prefix(source, target)
+    return shared is not None and 0 < f <= shared and f < target.solver.max_iter \
+        and f < source.solver.max_iter
 
 
 def families(specs) -> Dict[str, List[Tuple[object, int]]]:
@@ -121,13 +147,14 @@ def fork(parent_spec, parent_dir, child_spec, child_dir, f):
 
     from bench.checkpoint import checkpoint_path
     prd, crd = RunDir(parent_dir), RunDir(child_dir)
-    if fork_point(parent_spec, child_spec) != f:
-        raise ForkUnavailable(f"{parent_spec.run_id} is not a parent of {child_spec.run_id}")
+    if not can_start_from(parent_spec, child_spec, f):
+        raise ForkUnavailable(f"{child_spec.run_id} does not train as {parent_spec.run_id} up "
+                              f"to iteration {f}")
     try:
         on_disk = prd.read_spec()
     except Exception as e:  # noqa: BLE001 - missing, unreadable or another spec version
         raise ForkUnavailable(f"parent spec {prd.spec_file} unreadable ({e})") from None
-    if on_disk.identity() != parent_spec.identity() or fork_point(on_disk, child_spec) != f:
+    if on_disk.identity() != parent_spec.identity() or not can_start_from(on_disk, child_spec, f):
         raise ForkUnavailable(f"{prd.spec_file} holds another run than the child's parent")
     source = checkpoint_path(prd.checkpoints, f)
     if not source.is_file():
@@ -189,17 +216,52 @@ def _write_child(crd, parent_spec, child_spec, rows, source, f, prd):
     _place(source, checkpoint_path(crd.checkpoints, f))
 
 
+def head_start(spec, runs_root, skip=()) -> Optional[Tuple[object, int]]:
+    """(finished run, iteration): the latest checkpoint kept by a finished member of `spec`'s
+    family in `runs_root` (this study's recipe or an earlier design of it) from which `spec`
+    trains on exactly as from 0, or None. Run dirs named in `skip` (still to train: their
+    checkpoints may go) and unreadable ones are passed over."""
+    from bench.checkpoint import list_checkpoints
+    from bench.rundir import is_done
+    study = Path(runs_root) / spec.study
+    best = None
+    for d in sorted(study.iterdir()) if study.is_dir() else []:
+        if d.name == spec.run_id or d.name in skip or not d.is_dir() or not is_done(d):
+            continue
+        try:
+            donor = RunDir(d).read_spec()
+        except Exception:  # noqa: BLE001 - another spec version or a damaged record: not ours
+            continue
+        if donor.run_id != d.name:
+            continue
+        for it, _ in list_checkpoints(RunDir(d).checkpoints):
+            if (best is None or it > best[1]) and can_start_from(donor, spec, it) \
+                    and ready(donor, d, it):
+                best = (donor, it)
+    return best
+
+
 def plan_forks(queue, specs, runs_root, log) -> list:
     """The runner's queued jobs (spec, run_dir, parent, fork_iteration): mark the children
-    that will start from their parent's checkpoint; returns
-    those that must wait for it (the parent saves it on its way: fork.request)."""
+    that will start from their parent's checkpoint, and the longest runs that get a head start
+    from a finished member of their family; returns those that must wait for it (the parent
+    saves it on its way: fork.request)."""
     from bench.checkpoint import list_checkpoints
     parents = parent_of(specs)  # a finished parent still forks from its kept checkpoints
+    allowed = {s.run_id for s in specs}
     queued = {j.spec.run_id for j in queue}
-    waiting = []
+    waiting, starts = [], {}
+    for job in queue:  # nobody's child: a head start from a finished member, where one has it
+        if job.spec.run_id in allowed and job.spec.run_id not in parents \
+                and not has_started(job.run_dir):
+            link = head_start(job.spec, runs_root, skip=queued)
+            if link is not None:  # a finished run: its checkpoint is there, nothing to wait for
+                job.parent, job.fork_iteration = link
+                starts[job.spec.run_id] = link[1]
+                waiting.append(job)
     for job in queue:
         link = parents.get(job.spec.run_id)
-        if link is None or has_started(job.run_dir):
+        if link is None or has_started(job.run_dir) or job.spec.run_id not in allowed:
             continue
         parent, f = link
         parent_dir = run_dir_for(parent, runs_root)
@@ -208,8 +270,13 @@ def plan_forks(queue, specs, runs_root, log) -> list:
             waiting.append(job)  # forks on the first pass of the loop
             continue
         done = [it for it, _ in list_checkpoints(RunDir(parent_dir).checkpoints)]
-        if parent.run_id in queued and not (done and max(done) > f):
+        # (a parent with a head start past f never trains through f)
+        if parent.run_id in queued and not (done and max(done) > f) \
+                and starts.get(parent.run_id, 0) <= f:
             request(parent_dir, [f])
+            waiting.append(job)
+        elif (other := head_start(job.spec, runs_root, skip=queued)) is not None:
+            job.parent, job.fork_iteration = other
             waiting.append(job)
         else:
             job.parent, job.fork_iteration = None, 0

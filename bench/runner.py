@@ -199,7 +199,9 @@ def run(specs, runs_root, device="cpu", slots=None, threads=1, workers=0, log=pr
         while queue or running or waiting:
             for job in list(waiting):  # a child starts once its parent saved the fork point
                 parent_dir = run_dir_for(job.parent, runs_root)
-                parent_busy = any(j.spec.run_id == job.parent.run_id for j in queue + running)
+                # (a parent with a head start of its own waits here too, for one pass)
+                parent_busy = any(j.spec.run_id == job.parent.run_id
+                                  for j in queue + running + waiting)
                 if fork.ready(job.parent, parent_dir, job.fork_iteration) or not parent_busy:
                     waiting.remove(job)
                     fork.fork_or_start(job, parent_dir, log)

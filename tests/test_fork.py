@@ -2,6 +2,7 @@
 the parent's checkpoint there, it ends exactly as if trained on its own."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -50,10 +51,10 @@ def test_the_mini_study_is_six_families_each_forking_at_the_first_lr_drops():
     by_id = {s.run_id: s for s in study.runs}
     for parent_id, children in fams.items():
         parent = by_id[parent_id]
-        assert parent.solver.schedule == "7x"
-        assert sorted((c.solver.schedule, f) for c, f in children) == [("2x", 1440),
-                                                                        ("4x", 3600),
-                                                                        ("6x", 5760)]
+        assert parent.solver.schedule == "13x"
+        assert sorted((c.solver.max_iter, f) for c, f in children) == [
+            (2160, 1440), (4320, 3600), (6480, 5760), (8640, 7920), (10800, 10080),
+            (12960, 12240)]  # 2x, 4x, 6x, 8x, 10x, 12x: 720 iterations before each end
         for child, f in children:
             assert f == min(child.solver.steps)
             # the LR of every iteration before the fork point is the parent's
@@ -258,3 +259,66 @@ def test_a_fork_cut_short_leaves_a_child_that_forks_again(tmp_path, monkeypatch)
     fork.fork(three, parent.path, one, child.path, 6)
     assert fork.has_started(child.path) and child.read_status()["fork_iteration"] == 6
     assert [r["iteration"] for r in child.read_metrics()] == [3, 6]
+
+
+@pytest.mark.slow
+def test_a_longer_schedule_added_to_a_finished_study_starts_from_its_checkpoint(tmp_path):
+    """Extending a study's schedules costs only what it adds: the new longest run trains as
+    the finished 2x did up to the 2x's first LR drop, so it starts from the 2x's checkpoint
+    there and ends exactly as if trained alone; a new 1x, whose parent (the 3x) now never
+    passes the 1x's fork point, starts from the 2x as well instead of waiting."""
+    keep_all = FAMILY.replace("checkpoint: {period: 45, keep: 1}", "checkpoint: {period: 15, keep: 9}")
+    first = _scratch(write_recipe(tmp_path, keep_all.replace("[1x, 3x]", "[2x]"), "first.yaml"))
+    one, two, three = _scratch(write_recipe(tmp_path, keep_all.replace("[1x, 3x]", "[1x, 2x, 3x]"),
+                                            "longer.yaml"))
+    assert [s.run_id for s in first] == [two.run_id]  # the same run in both designs
+    runs = tmp_path / "runs"
+    assert runner.run([two], runs, slots=["cpu0"], progress=False, log=lambda m: None).done
+    lines = []
+    out = runner.run([one, two, three], runs, slots=["cpu0", "cpu1"], progress=False,
+                     log=lines.append)
+    assert sorted(out.done) == sorted([one.run_id, three.run_id]) and out.skipped == [two.run_id]
+    assert f"{three.run_id}: forked from {two.run_id} at iteration 60" in lines  # 2x's first drop
+    assert f"{one.run_id}: forked from {two.run_id} at iteration 30" in lines    # 1x's first drop
+    alone = runner.run([one, three], tmp_path / "alone", slots=["cpu0", "cpu1"], progress=False,
+                       forking=False, log=lambda m: None)
+    assert sorted(alone.done) == sorted([one.run_id, three.run_id])
+    for spec, last in ((three, 135), (one, 45)):
+        started = RunDir(run_dir_for(spec, runs))
+        ref = RunDir(run_dir_for(spec, tmp_path / "alone"))
+        wa = torch.load(ref.checkpoints / f"model_{last:07d}.pth", weights_only=False)["model"]
+        wb = torch.load(started.checkpoints / f"model_{last:07d}.pth", weights_only=False)["model"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), spec.name
+        assert untimed(started) == untimed(ref)
+        assert started.read_status()["forked_from"] == two.run_id
+    # --no-fork trains every run from 0, head starts included
+    shutil.copytree(run_dir_for(two, runs), run_dir_for(two, tmp_path / "runs2"))
+    lines = []
+    runner.run([three], tmp_path / "runs2", slots=["cpu0"], progress=False, forking=False,
+               log=lines.append)
+    assert not any("forked" in m for m in lines)
+    assert "forked_from" not in RunDir(run_dir_for(three, tmp_path / "runs2")).read_status()
+
+
+def test_only_a_finished_member_of_the_family_gives_a_head_start(tmp_path):
+    one, three = _scratch(write_recipe(tmp_path, FAMILY))
+    other = _scratch(write_recipe(tmp_path, FAMILY.replace("warmup_iters: 3", "warmup_iters: 4"),
+                                  "other.yaml"))[0]
+    for spec, state in ((one, "done"), (other, "done")):
+        rd = RunDir(run_dir_for(spec, tmp_path))
+        rd.write_spec(spec)
+        rd.write_status(state, iteration=45, max_iter=45)
+        rd.checkpoints.mkdir(parents=True)
+        for it in (10, 15, 30):
+            torch.save({"iteration": it}, rd.checkpoints / f"model_{it:07d}.pth")
+        for it in range(5, 31, 5):
+            rd.append_metrics({"type": "eval" if it % 15 == 0 else "train", "iteration": it})
+    # the 1x trains alike with the 3x up to its own first drop (30), the 3x's is later
+    assert fork.shared_prefix(one, three) == 30 and fork.shared_prefix(other, three) is None
+    donor, it = fork.head_start(three, tmp_path)
+    assert (donor.run_id, it) == (one.run_id, 30)
+    (RunDir(run_dir_for(one, tmp_path)).checkpoints / "model_0000030.pth").unlink()
+    assert fork.head_start(three, tmp_path)[1] == 15  # the latest it still has
+    assert fork.head_start(three, tmp_path, skip={one.run_id}) is None
+    RunDir(run_dir_for(one, tmp_path)).write_status("running", iteration=40, max_iter=45)
+    assert fork.head_start(three, tmp_path) is None  # its checkpoints may still go
