@@ -114,3 +114,85 @@ def resnet(model_spec) -> Backbone:
                  norm_layer(model_spec.norm, model_spec.norm_groups), model_spec.stride_in_1x1)
     backbone_init_(net)  # MSRA; build_backbone applies another model.conv_init
     return Backbone(net, ["layer1", "layer2", "layer3", "layer4"], net.out_channels)
+
+
+# depth -> 3x3 convs in each of the five blocks (torchvision's VGG configurations A, B, D, E)
+VGG_DEPTHS = {11: [1, 1, 2, 2, 2], 13: [2, 2, 2, 2, 2], 16: [2, 2, 3, 3, 3],
+              19: [2, 2, 4, 4, 4]}
+
+
+class VGG(nn.Module):
+    """VGG's convolutional body as Faster R-CNN uses it: five blocks of 3x3 convs, each
+    followed by its norm (none in the paper's VGG-16 study) and a ReLU, and a 2x2 max-pool
+    after each of the first four blocks only, so conv5 comes out at stride 16, the feature
+    map of the original Faster R-CNN and of Detectron's VGG16 body. Block widths double from
+    `width` up to 8x (torchvision's 64 .. 512).
+
+    Written here because torchvision's VGG is one flat `features` Sequential, whose blocks
+    cannot be returned or frozen by name; `torchvision_names` maps its keys onto ours."""
+
+    def __init__(self, depth=16, width=64, norm=None):
+        super().__init__()
+        cin, self.out_channels = 3, []
+        for b, convs in enumerate(VGG_DEPTHS[depth]):
+            cout = width * 2 ** min(b, 3)
+            layers = []
+            for _ in range(convs):
+                layers.append(nn.Conv2d(cin, cout, 3, padding=1))  # with a bias, as torchvision
+                layers += [norm(cout)] if norm is not None else []
+                layers.append(nn.ReLU(inplace=True))
+                cin = cout
+            if b < 4:
+                layers.append(nn.MaxPool2d(2, 2))
+            setattr(self, f"conv{b + 1}", nn.Sequential(*layers))
+            self.out_channels.append(cout)
+
+    @staticmethod
+    def torchvision_names(depth: int, with_norm: bool) -> Dict[str, str]:
+        """{torchvision's key prefix: ours} for every conv and norm of the body: torchvision's
+        `features` runs conv, [norm,] ReLU per conv and a pool per block, all in one index."""
+        names, tv = {}, 0
+        for b, convs in enumerate(VGG_DEPTHS[depth]):
+            j = 0
+            for _ in range(convs):
+                names[f"features.{tv}"] = f"conv{b + 1}.{j}"
+                if with_norm:
+                    names[f"features.{tv + 1}"] = f"conv{b + 1}.{j + 1}"
+                step = 3 if with_norm else 2
+                tv, j = tv + step, j + step
+            tv += 1  # the block's pool (torchvision pools after conv5 too; we do not)
+        return names
+
+    def forward(self, x):
+        for b in range(1, 6):
+            x = getattr(self, f"conv{b}")(x)
+        return x
+
+
+@register_backbone("vgg")
+def vgg(model_spec) -> Backbone:
+    if model_spec.depth not in VGG_DEPTHS:
+        raise ValueError(f"model.depth={model_spec.depth} is not a VGG depth; allowed: "
+                         f"{', '.join(map(str, VGG_DEPTHS))}")
+    if model_spec.fpn:
+        raise ValueError("model.backbone vgg has no stride-32 stage for an FPN (conv5 is at "
+                         "stride 16, as in Faster R-CNN); set model.fpn: false")
+    net = VGG(model_spec.depth, model_spec.width, norm_layer(model_spec.norm,
+                                                             model_spec.norm_groups))
+    backbone_init_(net)  # MSRA, as the paper's VGG-16 from scratch; biases 0
+    # conv1 is the stem (model.freeze_at 1 freezes it, 2 conv1 and conv2, as Detectron's VGG16)
+    return Backbone(net, ["conv2", "conv3", "conv4", "conv5"], net.out_channels[1:])
+
+
+def from_torchvision_vgg(state: dict, model_spec) -> Dict[str, object]:
+    """A torchvision VGG state dict (`features.N.*`, `classifier.N.*`) in the `vgg` backbone's
+    names; its first two classifier layers (fc6, fc7) become the box head's two fc layers
+    (`box_head.1.*`, `box_head.3.*`), which Faster R-CNN initializes from them."""
+    names = VGG.torchvision_names(model_spec.depth, model_spec.norm != "none")
+    names.update({"classifier.0": "box_head.1", "classifier.3": "box_head.3"})
+    out = {}
+    for key, value in state.items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix in names:
+            out[f"{names[prefix]}.{leaf}"] = value
+    return out

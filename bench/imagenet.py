@@ -78,7 +78,29 @@ def load_imagenet_backbone(path: str, model_spec, log=print) -> dict:
         raise ValueError(f"pretrained checkpoint {file} holds a {type(obj).__name__}, not a "
                          f"state dict of tensors; point `pretrained` at a backbone checkpoint")
     _check_norm_statistics(file, obj, model_spec.norm)
-    return obj
+    return _in_backbone_layout(file, obj, model_spec)
+
+
+def _in_backbone_layout(file, state: dict, model_spec) -> dict:
+    """A torchvision state dict in the run's backbone's names: ResNets are already; a VGG's
+    `features.N` / `classifier.N` keys are renamed (bench.backbones.from_torchvision_vgg). A
+    checkpoint of the other family is refused here, naming the file, not as missing keys."""
+    is_vgg = any(k.startswith("features.") for k in state)
+    is_resnet = any(k.startswith(("layer1.", "conv1.")) for k in state)
+    if model_spec.backbone == "vgg":
+        if not is_vgg:
+            raise ValueError(f"pretrained checkpoint {file} is not a torchvision VGG (no "
+                             f"`features.*` keys{'; it is a ResNet' if is_resnet else ''}), but "
+                             f"this run has model.backbone 'vgg'; use torchvision:vgg{model_spec.depth} "
+                             f"or a `bench pretrain` checkpoint of this backbone")
+        from bench.backbones import from_torchvision_vgg
+        return from_torchvision_vgg(state, model_spec)
+    if is_vgg and not is_resnet:
+        raise ValueError(f"pretrained checkpoint {file} is a torchvision VGG (`features.*` keys), "
+                         f"but this run has model.backbone {model_spec.backbone!r}; point "
+                         f"`pretrained` at a {model_spec.backbone} checkpoint, or set "
+                         f"model.backbone: vgg and model.fpn: false")
+    return state
 
 
 def _check_norm_statistics(file, state: dict, norm: str):
@@ -90,6 +112,10 @@ def _check_norm_statistics(file, state: dict, norm: str):
         raise ValueError(f"pretrained checkpoint {file} holds BatchNorm statistics, but this run "
                          f"has model.norm='GN'; use a GN ImageNet model (e.g. Detectron's "
                          f"R-50-GN.pkl) or model.norm FrozenBN / SyncBN / BN")
+    if norm == "none" and has_stats:
+        raise ValueError(f"pretrained checkpoint {file} holds BatchNorm statistics (a network "
+                         f"with BN, e.g. vgg16_bn), but this run has model.norm 'none'; use a "
+                         f"checkpoint without BN (torchvision:vgg16) or model.norm: FrozenBN")
     if norm_family(norm) == "BN" and not has_stats:
         raise ValueError(f"pretrained checkpoint {file} holds no BatchNorm statistics (a GN "
                          f"model?), but this run has model.norm={norm!r}; use a BN ImageNet "

@@ -29,13 +29,44 @@ SOURCES = {
 
 
 class Classifier(nn.Module):
-    def __init__(self, backbone, num_classes):
+    """The backbone, a global average pool and a linear classifier; or, with `fc_dim` (a VGG),
+    VGG's own classifier: the last map pooled to 7 x 7 and two fc layers (fc6, fc7) before the
+    linear one, laid out as the detector's fc-only box head, which Faster R-CNN initializes
+    from them (bench.backbones.from_torchvision_vgg does the same for torchvision's VGG)."""
+
+    def __init__(self, backbone, num_classes, fc_dim: int = 0):
         super().__init__()
         self.body = backbone.body
-        self.head = nn.Linear(backbone.stage_channels[-1], num_classes)
+        channels = backbone.stage_channels[-1]
+        self.box_head = None
+        if fc_dim:
+            self.box_head = nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Flatten(),
+                                          nn.Linear(channels * 49, fc_dim), nn.ReLU(inplace=True),
+                                          nn.Linear(fc_dim, fc_dim), nn.ReLU(inplace=True))
+            channels = fc_dim
+        self.head = nn.Linear(channels, num_classes)
 
     def forward(self, x):
-        return self.head(self.body(x).mean(dim=(2, 3)))
+        x = self.body(x)
+        return self.head(self.box_head(x) if self.box_head is not None else x.mean(dim=(2, 3)))
+
+    def backbone_state(self) -> dict:
+        """What the detector loads: the body, and fc6 / fc7 under the box head's names (its
+        Sequential is Flatten, fc, ReLU, fc, ReLU: keys 1.* and 3.*; ours has the pool first)."""
+        state = dict(self.body.state_dict())
+        if self.box_head is not None:
+            for ours, theirs in (("2", "1"), ("4", "3")):
+                for leaf in ("weight", "bias"):
+                    state[f"box_head.{theirs}.{leaf}"] = getattr(self.box_head[int(ours)], leaf)
+        return {k: v.detach() for k, v in state.items()}
+
+
+def vgg_fc_dim(model_spec) -> int:
+    """A VGG's box head is its classifier's fc6 and fc7 (Faster R-CNN): pre-train them too."""
+    if model_spec.backbone == "vgg" and model_spec.box_head_convs == 0 \
+            and model_spec.box_head_fcs == 2:
+        return model_spec.box_head_fc_dim
+    return 0
 
 
 def _loader(root, train, batch, seed, workers, normalization):
@@ -66,6 +97,8 @@ def output_meta(model_spec, p):
     meta = {"backbone": model_spec.backbone, "depth": model_spec.depth,
             "width": model_spec.width, "norm": trainable_norm(model_spec.norm),
             "norm_groups": model_spec.norm_groups, "pretrain": dataclasses.asdict(p)}
+    if vgg_fc_dim(model_spec):  # (absent otherwise: older checkpoints stay valid)
+        meta["box_head_fc_dim"] = vgg_fc_dim(model_spec)
     if model_spec.conv_init != "msra":  # (absent at the default: older checkpoints stay valid)
         meta["conv_init"] = model_spec.conv_init
     return meta
@@ -129,7 +162,7 @@ def pretrain(model_spec, p, out_path: str, device="cpu", workers=0, log=print) -
                                         pixel_normalization(model_spec))
     val_loader, _ = _loader(root, False, 256, p.seed, workers, pixel_normalization(model_spec))
     trained = dataclasses.replace(model_spec, norm=trainable_norm(model_spec.norm))
-    model = Classifier(build_backbone(trained), num_classes).to(device)
+    model = Classifier(build_backbone(trained), num_classes, vgg_fc_dim(model_spec)).to(device)
     decay, no_decay = [], []
     for m in model.modules():
         for prm in m.parameters(recurse=False):
@@ -162,7 +195,7 @@ def pretrain(model_spec, p, out_path: str, device="cpu", workers=0, log=print) -
     file = resolve_cache_path(out_path)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(file.name + ".tmp")
-    torch.save({"backbone": model.body.state_dict(), "meta": meta}, tmp)
+    torch.save({"backbone": model.backbone_state(), "meta": meta}, tmp)
     old = set_aside(out_path)
     if old:  # the backbone finished runs may have started from is never lost
         log(f"{out_path}: the checkpoint there was pre-trained otherwise; kept as {old}")

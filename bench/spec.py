@@ -80,6 +80,9 @@ class ModelSpec:
     pixel_mean: Tuple[float, ...] = (123.675, 116.28, 103.53)
     pixel_std: Tuple[float, ...] = (58.395, 57.12, 57.375)
     freeze_at: int = 0                  # 0: nothing frozen (required for scratch)
+    # FPN on C2..C5 (the paper's R-FPN models), or false: the RPN and the RoI heads on the
+    # last stage's map alone (its VGG-16 Faster R-CNN, on conv5), every anchor size there
+    fpn: bool = True
     fpn_channels: int = 256
     anchor_sizes: Tuple[int, ...] = (32, 64, 128, 256, 512)   # one per FPN level P2..P6
     rpn_pre_nms_train: int = 2000       # per FPN level (detectron2 PRE_NMS_TOPK_TRAIN)
@@ -90,6 +93,7 @@ class ModelSpec:
     box_head_convs: int = 4             # the paper's 4conv+1fc box head
     box_head_conv_dim: int = 256
     box_head_fc_dim: int = 1024
+    box_head_fcs: int = 1               # fc layers after the convs (VGG-16's fc6, fc7: 2)
     roi_batch_per_image: int = 512
     # Box regression loss of the box head (and of the RPN unless rpn_box_loss_beta is set):
     # smooth L1 with this beta; 0 is L1, detectron2's default (SMOOTH_L1_BETA 0.0).

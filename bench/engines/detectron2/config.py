@@ -33,9 +33,16 @@ class Untranslatable(ValueError):
 def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset: str = "",
               weights: str = "", output_dir: Optional[str] = None) -> dict:
     m, d, s = spec.model, spec.data, spec.solver
+    if m.backbone == "vgg":
+        raise Untranslatable("model.backbone 'vgg': detectron2 has no VGG backbone (nor the "
+                             "single-level Faster R-CNN on conv5); use engine: torchvision")
     if m.backbone != "resnet":
         raise Untranslatable(f"model.backbone {m.backbone!r}: the detectron2 engine builds "
                              f"detectron2's ResNet-FPN only; use engine: torchvision")
+    if not m.fpn:
+        raise Untranslatable("model.fpn false: the detectron2 engine builds ResNet-FPN only "
+                             "(its C4 models put res5 in the RoI head, not on the feature "
+                             "map); use engine: torchvision")
     if m.depth not in (18, 34, 50, 101, 152):
         raise Untranslatable(f"model.depth {m.depth}: detectron2's ResNets are 18, 34, 50, 101, "
                              f"152; use engine: torchvision")
@@ -86,7 +93,7 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
                           "BATCH_SIZE_PER_IMAGE": m.roi_batch_per_image,
                           "SCORE_THRESH_TEST": m.score_thresh},
             "ROI_BOX_HEAD": {"NAME": "FastRCNNConvFCHead", "NUM_CONV": m.box_head_convs,
-                             "CONV_DIM": m.box_head_conv_dim, "NUM_FC": 1,
+                             "CONV_DIM": m.box_head_conv_dim, "NUM_FC": m.box_head_fcs,
                              "FC_DIM": m.box_head_fc_dim, "NORM": head_norm,
                              "POOLER_RESOLUTION": 7, "POOLER_TYPE": pooler,
                              "POOLER_SAMPLING_RATIO": m.roi_sampling_ratio,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -328,23 +329,45 @@ def use_detectron2_losses(model, box_loss_beta: float, rpn_box_loss_beta: float 
     model.roi_heads.set_losses(box_loss_beta)
 
 
+class LastStage(nn.Module):
+    """The detector's features without an FPN: the backbone's last stage alone (Faster
+    R-CNN's conv5 for VGG), as torchvision's detectors take them (`body`, `out_channels`,
+    an OrderedDict of maps)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.body = IntermediateLayerGetter(backbone.body, {backbone.stage_names[-1]: "0"})
+        self.out_channels = backbone.stage_channels[-1]
+
+    def forward(self, x):
+        return self.body(x)
+
+
 def build_detector(m, num_classes: int, data) -> nn.Module:
     """`m` is a ModelSpec, `data` a DataSpec (input sizes); num_classes excludes background."""
     backbone = build_backbone(m)
     norm = norm_layer(m.head_norm, m.norm_groups)  # FPN and heads
     freeze_stages(backbone.body, backbone.stage_names, m.freeze_at)
-    fpn = BackboneWithFPN(
-        backbone.body,
-        return_layers=OrderedDict((n, str(i)) for i, n in enumerate(backbone.stage_names)),
-        in_channels_list=backbone.stage_channels,
-        out_channels=m.fpn_channels,
-        extra_blocks=LastLevelMaxPool(),  # P6 for the RPN, as detectron2's FPN
-        norm_layer=norm)
-    xavier_init_(fpn.fpn)  # detectron2's FPN: c2_xavier_fill (so is torchvision's; said here)
-
-    anchors = Anchors(tuple((s,) for s in m.anchor_sizes), ((0.5, 1.0, 2.0),) * len(m.anchor_sizes))
-    box_head = FastRCNNConvFCHead((m.fpn_channels, 7, 7), [m.box_head_conv_dim] * m.box_head_convs,
-                                  [m.box_head_fc_dim], norm_layer=norm)
+    if m.fpn:
+        features = BackboneWithFPN(
+            backbone.body,
+            return_layers=OrderedDict((n, str(i)) for i, n in enumerate(backbone.stage_names)),
+            in_channels_list=backbone.stage_channels,
+            out_channels=m.fpn_channels,
+            extra_blocks=LastLevelMaxPool(),  # P6 for the RPN, as detectron2's FPN
+            norm_layer=norm)
+        xavier_init_(features.fpn)  # detectron2's FPN: c2_xavier_fill (torchvision's too)
+        levels = ["0", "1", "2", "3"]
+        # one anchor size per level, P2..P6
+        anchors = Anchors(tuple((s,) for s in m.anchor_sizes),
+                          ((0.5, 1.0, 2.0),) * len(m.anchor_sizes))
+    else:
+        features = LastStage(backbone)
+        levels = ["0"]
+        anchors = Anchors((tuple(m.anchor_sizes),), ((0.5, 1.0, 2.0),))  # all on one map
+    box_head = FastRCNNConvFCHead((features.out_channels, 7, 7),
+                                  [m.box_head_conv_dim] * m.box_head_convs,
+                                  [m.box_head_fc_dim] * m.box_head_fcs, norm_layer=norm)
     msra_init_(box_head)  # detectron2's FastRCNNConvFCHead: MSRA convs, Xavier fc
     for fc in (x for x in box_head.modules() if isinstance(x, nn.Linear)):
         xavier_init_(fc)
@@ -356,7 +379,7 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
         rpn_pre_nms_top_n_train=m.rpn_pre_nms_train, rpn_post_nms_top_n_train=m.rpn_post_nms_train,
         rpn_pre_nms_top_n_test=m.rpn_pre_nms_test, rpn_post_nms_top_n_test=m.rpn_post_nms_test,
         rpn_batch_size_per_image=m.rpn_batch_per_image,
-        box_roi_pool=RoIPooler(["0", "1", "2", "3"], 7, m.roi_sampling_ratio, m.roi_align_aligned),
+        box_roi_pool=RoIPooler(levels, 7, m.roi_sampling_ratio, m.roi_align_aligned),
         box_head=box_head,
         box_predictor=BoxPredictor(m.box_head_fc_dim, num_classes),
         box_batch_size_per_image=m.roi_batch_per_image,
@@ -364,14 +387,14 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
         box_score_thresh=m.score_thresh,
     )
     if m.arch == "faster_rcnn":
-        model = FasterRCNN(fpn, **common)
+        model = FasterRCNN(features, **common)
     else:
-        mask_head = MaskRCNNHeads(m.fpn_channels, [m.mask_head_dim] * m.mask_head_convs, 1,
+        mask_head = MaskRCNNHeads(features.out_channels, [m.mask_head_dim] * m.mask_head_convs, 1,
                                   norm_layer=norm)
         msra_init_(mask_head)
         mask_predictor = MaskPredictor(m.mask_head_dim, num_classes, m.mask_logits_init)
-        mask_pool = RoIPooler(["0", "1", "2", "3"], 14, m.roi_sampling_ratio, m.roi_align_aligned)
-        model = MaskRCNN(fpn, mask_roi_pool=mask_pool, mask_head=mask_head,
+        mask_pool = RoIPooler(levels, 14, m.roi_sampling_ratio, m.roi_align_aligned)
+        model = MaskRCNN(features, mask_roi_pool=mask_pool, mask_head=mask_head,
                          mask_predictor=mask_predictor, **common)
     use_detectron2_losses(model, m.box_loss_beta, m.rpn_box_loss_beta)
     model.transform = BatchedPasteTransform(data.train_min_size, data.train_max_size, mean, std)
@@ -444,9 +467,11 @@ def use_input_sizes(model, train: bool):
 
 
 def load_backbone_weights(model: nn.Module, state: dict, log=print) -> dict:
-    """Load a classification checkpoint into the detector's backbone body.
+    """Load a classification checkpoint into the detector's backbone body, and its `box_head.*`
+    tensors (VGG's fc6 and fc7, bench.backbones.from_torchvision_vgg) into the box head.
 
-    Returns the key report; raises if any backbone parameter is left at its init.
+    Returns the key report; raises if any backbone parameter is left at its init, or if the
+    box head's tensors do not fit it.
     """
     body = model.backbone.body
     own = body.state_dict()
@@ -459,12 +484,24 @@ def load_backbone_weights(model: nn.Module, state: dict, log=print) -> dict:
                 shape_mismatch.append(k)
     # BatchNorm's batch counter is bookkeeping, not a weight (FrozenBN has none)
     missing = [k for k in own if k not in matched and not k.endswith("num_batches_tracked")]
-    unused = [k for k in state if k not in own]
+    head = {k[len("box_head."):]: v for k, v in state.items() if k.startswith("box_head.")}
+    unused = [k for k in state if k not in own and not k.startswith("box_head.")]
     body.load_state_dict({**own, **matched})
     log(f"pretrained backbone: {len(matched)} keys matched, {len(unused)} unused in checkpoint "
-        f"(e.g. classifier), {len(shape_mismatch)} shape-mismatched, {len(missing)} missing")
+        f"(e.g. classifier), {len(shape_mismatch)} shape-mismatched, {len(missing)} missing"
+        + (f"; {len(head)} box head keys (fc6, fc7)" if head else ""))
     if missing or shape_mismatch:
         raise ValueError("pretrained checkpoint does not cover the backbone: missing "
                          f"{missing[:5]}, shape-mismatched {shape_mismatch[:5]}; it was built for "
                          "another backbone depth/width/norm")
-    return dict(matched=len(matched), unused=unused, missing=missing, shape_mismatch=shape_mismatch)
+    if head:
+        box_head = model.roi_heads.box_head
+        mine = box_head.state_dict()
+        wrong = [k for k, v in head.items() if k not in mine or mine[k].shape != v.shape]
+        if wrong:
+            raise ValueError(f"pretrained checkpoint's box head tensors {wrong[:4]} do not fit "
+                             f"this box head (model.box_head_convs 0, box_head_fcs 2, "
+                             f"box_head_fc_dim as the checkpoint's fc6 and fc7)")
+        box_head.load_state_dict({**mine, **head})
+    return dict(matched=len(matched), unused=unused, missing=missing, shape_mismatch=shape_mismatch,
+                box_head=len(head))
