@@ -27,6 +27,17 @@ def check_dataset_files(files):
                              f"{missing[0]}); restore them, or regenerate the dataset")
 
 
+def check_keypoint_files(files, count: int):
+    """Both annotation files name `count` keypoints, and every person has 3 x `count`
+    numbers: the file a keypoint run would fail on, named with the fix (bench.data.coco)."""
+    from bench.data.coco import AnnotationError, check_keypoints, load_coco
+    for ann in (files.train_annotations, files.val_annotations):
+        try:
+            check_keypoints(load_coco(ann), ann, count)
+        except AnnotationError as e:
+            raise PreflightError(str(e)) from None
+
+
 def check(studies, specs, root, slots=None, device="cpu", nodes=None):
     """Fail in seconds, before any training, on what would fail hours later."""
     from bench.data import registry, subsets
@@ -42,6 +53,9 @@ def check(studies, specs, root, slots=None, device="cpu", nodes=None):
         registry.resolve(dataset)  # raises DatasetMissing naming the path and the fix
     for dataset in sorted({s.data.dataset for s in todo}):
         check_dataset_files(registry.resolve(dataset))
+    for dataset, k in sorted({(s.data.dataset, s.model.num_keypoints) for s in todo
+                              if s.model.arch == "keypoint_rcnn"}):
+        check_keypoint_files(registry.resolve(dataset), k)
     if slots is not None:  # each run fits on this machine's GPUs (or CPU slots)
         from bench.runner import Nodes, check_fits
         check_fits(specs, slots, device, nodes or Nodes())

@@ -64,7 +64,7 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    arch: Literal["mask_rcnn", "faster_rcnn"] = "mask_rcnn"
+    arch: Literal["mask_rcnn", "faster_rcnn", "keypoint_rcnn"] = "mask_rcnn"
     backbone: str = "resnet"            # a name registered in bench.backbones
     depth: int = 50
     width: int = 64                     # stem width; stage widths double from it
@@ -102,6 +102,13 @@ class ModelSpec:
     rpn_box_loss_beta: Optional[float] = None   # None: box_loss_beta
     mask_head_convs: int = 4
     mask_head_dim: int = 256
+    # Keypoint R-CNN's head, detectron2's KRCNNConvDeconvUpsampleHead (= torchvision's
+    # KeypointRCNNHeads + Predictor): 8 3x3 convs of 512 on 14x14 RoIs, no norm (neither
+    # Detectron nor detectron2 has a GN keypoint head), a 4x4 stride-2 deconvolution and a 2x
+    # bilinear upsampling to 56x56 heatmaps, one per keypoint
+    num_keypoints: int = 17
+    keypoint_head_convs: int = 8
+    keypoint_head_dim: int = 512
     # RoI pooling as detectron2's FPN configs (POOLER_TYPE ROIAlignV2, POOLER_SAMPLING_RATIO 0):
     # the half-pixel-aligned RoIAlign, adaptive sampling; 7x7 for boxes, 14x14 for masks
     roi_align_aligned: bool = True

@@ -7,7 +7,8 @@ from pycocotools import mask as mask_utils
 
 from bench.data import registry
 from bench.data.coco import load_coco
-from bench.engines.torchvision.evaluate import STAT_NAMES, coco_stats
+from bench.engines.coco_stats import STAT_NAMES
+from bench.engines.torchvision.evaluate import coco_stats
 
 
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])

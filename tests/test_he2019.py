@@ -71,10 +71,9 @@ def test_less_data_studies_use_nested_subsets_and_the_retuned_hyper_parameters()
     assert {r.solver.max_iter for r in HE2019["he2019-less-data-10k"].runs} == {60_000, 220_000}
 
 
-def test_experiments_no_engine_can_express_are_listed_with_a_reason():
-    assert "KeypointRCNN" in HE2019["he2019-keypoint-r50-gn"].unsupported
-    assert not HE2019["he2019-keypoint-r50-gn"].runs
-    assert not HE2019["he2019-vgg16-nobn"].unsupported  # tests/test_vgg.py
+def test_every_experiment_of_the_paper_has_runs_none_is_unsupported():
+    # (none left: VGG-16 and Keypoint R-CNN run, tests/test_vgg.py, tests/test_keypoints.py)
+    assert not any(st.unsupported for st in HE2019.values())
 
 
 def test_detectron2_zoo_recipes_match_the_published_configs():
@@ -114,7 +113,7 @@ def test_every_recipe_plans_and_the_plan_json_is_stable(tmp_path):
     fields = ["run_id", "iterations", "lr_drops", "lr", "batch", "train_images", "gpus"]
     assert [{k: r[k] for k in fields} for r in plan["runs"]] == golden, \
         "run ids or schedules changed; if intended, regenerate tests/golden/plan.json"
-    assert {u["study"] for u in plan["unsupported"]} == {"he2019-keypoint-r50-gn"}
+    assert plan["unsupported"] == []  # every experiment of the paper's recipes runs
 
 
 @pytest.mark.slow
@@ -160,7 +159,7 @@ def test_make_reproduce_he2019_dry_run_prints_the_plan_and_without_coco_stops(tm
     dry = subprocess.run(["make", "-s", "reproduce-he2019", "DRY_RUN=1"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0, dry.stderr
-    assert "80 runs" in dry.stdout and "not yet supported: he2019-keypoint-r50-gn" in dry.stdout
+    assert "84 runs" in dry.stdout and "not yet supported" not in dry.stdout
     real = subprocess.run(["make", "-s", "reproduce-he2019", f"COCO={tmp_path / 'coco'}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert real.returncode != 0

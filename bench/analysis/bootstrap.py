@@ -115,7 +115,7 @@ def replicates(accumulators: List[Accumulator], n_samples: int = 1000,
 
 # -- intervals of a study's pairs ----------------------------------------------------------
 
-TASKS = {"bbox/AP": "bbox", "segm/AP": "segm"}
+TASKS = {"bbox/AP": "bbox", "segm/AP": "segm", "keypoints/AP": "keypoints"}
 PAIR_KEYS = ["engine", "arch", "backbone", "norm", "schedule", "max_iter", "train_images"]
 
 

@@ -15,10 +15,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bench.analysis.table import MAIN_METRICS as METRICS  # noqa: E402 - one panel each, if run
+
 INIT_STYLE = {"scratch": dict(linestyle="-", color="#1f4e9c", label="random init"),
               "imagenet": dict(linestyle="--", color="#c0392b", label="pre-trained (fine-tune)")}
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
-METRIC_LABEL = {"bbox/AP": "bbox AP", "segm/AP": "mask AP"}
+METRIC_LABEL = {"bbox/AP": "bbox AP", "segm/AP": "mask AP", "keypoints/AP": "keypoint AP"}
 
 
 def _size_label(n):
@@ -29,7 +31,7 @@ def _schedule_order(df):
     return sorted(df["schedule"].unique(), key=lambda s: df[df["schedule"] == s]["max_iter"].max())
 
 
-def ap_vs_iterations(df: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt.Figure:
+def ap_vs_iterations(df: pd.DataFrame, metrics=METRICS) -> plt.Figure:
     """Learning curves: AP against iterations for every schedule, scratch vs pre-trained;
     one column per training-set size, one row per metric. LR drops are the filled markers."""
     df = df.dropna(subset=["metric"])
@@ -108,11 +110,11 @@ def _interval(values, lo_hi=None):
     return mean, lo, hi
 
 
-def ap_vs_train_size(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt.Figure:
+def ap_vs_train_size(final: pd.DataFrame, metrics=METRICS) -> plt.Figure:
     """Final AP against training-set size, scratch vs pre-trained, one marker per schedule,
     with 95% error bars: over seeds where there are several, else over val images (the
     columns "<metric> lo (images)" / "hi (images)" when the runs kept per-image results)."""
-    metrics = [m for m in metrics if m in final.columns]
+    metrics = [m for m in metrics if m in final.columns and final[m].notna().any()]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 3.6), squeeze=False)
     schedules = _schedule_order(final)
     for col, metric in enumerate(metrics):
@@ -176,7 +178,7 @@ def _with_bars(ax, x, mean, lo, hi, **style):
                     linewidth=1.0)
 
 
-def gap_vs_schedule(gaps: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt.Figure:
+def gap_vs_schedule(gaps: pd.DataFrame, metrics=METRICS) -> plt.Figure:
     """The paper's message in one picture: scratch - pre-trained AP against schedule length,
     one line per training-set size, with 95% bars (over seeds where there are 2 or more,
     else over val images). Above 0, training from scratch caught up."""
@@ -222,11 +224,11 @@ def _size_short(n) -> str:
     return "all img" if n == -1 else f"{int(n):,} img"
 
 
-def final_ap_by_model(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> plt.Figure:
+def final_ap_by_model(final: pd.DataFrame, metrics=METRICS) -> plt.Figure:
     """Final AP, scratch vs pre-trained, for every model, norm, schedule and training-set
     size of the table: grouped bars (scratch hatched, pre-trained solid: distinct in greyscale),
     one panel per metric; several seeds show as their mean with min-max bars."""
-    metrics = [m for m in metrics if m in final.columns]
+    metrics = [m for m in metrics if m in final.columns and final[m].notna().any()]
     keys = ["engine", "arch", "backbone", "norm", "schedule", "train_images", "max_iter"]
     groups = final[keys].drop_duplicates().sort_values(
         ["arch", "backbone", "norm", "engine", "train_images", "max_iter"],

@@ -19,7 +19,7 @@ COLUMNS = ["study", "init", "iterations", "metric", "published", "source"]
 # reports box AP
 METRICS = {"bbox AP": "bbox/AP", "bbox AP50": "bbox/AP50", "bbox AP75": "bbox/AP75",
            "mask AP": "segm/AP", "mask AP50": "segm/AP50", "mask AP75": "segm/AP75",
-           "AP (bbox per context)": "bbox/AP"}
+           "AP (bbox per context)": "bbox/AP", "keypoint AP": "keypoints/AP"}
 
 
 def _iterations(iterations, schedule):

@@ -16,10 +16,11 @@ def _fmt(v):
     return "-" if v != v else f"{v:.1f}"  # NaN -> "-"
 
 
-def markdown_pairs(pairs):
-    lines = ["| schedule | iterations | train images | box AP scratch | box AP pre-trained | "
-             "Δ box | mask AP scratch | mask AP pre-trained | Δ mask | state |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+def markdown_pairs(pairs, metrics=("bbox/AP", "segm/AP")):
+    head = "".join(f"{table.LABELS[m]} AP scratch | {table.LABELS[m]} AP pre-trained | "
+                   f"Δ {table.LABELS[m]} | " for m in metrics)
+    lines = [f"| schedule | iterations | train images | {head}state |",
+             "|---" * (4 + 3 * len(metrics)) + "|"]
     # several seeds of one pair would otherwise read as duplicated rows
     seeded = "seed" in pairs.columns and pairs["seed"].nunique() > 1
     for _, r in pairs.iterrows():
@@ -27,7 +28,7 @@ def markdown_pairs(pairs):
         engine = f" ({r['engine']})" if r.get("engine", "torchvision") != "torchvision" else ""
         seed = f", seed {int(r['seed'])}" if seeded else ""
         cells = [r["schedule"] + engine + seed, str(int(r["max_iter"])), n]
-        for m in ("bbox/AP", "segm/AP"):
+        for m in metrics:
             cells += [_fmt(r.get(f"{m} scratch", float("nan"))),
                       _fmt(r.get(f"{m} imagenet", float("nan"))),
                       _fmt(r.get(f"{m} scratch-imagenet", float("nan")))]
@@ -44,7 +45,7 @@ def pairs_table(pairs: pd.DataFrame) -> pd.DataFrame:
     (box and mask AP) that difference's 95% interval over val images."""
     keep = ["engine", "arch", "backbone", "norm", "schedule", "max_iter", "train_images", "seed",
             "state scratch", "state imagenet", "run_id scratch", "run_id imagenet"]
-    stats = sorted({c.split(" ", 1)[0] for c in pairs.columns if c.startswith(("bbox/", "segm/"))},
+    stats = sorted({c.split(" ", 1)[0] for c in pairs.columns if table.is_stat(c)},
                    key=lambda m: (m.split("/")[0], STAT_ORDER.index(m.split("/")[1])
                                   if m.split("/")[1] in STAT_ORDER else 99))
     cols = [f"{m} {w}" for m in stats for w in ("scratch", "imagenet", "scratch-imagenet",
@@ -52,11 +53,12 @@ def pairs_table(pairs: pd.DataFrame) -> pd.DataFrame:
     return pairs[[c for c in keep + cols if c in pairs.columns]]
 
 
-def markdown_gaps(gaps: pd.DataFrame) -> str:
+def markdown_gaps(gaps: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> str:
     """The gap of each pair of recipes, seeds pooled, with both intervals."""
-    lines = ["| schedule | iterations | train images | seeds | Δ box | 95% over seeds | "
-             "95% over val images | Δ mask | 95% over seeds | 95% over val images |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    head = "".join(f"Δ {table.LABELS[m]} | 95% over seeds | 95% over val images | "
+                   for m in metrics)
+    lines = [f"| schedule | iterations | train images | seeds | {head}",
+             "|---" * (4 + 3 * len(metrics)) + "|"]
 
     def iv(r, m, how):
         lo, hi = r.get(f"{m} gap lo ({how})", float("nan")), r.get(f"{m} gap hi ({how})",
@@ -69,7 +71,7 @@ def markdown_gaps(gaps: pd.DataFrame) -> str:
         if r.get("incomplete", 0) == r.get("incomplete", 0) and r.get("incomplete", 0):
             seeds += f" (+{int(r['incomplete'])} unfinished, left out)"
         cells = [r["schedule"] + engine, str(int(r["max_iter"])), n, seeds]
-        for m in ("bbox/AP", "segm/AP"):
+        for m in metrics:
             cells += [_fmt(r.get(f"{m} gap", float("nan"))), iv(r, m, "seeds"),
                       iv(r, m, "images")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -101,36 +103,38 @@ def write_study_results(runs_dir: Path, out: Path, published=None, log=print):
     if final.empty:
         raise FileNotFoundError(f"no run under {runs_dir} has an evaluation yet; figures need "
                                 f"at least one eval row (see `bench status`)")
-    pairs = table.paired(final, metrics=[c for c in final.columns if c.startswith(("bbox/", "segm/"))])
+    pairs = table.paired(final, metrics=[c for c in final.columns if table.is_stat(c)])
+    metrics = table.main_metrics(final)  # box, and mask or keypoint AP: what the runs report
     # intervals over val images, from the per-image results each run kept at its last eval
     runs = bootstrap.Runs({RunDir(f.parent).read_spec_doc()["run_id"]: f.parent
                            for f in sorted(Path(runs_dir).rglob("spec.yaml"))})
     pairs = bootstrap.pair_intervals(pairs, runs, log=log)
     gaps = bootstrap.gaps_over_seeds(pairs, runs, log=log)
     written = []
-    written += figures.save(figures.ap_vs_iterations(evals), out / "ap_vs_iterations")
-    written += figures.save(figures.ap_vs_train_size(bootstrap.run_intervals(final, runs)),
-                            out / "ap_vs_train_size")
-    written += figures.save(figures.gap_vs_schedule(gaps), out / "gap_vs_schedule")
-    written += figures.save(figures.final_ap_by_model(final), out / "final_ap_by_model")
+    written += figures.save(figures.ap_vs_iterations(evals, metrics), out / "ap_vs_iterations")
+    written += figures.save(figures.ap_vs_train_size(bootstrap.run_intervals(final, runs),
+                                                     metrics), out / "ap_vs_train_size")
+    written += figures.save(figures.gap_vs_schedule(gaps, metrics), out / "gap_vs_schedule")
+    written += figures.save(figures.final_ap_by_model(final, metrics),
+                            out / "final_ap_by_model")
 
-    stats = [c for c in final.columns if "/" in c and c.split("/")[0] in ("bbox", "segm")]
+    stats = [c for c in final.columns if table.is_stat(c)]
     keep = [c for c in table.ID_COLUMNS if c != "pair"] + ["iteration"] + stats
     final[keep].to_csv(out / "final_ap.csv", index=False, float_format="%.3f")
     written.append(out / "final_ap.csv")
     pairs_table(pairs).to_csv(out / "pairs.csv", index=False, float_format="%.3f")
     written.append(out / "pairs.csv")
-    (out / "final_ap.md").write_text(markdown_pairs(pairs))
+    (out / "final_ap.md").write_text(markdown_pairs(pairs, metrics))
     written.append(out / "final_ap.md")
     gaps.to_csv(out / "gaps.csv", index=False, float_format="%.3f")
-    (out / "gaps.md").write_text(markdown_gaps(gaps))
+    (out / "gaps.md").write_text(markdown_gaps(gaps, metrics))
     written += [out / "gaps.csv", out / "gaps.md"]
-    curve = saturation.table(final)
+    curve = saturation.table(final, metrics)
     for path in (out / "saturation.csv", out / "saturation.md"):
         path.unlink(missing_ok=True)  # a study that no longer has a finished run keeps none
     if not curve.empty:
         curve.to_csv(out / "saturation.csv", index=False, float_format="%.3f")
-        (out / "saturation.md").write_text(saturation.markdown(curve))
+        (out / "saturation.md").write_text(saturation.markdown(curve, metrics))
         written += [out / "saturation.csv", out / "saturation.md"]
 
     compared = reference.beside(final, published if published is not None else reference.load())

@@ -12,6 +12,8 @@ import json
 
 import pandas as pd
 
+from bench.analysis.table import LABELS
+
 # The mini study's criterion (the paper's 5x vs 6x): the longest schedule ends within this
 # many box AP points of the next-longest one
 SATURATED_WITHIN = 1.5
@@ -75,7 +77,7 @@ def table(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> pd.DataFrame:
         .drop(columns=["_n", "family"]).reset_index(drop=True)
 
 
-def markdown(rows: pd.DataFrame) -> str:
+def markdown(rows: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> str:
     def fmt(v):
         return "-" if v is None or v != v else f"{v:+.1f}"
 
@@ -84,14 +86,16 @@ def markdown(rows: pd.DataFrame) -> str:
     lines = [f"Final AP per schedule (mean over seeds) and the change from the next-shorter "
              f"schedule (over the seeds both finished); the longest of each family counts as "
              f"saturated when its box AP changed by at most {SATURATED_WITHIN}.", "",
-             "| train images | init | schedule | iterations | seeds | box AP | Δ box | mask AP "
-             "| Δ mask | saturated |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| train images | init | schedule | iterations | seeds | "
+             + "".join(f"{LABELS[m]} AP | Δ {LABELS[m]} | " for m in metrics) + "saturated |",
+             "|---" * (6 + 2 * len(metrics)) + "|"]
     for _, r in rows.iterrows():
         n = "all" if r["train_images"] == -1 else str(int(r["train_images"]))
         engine = f" ({r['engine']})" if r["engine"] != "torchvision" else ""
         sat = {True: "yes", False: "no"}.get(r["saturated"], "")
         lines.append(" | ".join([
             f"| {n}", r["init"] + engine, r["schedule"], str(int(r["max_iter"])),
-            str(int(r["seeds"])), value(r.get("bbox/AP")), fmt(r.get("Δ bbox/AP")),
-            value(r.get("segm/AP")), fmt(r.get("Δ segm/AP")), f"{sat} |"]))
+            str(int(r["seeds"])),
+            *[c for m in metrics for c in (value(r.get(m)), fmt(r.get(f"Δ {m}")))],
+            f"{sat} |"]))
     return "\n".join(lines) + "\n"

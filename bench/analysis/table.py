@@ -12,9 +12,24 @@ import pandas as pd
 from bench.rundir import RunDir  # the run-dir format; analysis never imports an engine
 from bench.spec import PER_INIT_FIELDS  # spec.yaml's format: what a pair may differ in
 
-# COCOeval's 12 stats in its order (the engines write them as bbox/AP .. segm/ARl)
+# COCOeval's 12 stats in its order (the engines write them as bbox/AP .. segm/ARl), then
+# the keypoint task's own recall stats (keypoints/AP .. keypoints/ARl)
 STAT_ORDER = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
-              "ARl"]
+              "ARl", "AR", "AR50", "AR75"]
+# The tasks an eval row may hold, and each one's main metric with its name in tables
+TASKS = ("bbox", "segm", "keypoints")
+MAIN_METRICS = tuple(f"{t}/AP" for t in TASKS)
+LABELS = {"bbox/AP": "box", "segm/AP": "mask", "keypoints/AP": "keypoint"}
+
+
+def main_metrics(df: pd.DataFrame):
+    """The main metrics a study's runs report (a Faster R-CNN study has no mask AP, a
+    keypoint study has keypoint AP)."""
+    return [m for m in MAIN_METRICS if m in df.columns and df[m].notna().any()]
+
+
+def is_stat(column: str) -> bool:
+    return "/" in column and column.split("/")[0] in TASKS
 ID_COLUMNS = ["run_id", "pair", "study", "engine", "arch", "backbone", "norm", "init", "schedule",
               "train_images", "images_used", "seed", "batch", "max_iter", "lr_drops", "state"]
 
@@ -78,7 +93,7 @@ def final_metrics(df: pd.DataFrame) -> pd.DataFrame:
         .drop(columns="_n").reset_index(drop=True)
 
 
-def paired(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> pd.DataFrame:
+def paired(final: pd.DataFrame, metrics=MAIN_METRICS) -> pd.DataFrame:
     """Scratch vs imagenet side by side for every matched pair, with the difference."""
     keys = ["pair", "engine", "arch", "backbone", "norm", "schedule", "train_images", "seed",
             "max_iter"]

@@ -36,11 +36,15 @@ class CocoDetection(torch.utils.data.Dataset):
     """
 
     def __init__(self, image_dir, ann_file, image_ids=None, train=True, masks=True, coco=None,
-                 polygons=False):
+                 polygons=False, keypoints=0):
         self.image_dir = str(image_dir)
         self.coco = coco or load_coco(ann_file)
         self.train = train
         self.masks = masks
+        # `keypoints` K > 0: target["keypoints"] (N, K, 3), checked against the file here
+        self.keypoints = keypoints
+        if keypoints:
+            self.flip_order = check_keypoints(self.coco, ann_file, keypoints)
         # also each instance's polygons (target["polygons"]: per instance a list of flat
         # x, y arrays, or None for an RLE mask), for mask targets rasterized per RoI
         self.polygons = polygons and masks
@@ -49,6 +53,9 @@ class CocoDetection(torch.utils.data.Dataset):
         ids = sorted(self.coco.imgs) if image_ids is None else list(image_ids)
         if train:
             ids = [i for i in ids if any(self._usable(a) for a in self.coco.imgToAnns.get(i, []))]
+        if train and keypoints:  # detectron2's MIN_KEYPOINTS_PER_IMAGE 1: a labelled keypoint
+            ids = [i for i in ids if any(self._usable(a) and a.get("num_keypoints", 0) > 0
+                                         for a in self.coco.imgToAnns.get(i, []))]
         self.ids = ids
 
     @staticmethod
@@ -88,6 +95,14 @@ class CocoDetection(torch.utils.data.Dataset):
                                else torch.zeros((0, h, w), dtype=torch.uint8))
         if self.polygons:
             target["polygons"] = [polygons_of(a) for a in anns]
+        if self.keypoints:
+            kps = torch.tensor([a["keypoints"] for a in anns], dtype=torch.float32)
+            kps = kps.reshape(-1, self.keypoints, 3)
+            # COCO's keypoints are pixel indices; +0.5 puts them at the pixel's centre in
+            # continuous coordinates, as detectron2 loads them (predictions lose it again)
+            labelled = kps[..., 2:] > 0
+            kps[..., :2] = torch.where(labelled, kps[..., :2] + 0.5, kps[..., :2])
+            target["keypoints"] = kps
         if hflip:
             w = img.shape[2]
             img = img.flip(-1)
@@ -95,6 +110,10 @@ class CocoDetection(torch.utils.data.Dataset):
                                            boxes[:, 3]], dim=1)
             if self.masks:
                 target["masks"] = target["masks"].flip(-1)
+            if self.keypoints:  # x -> w - x, and each left keypoint takes its right's place
+                kps = target["keypoints"].clone()
+                kps[..., 0] = torch.where(kps[..., 2] > 0, w - kps[..., 0], kps[..., 0])
+                target["keypoints"] = kps[:, self.flip_order]
             if self.polygons:  # x -> w - x, as the boxes and the pixels (x + 0.5 -> w - x - 0.5)
                 target["polygons"] = [None if polys is None else
                                       [np.stack([w - p[0::2], p[1::2]], 1).ravel() for p in polys]
@@ -113,6 +132,30 @@ class CocoDetection(torch.utils.data.Dataset):
         else:
             rle = seg
         return mask_utils.decode(rle)
+
+
+def check_keypoints(coco, ann_file, count: int):
+    """The keypoint order after a flip, for a file whose one category has `count` named
+    keypoints and whose annotations each have 3 x `count` numbers; else one line naming the
+    file and the fix."""
+    from bench.data.people import flip_permutation
+    cats = coco.loadCats(coco.getCatIds())
+    named = [c for c in cats if c.get("keypoints")]
+    if not named:
+        raise AnnotationError(f"{ann_file}: no category has `keypoints` (an instances file, not "
+                              f"a person_keypoints one); use data.dataset coco-keypoints or "
+                              f"people, or model.arch mask_rcnn / faster_rcnn")
+    if len(cats) != 1 or len(named[0]["keypoints"]) != count:
+        raise AnnotationError(f"{ann_file}: {len(cats)} categories, keypoints "
+                              f"{[len(c.get('keypoints', [])) for c in cats]}; a keypoint run "
+                              f"needs one category with model.num_keypoints={count} keypoints")
+    for ann in coco.anns.values():
+        if len(ann.get("keypoints", [])) != 3 * count:
+            raise AnnotationError(f"{ann_file}: annotation {ann.get('id')} has "
+                                  f"{len(ann.get('keypoints', []))} keypoint numbers, not "
+                                  f"3 x {count}; regenerate or fix the file, or set "
+                                  f"model.num_keypoints")
+    return flip_permutation(named[0]["keypoints"])
 
 
 def polygons_of(ann):

@@ -4,20 +4,28 @@
   (default `./datasets/coco`), or wherever `--coco PATH` / `$BENCH_COCO` says.
 * `shapes`: the embedded COCO stand-in of the mini study (generated on first use).
 * `shapes-tiny`: the same generator, tiny, for tests.
+* `coco-keypoints`: COCO 2017's person keypoints (`person_keypoints_*2017.json`).
+* `people`, `people-tiny`: the embedded person-keypoint stand-in (bench.data.people).
 """
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.data import synthetic
+from bench.data import people, synthetic
 from bench.paths import cache_root
 
 EMBEDDED = {
     "shapes": synthetic.TargetConfig(),
     "shapes-tiny": synthetic.TargetConfig(train_images=64, val_images=16),
+    "people": people.PeopleConfig(),
+    "people-tiny": people.PeopleConfig(train_images=48, val_images=12),
 }
-DATASETS = ("coco",) + tuple(EMBEDDED)
+# COCO's person keypoints: the same images, another annotation file
+COCO_ANNOTATIONS = {"coco": "instances", "coco-keypoints": "person_keypoints"}
+DATASETS = tuple(COCO_ANNOTATIONS) + tuple(EMBEDDED)
+KEYPOINT_DATASETS = ("coco-keypoints",) + tuple(n for n, c in EMBEDDED.items()
+                                                if isinstance(c, people.PeopleConfig))
 
 
 class DatasetMissing(RuntimeError):
@@ -41,9 +49,10 @@ def coco_root() -> Path:
 
 
 def resolve(name: str, generate: bool = True) -> DatasetFiles:
-    if name == "coco":
+    if name in COCO_ANNOTATIONS:
+        prefix = COCO_ANNOTATIONS[name]
         root = coco_root()
-        ann = root / "annotations" / "instances_train2017.json"
+        ann = root / "annotations" / f"{prefix}_train2017.json"
         if not ann.is_file():
             raise DatasetMissing(
                 f"COCO not found: {ann} does not exist; "
@@ -53,7 +62,7 @@ def resolve(name: str, generate: bool = True) -> DatasetFiles:
                    "reproduce-he2019 COCO=PATH)")
                 + ", or run `make mini` for the embedded dataset")
         files = DatasetFiles(name, root / "train2017", ann, root / "val2017",
-                             root / "annotations" / "instances_val2017.json",
+                             root / "annotations" / f"{prefix}_val2017.json",
                              root / "bench_subsets")
         for what in (files.train_images, files.val_images, files.val_annotations):
             if not what.exists():
@@ -68,8 +77,9 @@ def resolve(name: str, generate: bool = True) -> DatasetFiles:
         elif synthetic.check_complete(root, cfg):
             raise DatasetMissing(f"embedded dataset {name!r} is not generated at {root}; "
                                  f"run `bench data`")
-        return DatasetFiles(name, root / "train", root / "annotations" / "instances_train.json",
-                            root / "val", root / "annotations" / "instances_val.json",
+        prefix = getattr(cfg, "annotation_prefix", "instances")
+        return DatasetFiles(name, root / "train", root / "annotations" / f"{prefix}_train.json",
+                            root / "val", root / "annotations" / f"{prefix}_val.json",
                             root / "subsets")
     raise DatasetMissing(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
 
@@ -79,7 +89,7 @@ def subset_file(files: DatasetFiles, size: int, seed: int = 0) -> Path:
     from bench.data import subsets
     path = subsets.subset_path(files.subsets_dir, size, seed)
     if not path.is_file():
-        if files.name == "coco":
+        if files.name in COCO_ANNOTATIONS:
             raise DatasetMissing(f"subset file {path} is missing; run `bench subsets --annotations "
                                  f"{files.train_annotations}`")
         subsets.write_subsets(files.train_annotations, [size], files.subsets_dir, seed)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.data import shapes
+from bench.data import people, shapes
 from bench.hashing import file_sha256
 from bench.interrupt import default_signals_in_child
 from bench.paths import cache_root
@@ -273,8 +273,11 @@ def ensure(cfg, root: Path = None, workers: int = None, log=print) -> Path:
     tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    writer = _write_target if isinstance(cfg, TargetConfig) else _write_source
-    files = writer(cfg, tmp, workers)
+    if isinstance(cfg, people.PeopleConfig):
+        files = people.write(cfg, tmp, workers, _parallel, _chunks)
+    else:
+        writer = _write_target if isinstance(cfg, TargetConfig) else _write_source
+        files = writer(cfg, tmp, workers)
     meta = dict(generator_version=GENERATOR_VERSION, config=asdict(cfg), files=files)
     (tmp / "MANIFEST.json").write_text(json.dumps(meta, sort_keys=True, indent=1))
     if not check_complete(root, cfg):  # another process finished the same dataset meanwhile

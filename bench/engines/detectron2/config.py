@@ -68,6 +68,7 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
         "MODEL": {
             "META_ARCHITECTURE": "GeneralizedRCNN",
             "MASK_ON": m.arch == "mask_rcnn",
+            "KEYPOINT_ON": m.arch == "keypoint_rcnn",
             "WEIGHTS": weights if spec.init == "imagenet" else "",
             "PIXEL_MEAN": list(reversed(m.pixel_mean)),
             "PIXEL_STD": list(reversed(m.pixel_std)),
@@ -102,6 +103,15 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
                               "NUM_CONV": m.mask_head_convs, "CONV_DIM": m.mask_head_dim,
                               "NORM": head_norm, "POOLER_RESOLUTION": 14, "POOLER_TYPE": pooler,
                               "POOLER_SAMPLING_RATIO": m.roi_sampling_ratio},
+            # detectron2's keypoint head is the same: 8 convs of 512, deconvolution, 2x
+            # upsampling, loss normalized by the visible keypoints, no norm (it has none)
+            "ROI_KEYPOINT_HEAD": {"NAME": "KRCNNConvDeconvUpsampleHead",
+                                  "NUM_KEYPOINTS": m.num_keypoints,
+                                  "CONV_DIMS": [m.keypoint_head_dim] * m.keypoint_head_convs,
+                                  "POOLER_RESOLUTION": 14, "POOLER_TYPE": pooler,
+                                  "POOLER_SAMPLING_RATIO": m.roi_sampling_ratio,
+                                  "NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS": True,
+                                  "LOSS_WEIGHT": 1.0, "MIN_KEYPOINTS_PER_IMAGE": 1},
         },
         "INPUT": {"FORMAT": "BGR", "MIN_SIZE_TRAIN": list(sizes),
                   "MIN_SIZE_TRAIN_SAMPLING": "choice", "MAX_SIZE_TRAIN": d.train_max_size,

@@ -31,5 +31,16 @@ def _register(name, json_file, image_root, ids):
         return dicts if keep is None else [d for d in dicts if d["image_id"] in keep]
 
     DatasetCatalog.register(name, load)
-    MetadataCatalog.get(name).set(json_file=str(json_file), image_root=str(image_root),
-                                  evaluator_type="coco")
+    meta = MetadataCatalog.get(name)
+    meta.set(json_file=str(json_file), image_root=str(image_root), evaluator_type="coco")
+    names = _keypoint_names(json_file)
+    if names:  # what detectron2's flips and keypoint evaluation read
+        meta.set(keypoint_names=names, keypoint_flip_map=[
+            (n, "right_" + n[5:]) for n in names if n.startswith("left_")
+            and "right_" + n[5:] in names])
+
+
+def _keypoint_names(json_file):
+    from bench.data.coco import load_coco
+    cats = load_coco(json_file).loadCats(load_coco(json_file).getCatIds())
+    return next((list(c["keypoints"]) for c in cats if c.get("keypoints")), None)

@@ -40,7 +40,7 @@ from bench.engines.detectron2 import data as d2data
 from bench.engines.detectron2.config import Untranslatable, flatten, translate
 from bench.engines.detectron2.weights import to_detectron2
 from bench.engines.session import RunSession
-from bench.engines.coco_stats import STAT_NAMES, no_detection_stats
+from bench.engines.coco_stats import no_detection_stats, stat_names
 from bench.imagenet import load_imagenet_backbone
 from bench.norms import backbone_init_, init_mask_logits_
 from bench.rundir import RunDir
@@ -48,8 +48,8 @@ from bench.rundir import RunDir
 # detectron2's loss names -> the torchvision engine's, so both engines' metrics.jsonl rows
 # have the same keys (bench.analysis reads either)
 LOSS_KEYS = {"total_loss": "loss", "loss_cls": "loss_classifier", "loss_box_reg": "loss_box_reg",
-             "loss_mask": "loss_mask", "loss_rpn_cls": "loss_objectness",
-             "loss_rpn_loc": "loss_rpn_box_reg"}
+             "loss_mask": "loss_mask", "loss_keypoint": "loss_keypoint",
+             "loss_rpn_cls": "loss_objectness", "loss_rpn_loc": "loss_rpn_box_reg"}
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -106,8 +106,8 @@ class SkipAhead(torch.utils.data.Sampler):
 
 
 class Evaluator(COCOEvaluator):
-    """detectron2's COCOEvaluator reporting all 12 COCOeval stats under the torchvision
-    engine's names (`bbox/AP` .. `segm/ARl`, percent; NaN where a size range has no ground
+    """detectron2's COCOEvaluator reporting all COCOeval stats under the torchvision
+    engine's names (`bbox/AP` .. `segm/ARl`, `keypoints/AP` .. `keypoints/ARl`, percent; NaN where a size range has no ground
     truth, also when there is no detection), and how many detections it scored."""
 
     def reset(self):
@@ -123,10 +123,10 @@ class Evaluator(COCOEvaluator):
         if coco_eval is None:
             self.per_image[iou_type] = per_image.without_detections(self._coco_api, None,
                                                                     iou_type)
-            return no_detection_stats(self._coco_api)
+            return no_detection_stats(self._coco_api, None, iou_type)
         self.per_image[iou_type] = per_image.from_cocoeval(coco_eval)
         return {n: float(v) * 100 if v >= 0 else float("nan")
-                for n, v in zip(STAT_NAMES, coco_eval.stats)}
+                for n, v in zip(stat_names(iou_type), coco_eval.stats)}
 
 
 def _seek_lr(scheduler, optimizer, iteration):
@@ -246,7 +246,9 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
 
     test_loader = build_detection_test_loader(
         cfg, val_name, mapper=WorkerSafeMapper(DatasetMapper(cfg, is_train=False)))
-    evaluator = Evaluator(val_name, tasks=("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",),
+    tasks = ("bbox",) + (("segm",) if cfg.MODEL.MASK_ON else ()) + \
+        (("keypoints",) if cfg.MODEL.KEYPOINT_ON else ())
+    evaluator = Evaluator(val_name, tasks=tasks,
                           distributed=world.size > 1, output_dir=None,
                           # pycocotools' COCOeval, as the torchvision engine: detectron2's
                           # C++ one keeps its per-image results out of Python

@@ -64,13 +64,13 @@ def _predict_mixed(model, dataset, batch_size):
     """The old path: consecutive images in id order, whatever their sizes."""
     model.eval()
     use_input_sizes(model, train=False)
-    boxes, segms = [], []
+    boxes, segms, kps = [], [], []
     for start in range(0, len(dataset), batch_size):
         items = [dataset.get(i) for i in range(start, min(start + batch_size, len(dataset)))]
         outputs = model([img.float() / 255 for img, _ in items])
         for (_, target), out in zip(items, outputs):
-            ev._append_results(dataset, target["image_id"], out, boxes, segms)
-    return boxes, segms
+            ev._append_results(dataset, target["image_id"], out, boxes, segms, kps)
+    return boxes, segms, kps
 
 
 def main(argv=None):
@@ -101,7 +101,7 @@ def main(argv=None):
         print(f"{'evaluation':46s} {'box AP':>7s} {'mask AP':>8s} {'predict s':>10s}")
         for name, run in ways.items():
             t0 = time.perf_counter()
-            boxes, segms = run()
+            boxes, segms, _ = run()
             seconds = time.perf_counter() - t0
             box = ev.coco_stats(mixed.coco, boxes, "bbox", mixed.ids)["bbox/AP"]
             mask = ev.coco_stats(mixed.coco, segms, "segm", mixed.ids)["segm/AP"] if masks else float("nan")

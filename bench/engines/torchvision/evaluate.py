@@ -1,8 +1,8 @@
 """COCO evaluation of a torchvision detector: inference, then COCOeval.
 
 Inference is sharded over the processes of a DDP run and gathered on rank 0. Rows carry all
-12 COCO stats per task, in percent as detectron2 reports them:
-`bbox/AP`, `bbox/AP50`, ..., `segm/ARl`. The COCOeval is pycocotools' (the reference), or
+COCO stats per task (12 for boxes and masks, 10 for keypoints), in percent as detectron2
+reports them: `bbox/AP`, `bbox/AP50`, ..., `segm/ARl`, `keypoints/AP`, ... The COCOeval is pycocotools' (the reference), or
 with `eval.backend: faster-coco-eval` that package's C++ re-implementation, which gives the
 same stats (tests/test_evaluate.py).
 """
@@ -18,7 +18,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
 from bench import distributed, per_image
-from bench.engines.coco_stats import STAT_NAMES, no_detection_stats
+from bench.engines.coco_stats import no_detection_stats, stat_names
 from bench.engines.torchvision.model import use_input_sizes
 
 
@@ -44,12 +44,13 @@ def same_size_batches(dataset, indices, batch_size):
 
 @torch.no_grad()
 def predict(model, dataset, device, batch_size=8, indices=None):
-    """COCO-format results for `dataset` images: (bbox results, segm results). Each image's
-    detections are those of a forward pass of that image alone (same_size_batches)."""
+    """COCO-format results for `dataset` images: (bbox results, segm results, keypoint
+    results). Each image's detections are those of a forward pass of that image alone
+    (same_size_batches)."""
     was_training = model.training
     model.eval()
     use_input_sizes(model, train=False)
-    boxes_out, segms_out = [], []
+    boxes_out, segms_out, kps_out = [], [], []
     indices = list(range(len(dataset))) if indices is None else list(indices)
     for batch in same_size_batches(dataset, indices, batch_size):
         loaded = [dataset.get(i) for i in batch]
@@ -60,13 +61,14 @@ def predict(model, dataset, device, batch_size=8, indices=None):
         for items in by_shape.values():
             images = [img.to(device, torch.float32) / 255 for img, _ in items]
             for (_, target), out in zip(items, model(images)):
-                _append_results(dataset, target["image_id"], out, boxes_out, segms_out)
+                _append_results(dataset, target["image_id"], out, boxes_out, segms_out,
+                                kps_out)
     model.train(was_training)
     use_input_sizes(model, train=was_training)
-    return boxes_out, segms_out
+    return boxes_out, segms_out, kps_out
 
 
-def _append_results(dataset, image_id, out, boxes_out, segms_out):
+def _append_results(dataset, image_id, out, boxes_out, segms_out, kps_out):
     """One image's detections in COCO's result format (xywh boxes, RLE masks)."""
     boxes = out["boxes"].cpu().numpy()
     scores = out["scores"].cpu().numpy().tolist()
@@ -81,6 +83,16 @@ def _append_results(dataset, image_id, out, boxes_out, segms_out):
             rle["counts"] = rle["counts"].decode("ascii")
             segms_out.append({"image_id": image_id, "category_id": c,
                               "segmentation": rle, "score": s})
+    if "keypoints" in out:
+        # x, y back to COCO's pixel indices (the loader added 0.5, as detectron2's does and
+        # its evaluator takes off); the third number, unused by COCOeval, is the keypoint's
+        # score, and the detection's score is its box's, as in detectron2
+        kps = out["keypoints"].detach().cpu().clone()
+        kps[..., :2] -= 0.5
+        kps[..., 2] = out["keypoints_scores"].detach().cpu()
+        for k, s, c in zip(kps.numpy(), scores, cats):
+            kps_out.append({"image_id": image_id, "category_id": c,
+                            "keypoints": k.ravel().tolist(), "score": s})
 
 
 BACKENDS = ("pycocotools", "faster-coco-eval")
@@ -107,7 +119,8 @@ def coco_stats(coco_gt, results, iou_type, image_ids=None, backend="pycocotools"
     if not results:
         if per_image_out is not None:
             per_image_out[iou_type] = per_image.without_detections(coco_gt, image_ids, iou_type)
-        return {f"{iou_type}/{n}": v for n, v in no_detection_stats(coco_gt, image_ids).items()}
+        return {f"{iou_type}/{n}": v
+                for n, v in no_detection_stats(coco_gt, image_ids, iou_type).items()}
     gt, evaluator = coco_gt, COCOeval
     if backend == "faster-coco-eval":
         gt, evaluator = _faster_coco_eval(coco_gt)
@@ -127,23 +140,28 @@ def coco_stats(coco_gt, results, iou_type, image_ids=None, backend="pycocotools"
         per_image_out[iou_type] = per_image.from_cocoeval(ev)
     # COCOeval reports -1 where a size range has no ground truth; keep it as NaN, not 0.
     return {f"{iou_type}/{n}": (float(v) * 100 if v >= 0 else float("nan"))
-            for n, v in zip(STAT_NAMES, ev.stats)}
+            for n, v in zip(stat_names(iou_type), ev.stats)}
 
 
 def evaluate(model, dataset, device, masks=True, backend="pycocotools",
-             world=distributed.World(), per_image_out=None):
-    """COCO stats of `model` on `dataset`; under DDP each process predicts every
-    world.size-th image and rank 0 scores them all (the others get None). A dict
-    `per_image_out` receives the per-image results of each task (on rank 0)."""
+             world=distributed.World(), per_image_out=None, keypoints=False):
+    """COCO stats of `model` on `dataset` (box, and mask or keypoint (OKS) as asked); under
+    DDP each process predicts every world.size-th image and rank 0 scores them all (the
+    others get None). A dict `per_image_out` receives the per-image results of each task
+    (on rank 0)."""
     t0 = time.time()
-    boxes, segms = predict(model, dataset, device,
-                           indices=range(world.rank, len(dataset), world.size))
+    boxes, segms, kps = predict(model, dataset, device,
+                                indices=range(world.rank, len(dataset), world.size))
     boxes, segms = distributed.gather(boxes, world), distributed.gather(segms, world)
+    kps = distributed.gather(kps, world)
     if not world.main:
         return None
     stats = coco_stats(dataset.coco, boxes, "bbox", dataset.ids, backend, per_image_out)
     if masks:
         stats.update(coco_stats(dataset.coco, segms, "segm", dataset.ids, backend,
+                                per_image_out))
+    if keypoints:
+        stats.update(coco_stats(dataset.coco, kps, "keypoints", dataset.ids, backend,
                                 per_image_out))
     stats["eval_time"] = time.time() - t0
     stats["detections"] = len(boxes)

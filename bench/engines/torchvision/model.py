@@ -1,4 +1,5 @@
-"""Mask R-CNN / Faster R-CNN from torchvision's detection parts, configured by a ModelSpec.
+"""Mask R-CNN / Faster R-CNN / Keypoint R-CNN from torchvision's detection parts, configured
+by a ModelSpec.
 
 The paper's detector: ResNet-FPN backbone, norm (GN/SyncBN/...) in backbone, FPN and heads,
 box head 4conv+1fc, mask head 4conv, scratch init MSRA. torchvision provides every part;
@@ -16,11 +17,12 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection import FasterRCNN, KeypointRCNN, MaskRCNN
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.models.detection import roi_heads as tv_roi_heads
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.roi_heads import RoIHeads
@@ -388,6 +390,14 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
     )
     if m.arch == "faster_rcnn":
         model = FasterRCNN(features, **common)
+    elif m.arch == "keypoint_rcnn":
+        model = KeypointRCNN(
+            features, keypoint_roi_pool=RoIPooler(levels, 14, m.roi_sampling_ratio,
+                                                  m.roi_align_aligned),
+            keypoint_head=KeypointRCNNHeads(features.out_channels,
+                                            [m.keypoint_head_dim] * m.keypoint_head_convs),
+            keypoint_predictor=KeypointRCNNPredictor(m.keypoint_head_dim, m.num_keypoints),
+            **common)
     else:
         mask_head = MaskRCNNHeads(features.out_channels, [m.mask_head_dim] * m.mask_head_convs, 1,
                                   norm_layer=norm)

@@ -68,10 +68,11 @@ def datasets_for(spec):
     files = registry.resolve(spec.data.dataset)
     ids = registry.train_ids(files, spec.data)
     masks = spec.model.arch == "mask_rcnn"
+    keypoints = spec.model.num_keypoints if spec.model.arch == "keypoint_rcnn" else 0
     train = CocoDetection(files.train_images, files.train_annotations, ids, train=True, masks=masks,
-                          polygons=spec.model.mask_target == "polygon")
+                          polygons=spec.model.mask_target == "polygon", keypoints=keypoints)
     val = CocoDetection(files.val_images, files.val_annotations, train=False, masks=masks,
-                        coco=load_coco(files.val_annotations))
+                        coco=load_coco(files.val_annotations), keypoints=keypoints)
     return train, val
 
 
@@ -208,6 +209,7 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         distributed.broadcast_buffers(net, world)
         kept = {}
         stats = evaluate(net, val_set, device, masks=spec.model.arch == "mask_rcnn",
+                         keypoints=spec.model.arch == "keypoint_rcnn",
                          backend=spec.eval.backend, world=world, per_image_out=kept)
         return stats, kept
 
