@@ -188,7 +188,9 @@ def from_torchvision_vgg(state: dict, model_spec) -> Dict[str, object]:
     """A torchvision VGG state dict (`features.N.*`, `classifier.N.*`) in the `vgg` backbone's
     names; its first two classifier layers (fc6, fc7) become the box head's two fc layers
     (`box_head.1.*`, `box_head.3.*`), which Faster R-CNN initializes from them."""
-    names = VGG.torchvision_names(model_spec.depth, model_spec.norm != "none")
+    # (the layout follows the checkpoint: vgg16_bn's indices count its BN layers)
+    with_bn = any(k.endswith("running_mean") for k in state)
+    names = VGG.torchvision_names(model_spec.depth, with_bn)
     names.update({"classifier.0": "box_head.1", "classifier.3": "box_head.3"})
     out = {}
     for key, value in state.items():

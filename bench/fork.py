@@ -280,8 +280,10 @@ def plan_forks(queue, specs, runs_root, log) -> list:
             waiting.append(job)
         else:
             job.parent, job.fork_iteration = None, 0
+            why = ("it starts past that point" if starts.get(parent.run_id, 0) > f else
+                   "trained without forking")
             log(f"{job.spec.run_id}: no checkpoint of {parent.run_id} at its fork point {f} "
-                f"(trained without forking); training from the start")
+                f"({why}); training from the start")
     return waiting
 
 

@@ -93,6 +93,11 @@ def _in_backbone_layout(file, state: dict, model_spec) -> dict:
                              f"`features.*` keys{'; it is a ResNet' if is_resnet else ''}), but "
                              f"this run has model.backbone 'vgg'; use torchvision:vgg{model_spec.depth} "
                              f"or a `bench pretrain` checkpoint of this backbone")
+        if norm_family(model_spec.norm) == "GN":
+            raise ValueError(f"pretrained checkpoint {file} is a torchvision VGG, which has no "
+                             f"GN version, but this run has model.norm 'GN'; use model.norm "
+                             f"'none' (vgg16) or BN / FrozenBN (vgg16_bn), or a `bench "
+                             f"pretrain` checkpoint")
         from bench.backbones import from_torchvision_vgg
         return from_torchvision_vgg(state, model_spec)
     if is_vgg and not is_resnet:

@@ -69,6 +69,9 @@ def without_detections(coco_gt, image_ids, iou_type) -> dict:
     gt_count = np.zeros((len(cats), len(images)), dtype=np.int32)
     for ann in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=list(col))):
         # COCOeval ignores crowds only: its _prepare overwrites "ignore" with "iscrowd"
+        # (and, for keypoints, a person without a labelled keypoint: COCOeval ignores it)
+        if iou_type == "keypoints" and not ann.get("num_keypoints", 0):
+            continue
         if not ann.get("iscrowd", 0) and ann["category_id"] in row:
             gt_count[row[ann["category_id"]], col[ann["image_id"]]] += 1
     t = len(p.iouThrs)

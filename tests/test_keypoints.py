@@ -174,6 +174,37 @@ def test_keypoint_recipes_refuse_data_without_keypoints_in_one_line(tmp_path, ti
     bad.write_text(json.dumps(doc))
     with pytest.raises(AnnotationError, match="has 48 keypoint numbers, not 3 x 17"):
         CocoDetection(tiny.val_images, bad, train=False, keypoints=17, coco=load_coco(bad))
+    # num_keypoints is what COCOeval ignores people by: it must count the labelled points
+    doc = json.loads(tiny.val_annotations.read_text())
+    doc["annotations"][0]["num_keypoints"] += 1
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(AnnotationError, match="num_keypoints .* labelled keypoints"):
+        CocoDetection(tiny.val_images, bad, train=False, keypoints=17, coco=load_coco(bad))
+    # a keypoint head of no conv is refused at load, not at the first forward pass
+    body = (REPO / "recipes/mini-keypoints/study.yaml").read_text().replace(
+        "keypoint_head_convs: 8", "keypoint_head_convs: 0").replace(
+        "base: ../mini/", f"base: {REPO}/recipes/mini/")
+    with pytest.raises(SpecError, match="model.keypoint_head_convs=0 must be greater than 0"):
+        recipe.load(write_recipe(tmp_path, body, "zero.yaml"))
+
+
+def test_both_engines_train_on_the_same_images_those_with_a_labelled_keypoint(tiny):
+    """detectron2 drops images without a labelled keypoint only when its dataset loader is
+    told to (MIN_KEYPOINTS_PER_IMAGE); ours drops them in the loader."""
+    doc = json.loads(tiny.train_annotations.read_text())
+    with_kps = {a["image_id"] for a in doc["annotations"] if a["num_keypoints"] > 0}
+    boxed = {a["image_id"] for a in doc["annotations"]}
+    ours = CocoDetection(tiny.train_images, tiny.train_annotations, keypoints=17)
+    assert set(ours.ids) == with_kps
+    pytest.importorskip("detectron2")
+    from detectron2.data import get_detection_dataset_dicts
+
+    from bench.engines.detectron2 import data as d2data
+    train_name, _ = d2data.register(dataclasses.replace(MINI.runs[0].data,
+                                                        dataset="people-tiny"))
+    theirs = get_detection_dataset_dicts([train_name], filter_empty=True, min_keypoints=1)
+    assert {d["image_id"] for d in theirs} == with_kps
+    assert len(with_kps) <= len(boxed)
 
 
 @pytest.mark.slow
@@ -200,3 +231,20 @@ def test_a_keypoint_pair_trains_evaluates_and_draws_its_keypoint_ap(tmp_path):
     assert tmp_path / "out" / "ap_vs_iterations.png" in written
     table = (tmp_path / "out" / "final_ap.md").read_text()
     assert "keypoint AP scratch" in table and "mask AP" not in table
+
+
+def test_coco_keypoints_reads_person_keypoints_and_draws_its_own_subsets(tmp_path, monkeypatch,
+                                                                         tiny):
+    from conftest import make_coco_layout
+    root = make_coco_layout(tmp_path)
+    for split in ("train", "val"):
+        (root / "annotations" / f"person_keypoints_{split}2017.json").write_bytes(
+            getattr(tiny, f"{split}_annotations").read_bytes())
+    monkeypatch.setenv("BENCH_COCO", str(root))
+    boxes, people_files = registry.resolve("coco"), registry.resolve("coco-keypoints")
+    assert people_files.train_annotations.name == "person_keypoints_train2017.json"
+    assert people_files.train_images == boxes.train_images
+    # subsets of the two files never overwrite each other (they hold other images)
+    assert people_files.subsets_dir != boxes.subsets_dir
+    with pytest.raises(registry.DatasetMissing, match=f"--out {people_files.subsets_dir}"):
+        registry.subset_file(people_files, 10)

@@ -120,6 +120,9 @@ def test_vgg_checkpoints_and_resnet_recipes_refuse_each_other_in_one_line(tmp_pa
     assert str(resnet_file) in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ValueError, match="holds BatchNorm statistics.*model.norm 'none'"):
         load_imagenet_backbone(str(bn_file), _small().model)
+    with pytest.raises(ValueError, match="no GN version") as e:
+        load_imagenet_backbone(str(vgg_file), _small(norm="GN").model)
+    assert str(vgg_file) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_vgg_needs_fpn_false_and_the_detectron2_engine_says_it_has_no_vgg(tmp_path):

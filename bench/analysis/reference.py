@@ -4,7 +4,7 @@ A published row belongs to a run of ours when it names our study (`recipe` colum
 the run's init and iteration count (stated, or N x 90k where the reference says the paper's
 schedule was `Nx (inferred)`); its metric is renamed to our key (`bbox AP50` ->
 `bbox/AP50`). Rows read off a plot we could not see have no value and are left out; so are
-metrics with no key of ours (keypoint AP, VOC mAP, test-challenge numbers).
+metrics with no key of ours (VOC mAP, test-challenge numbers).
 """
 
 import re

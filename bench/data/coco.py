@@ -155,6 +155,13 @@ def check_keypoints(coco, ann_file, count: int):
                                   f"{len(ann.get('keypoints', []))} keypoint numbers, not "
                                   f"3 x {count}; regenerate or fix the file, or set "
                                   f"model.num_keypoints")
+        # COCOeval ignores a person by this field, and training skips images by it
+        labelled = sum(1 for v in ann["keypoints"][2::3] if v > 0)
+        if ann.get("num_keypoints") != labelled:
+            raise AnnotationError(f"{ann_file}: annotation {ann.get('id')} has num_keypoints "
+                                  f"{ann.get('num_keypoints')!r} but {labelled} labelled "
+                                  f"keypoints (v > 0); set num_keypoints to that count, as "
+                                  f"COCO's files do")
     return flip_permutation(named[0]["keypoints"])
 
 

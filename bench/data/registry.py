@@ -61,9 +61,10 @@ def resolve(name: str, generate: bool = True) -> DatasetFiles:
                    "put COCO 2017 under $DETECTRON2_DATASETS/coco or pass --coco PATH (make "
                    "reproduce-he2019 COCO=PATH)")
                 + ", or run `make mini` for the embedded dataset")
+        # each annotation file draws its own subsets (person_keypoints' images are fewer)
         files = DatasetFiles(name, root / "train2017", ann, root / "val2017",
                              root / "annotations" / f"{prefix}_val2017.json",
-                             root / "bench_subsets")
+                             root / "bench_subsets" / ("" if prefix == "instances" else prefix))
         for what in (files.train_images, files.val_images, files.val_annotations):
             if not what.exists():
                 raise DatasetMissing(f"COCO at {root} is incomplete: {what} does not exist; "
@@ -90,8 +91,9 @@ def subset_file(files: DatasetFiles, size: int, seed: int = 0) -> Path:
     path = subsets.subset_path(files.subsets_dir, size, seed)
     if not path.is_file():
         if files.name in COCO_ANNOTATIONS:
+            out = "" if files.name == "coco" else f" --out {files.subsets_dir}"
             raise DatasetMissing(f"subset file {path} is missing; run `bench subsets --annotations "
-                                 f"{files.train_annotations}`")
+                                 f"{files.train_annotations}{out}`")
         subsets.write_subsets(files.train_annotations, [size], files.subsets_dir, seed)
     return path
 

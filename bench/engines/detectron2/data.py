@@ -13,12 +13,14 @@ def register(data) -> tuple:
     ids = registry.train_ids(files, data)
     size = "all" if ids is None else f"{len(ids)}-seed{data.subset_seed}"
     train, val = f"bench_{files.name}_train_{size}", f"bench_{files.name}_val"
-    _register(train, files.train_annotations, files.train_images, ids)
-    _register(val, files.val_annotations, files.val_images, None)
+    names = _keypoint_names(files.val_annotations) \
+        if data.dataset in registry.KEYPOINT_DATASETS else None
+    _register(train, files.train_annotations, files.train_images, ids, names)
+    _register(val, files.val_annotations, files.val_images, None, names)
     return train, val
 
 
-def _register(name, json_file, image_root, ids):
+def _register(name, json_file, image_root, ids, keypoint_names=None):
     # A process may train several runs (a torchrun group, tests) from different cache
     # roots: the newest registration of a name wins, never a stale one.
     if name in DatasetCatalog.list():
@@ -33,7 +35,7 @@ def _register(name, json_file, image_root, ids):
     DatasetCatalog.register(name, load)
     meta = MetadataCatalog.get(name)
     meta.set(json_file=str(json_file), image_root=str(image_root), evaluator_type="coco")
-    names = _keypoint_names(json_file)
+    names = keypoint_names
     if names:  # what detectron2's flips and keypoint evaluation read
         meta.set(keypoint_names=names, keypoint_flip_map=[
             (n, "right_" + n[5:]) for n in names if n.startswith("left_")
@@ -41,6 +43,7 @@ def _register(name, json_file, image_root, ids):
 
 
 def _keypoint_names(json_file):
-    from bench.data.coco import load_coco
-    cats = load_coco(json_file).loadCats(load_coco(json_file).getCatIds())
+    """The keypoint names of a person_keypoints file (its val file: the smaller one)."""
+    import json
+    cats = json.loads(open(json_file).read()).get("categories", [])
     return next((list(c["keypoints"]) for c in cats if c.get("keypoints")), None)

@@ -189,7 +189,11 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
     solver = spec.solver
 
     train_name, val_name = d2data.register(spec.data)
-    train_dicts = get_detection_dataset_dicts([train_name], filter_empty=True)
+    # images without a labelled keypoint are not trained on (MIN_KEYPOINTS_PER_IMAGE 1, as
+    # the torchvision engine's loader): detectron2 applies it only when asked here
+    train_dicts = get_detection_dataset_dicts(
+        [train_name], filter_empty=True,
+        min_keypoints=1 if spec.model.arch == "keypoint_rcnn" else 0)
     num_classes = len(MetadataCatalog.get(train_name).thing_classes)
     try:
         cfg = detectron2_cfg(spec, num_classes, train_name, val_name,
