@@ -185,8 +185,9 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("data", help="generate the embedded datasets")
-    p.add_argument("names", nargs="*", help="shapes, shapes-tiny, shapes-cls (default: the mini "
-                                            "study's target and source)")
+    p.add_argument("names", nargs="*", help="shapes, shapes-tiny, people, people-tiny, "
+                                            "shapes-cls (default: the mini study's target and "
+                                            "source)")
     p.set_defaults(fn=cmd_data)
 
     p = sub.add_parser("pretrain", help="pre-train the backbone a recipe uses as imagenet init")
