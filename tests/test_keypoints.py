@@ -139,6 +139,15 @@ def test_detectron2_gets_the_same_keypoint_head():
     from bench.engines.detectron2.train import detectron2_cfg
     merged = detectron2_cfg(PAPER.runs[0], num_classes=1)  # raises on a key detectron2 lacks
     assert merged.MODEL.ROI_KEYPOINT_HEAD.NAME == "KRCNNConvDeconvUpsampleHead"
+    # detectron2's published keypoint configs (COCO-Keypoints/keypoint_rcnn_R_50_FPN_*) set
+    # no ROI_KEYPOINT_HEAD key: its defaults are the published head, and ours equal them
+    # (the pooler type and sampling ratio are the paper's Detectron RoIAlign here)
+    from detectron2.config import get_cfg
+    published = get_cfg().MODEL.ROI_KEYPOINT_HEAD
+    for key in ("NAME", "NUM_KEYPOINTS", "CONV_DIMS", "POOLER_RESOLUTION", "LOSS_WEIGHT",
+                "NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS", "MIN_KEYPOINTS_PER_IMAGE"):
+        assert tuple(np.atleast_1d(merged.MODEL.ROI_KEYPOINT_HEAD[key])) == \
+            tuple(np.atleast_1d(published[key])), key
     # the same network in both engines: as many parameters, keypoint head included
     from detectron2.modeling import build_model
     theirs = build_model(merged)
