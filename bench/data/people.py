@@ -154,21 +154,9 @@ def render_scene(cfg: PeopleConfig, split_code: int, index: int):
         layers.append(dict(fig=None, mask=shapes.shape_mask(name, size, **shapes.random_pose(
             rng, size, diameter))))
     layers = [layers[i] for i in rng.permutation(len(layers))]
-    # visible parts, from the top; a person mostly hidden is dropped (as the shapes set does)
-    covered = np.zeros(size, bool)
-    kept = []
-    for layer in reversed(layers):
-        full = layer["mask"].sum()
-        visible = layer["mask"] & ~covered
-        if full == 0 or visible.sum() < 20 or visible.sum() < 0.3 * full:
-            continue
-        layer["visible"] = visible
-        covered |= layer["mask"]
-        kept.append(layer)
-    kept.reverse()
-    for layer in kept:
-        tex = shapes.object_texture(rng, img, layer["mask"])
-        img = np.where(layer["mask"][..., None], tex, img)
+    # a person mostly hidden is dropped, as the shapes set drops its objects
+    kept = shapes.drop_hidden(layers, size)
+    img = shapes.paint(rng, img, kept)
     people = []
     for layer in kept:
         if layer["fig"] is None:

@@ -160,6 +160,34 @@ def object_texture(rng, img, mask):
     return texture(rng, *mask.shape, color=color, contrast=rng.uniform(0.15, 0.5))
 
 
+def drop_hidden(layers, size):
+    """The layers (bottom to top, each a dict with a boolean "mask") that stay visible
+    enough, each with its "visible" part (not covered by the layers above it). A layer
+    mostly hidden (under 20 pixels, or under 30% of it, visible) is dropped, as an unfair,
+    unlabelled target would be; removing one only uncovers the others, so one pass from the
+    top is enough."""
+    covered = np.zeros(size, bool)
+    kept = []
+    for layer in reversed(layers):
+        full = layer["mask"].sum()
+        visible = layer["mask"] & ~covered
+        if full == 0 or visible.sum() < 20 or visible.sum() < 0.3 * full:
+            continue
+        layer["visible"] = visible
+        covered |= layer["mask"]
+        kept.append(layer)
+    kept.reverse()
+    return kept
+
+
+def paint(rng, img, layers):
+    """`img` with each layer's full mask painted in a texture that stands out, bottom first."""
+    for layer in layers:
+        tex = object_texture(rng, img, layer["mask"])
+        img = np.where(layer["mask"][..., None], tex, img)
+    return img
+
+
 def random_pose(rng, size, diameter):
     h, w = size
     margin = diameter * 0.3  # objects may be cut by the image border, as in COCO

@@ -91,23 +91,9 @@ def render_scene(cfg: TargetConfig, split_code: int, index: int):
     order = rng.permutation(len(layers))
     layers = [layers[i] for i in order]
 
-    # Drop objects that end up mostly hidden (they would be unfair, unlabelled targets);
-    # removing one only uncovers the others, so one pass from the top is enough.
-    visible_layers = []
-    covered = np.zeros(size, bool)
-    for layer in reversed(layers):
-        full = layer["mask"].sum()
-        visible = layer["mask"] & ~covered
-        if full == 0 or visible.sum() < 20 or visible.sum() < 0.3 * full:
-            continue
-        layer["visible"] = visible
-        covered |= layer["mask"]
-        visible_layers.append(layer)
-    visible_layers.reverse()
-
-    for layer in visible_layers:
-        tex = shapes.object_texture(rng, img, layer["mask"])
-        img = np.where(layer["mask"][..., None], tex, img)
+    # Drop objects that end up mostly hidden (they would be unfair, unlabelled targets)
+    visible_layers = shapes.drop_hidden(layers, size)
+    img = shapes.paint(rng, img, visible_layers)
     instances = [(layer["name"], layer["visible"]) for layer in visible_layers if layer["labelled"]]
     return shapes.finish(rng, img), instances
 
