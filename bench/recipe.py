@@ -222,6 +222,15 @@ def _check_pair_rules(spec: RunSpec, where: str):
         raise SpecError(f"{where}: model.arch keypoint_rcnn needs keypoint annotations, which "
                         f"data.dataset {spec.data.dataset!r} has none of; use one of "
                         f"{', '.join(KEYPOINT_DATASETS)}")
+    _check_cascade(spec.model, where)
+    if spec.eval.tta and (not spec.eval.tta_min_sizes or min(spec.eval.tta_min_sizes) <= 0):
+        raise SpecError(f"{where}: eval.tta is on but eval.tta_min_sizes="
+                        f"{list(spec.eval.tta_min_sizes)} gives no test scale; list the shorter "
+                        f"sides to test at (detectron2: [400, 500, ..., 1200]) or set eval.tta: "
+                        f"false")
+    if spec.eval.tta and spec.eval.tta_max_size <= 0:
+        raise SpecError(f"{where}: eval.tta_max_size={spec.eval.tta_max_size} must be greater "
+                        f"than 0 (detectron2: 4000)")
     from bench import engines
     try:  # (the detectron2 engine checks its translation, needing no detectron2)
         engines.get(spec.engine).validate(spec)
@@ -229,11 +238,38 @@ def _check_pair_rules(spec: RunSpec, where: str):
         raise SpecError(f"{where}: {e}") from None
 
 
+def _check_cascade(m, where: str):
+    """A cascade's per-stage lists must agree, and its first stage labels RoIs as the plain
+    heads' sampling does (detectron2 asserts the same)."""
+    if m.roi_heads != "cascade":
+        return
+    n = len(m.cascade_ious)
+    lists = {"model.cascade_bbox_reg_weights": m.cascade_bbox_reg_weights,
+             "model.cascade_loss_weights": m.cascade_loss_weights}
+    for key, value in lists.items():
+        if len(value) != n:
+            raise SpecError(f"{where}: {key} has {len(value)} stages but model.cascade_ious has "
+                            f"{n}; give one entry per stage")
+    if n < 2 or m.cascade_ious[0] != 0.5:
+        raise SpecError(f"{where}: model.cascade_ious={list(m.cascade_ious)} must list at least "
+                        f"two stages, the first at 0.5 (the RoI sampling's IoU), e.g. "
+                        f"[0.5, 0.6, 0.7]")
+    if any(not 0 < t < 1 for t in m.cascade_ious):
+        raise SpecError(f"{where}: model.cascade_ious={list(m.cascade_ious)}: each IoU must be "
+                        f"between 0 and 1")
+    if any(len(w) != 4 or min(w) <= 0 for w in m.cascade_bbox_reg_weights):
+        raise SpecError(f"{where}: model.cascade_bbox_reg_weights: each stage needs 4 positive "
+                        f"weights (wx, wy, ww, wh), e.g. [10, 10, 5, 5]")
+    if any(w < 0 for w in m.cascade_loss_weights):
+        raise SpecError(f"{where}: model.cascade_loss_weights must not be negative")
+
+
 def run_name(spec: RunSpec) -> str:
     m = spec.model
     images = "all" if spec.data.train_images is None else str(spec.data.train_images)
     engine = "" if spec.engine == "torchvision" else f"-{spec.engine}"
-    return (f"{m.arch}-{m.backbone}{m.depth}-{m.norm}-{spec.init}-{spec.solver.schedule}"
+    arch = m.arch if m.roi_heads == "standard" else f"{m.roi_heads}_{m.arch}"
+    return (f"{arch}-{m.backbone}{m.depth}-{m.norm}-{spec.init}-{spec.solver.schedule}"
             f"-{images}img-seed{spec.seed}{engine}")
 
 

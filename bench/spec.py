@@ -100,6 +100,18 @@ class ModelSpec:
     # torchvision's own models use 1/9; Detectron (Caffe2) 1/9 in the RPN, 1.0 in the head.
     box_loss_beta: float = 0.0
     rpn_box_loss_beta: Optional[float] = None   # None: box_loss_beta
+    # RoI heads: "standard" (one box head) or "cascade", Cascade R-CNN as detectron2's
+    # CascadeROIHeads (bench/engines/torchvision/model.py): one box head and class-agnostic
+    # predictor per stage, stage k's RoIs labelled at IoU cascade_ious[k] (the first is the
+    # plain heads' 0.5), its box deltas encoded with cascade_bbox_reg_weights[k]
+    # (detectron2's ROI_BOX_CASCADE_HEAD defaults), its losses times cascade_loss_weights[k]
+    # (detectron2 weighs every stage 1; the Cascade R-CNN authors' Detectron code used
+    # 1, 0.5, 0.25)
+    roi_heads: Literal["standard", "cascade"] = "standard"
+    cascade_ious: Tuple[float, ...] = (0.5, 0.6, 0.7)
+    cascade_bbox_reg_weights: Tuple[Tuple[float, ...], ...] = (
+        (10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
+    cascade_loss_weights: Tuple[float, ...] = (1.0, 1.0, 1.0)
     mask_head_convs: int = 4
     mask_head_dim: int = 256
     # Keypoint R-CNN's head, detectron2's KRCNNConvDeconvUpsampleHead (= torchvision's
@@ -197,6 +209,16 @@ class EvalSpec:
     # C++; an optional package)
     backend: Literal["pycocotools", "faster-coco-eval"] = "pycocotools"
     # detectron2's EVAL_PERIOD is in iterations too; evals at 0 are skipped.
+    # Test-time augmentation, detectron2's TEST.AUG (GeneralizedRCNNWithTTA): after the last
+    # plain evaluation the final model is evaluated once more, each image at every shorter
+    # side in tta_min_sizes (the longer at most tta_max_size) and, with tta_flip, flipped
+    # too; the boxes of all passes are merged by one NMS per class and each kept detection's
+    # mask is the mean of its mask probabilities over the passes. Its stats go in an
+    # "eval_tta" row, never in the "eval" rows the learning curves draw.
+    tta: bool = False
+    tta_min_sizes: Tuple[int, ...] = (400, 500, 600, 700, 800, 900, 1000, 1100, 1200)
+    tta_max_size: int = 4000
+    tta_flip: bool = True
 
 
 @dataclass(frozen=True)

@@ -232,7 +232,9 @@ def _one_batch_through_both_engines(arch, images=4, width=96):
     from bench.engines.torchvision.train import datasets_for
     spec = next(s for s in recipe.load(REPO / "recipes/parity/pair.yaml").runs
                 if s.init == "scratch")
-    spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, arch=arch))
+    heads = "cascade" if arch.startswith("cascade_") else "standard"
+    spec = dataclasses.replace(spec, model=dataclasses.replace(
+        spec.model, arch=arch.replace("cascade_", ""), roi_heads=heads))
     train_set, _ = datasets_for(spec)
     classes = len(train_set.cat_ids)
     torch.manual_seed(0)
@@ -338,7 +340,7 @@ def test_each_engines_own_data_pipeline_gives_the_same_pixels_boxes_classes_and_
 
 @pytest.mark.slow
 @needs_d2
-@pytest.mark.parametrize("arch", ["mask_rcnn", "faster_rcnn"])
+@pytest.mark.parametrize("arch", ["mask_rcnn", "faster_rcnn", "cascade_mask_rcnn"])
 def test_the_same_weights_and_images_give_both_engines_the_same_losses_and_gradients(
         arch, monkeypatch):
     # Before SPEC_VERSION 4 the RPN losses differed here (torchvision's rounded anchors).
@@ -354,6 +356,48 @@ def test_the_same_weights_and_images_give_both_engines_the_same_losses_and_gradi
         # or normalized from 0-255), and GN divides by small standard deviations
         diff = (grad - their_grads[key]).norm() / their_grads[key].norm().clamp(min=1e-12)
         assert diff < 1e-2, (key, diff.item())  # 3e-3 at most measured
+
+
+@pytest.mark.slow
+@needs_d2
+def test_the_same_cascade_weights_give_both_engines_the_same_detections():
+    # Inference of Cascade R-CNN: three stages of RoIs, scores averaged over the stages,
+    # the last stage's class-agnostic boxes, NMS per class. The class scores are made
+    # sharp (cls_score x 200) so the random model's detections are not a tie of equal
+    # scores whose order is arbitrary.
+    from detectron2.modeling import build_model
+    from bench.engines.detectron2.train import detectron2_cfg
+    from bench.engines.detectron2.weights import detector_from_detectron2
+    from bench.engines.torchvision.model import build_detector, use_input_sizes
+    from bench.engines.torchvision.train import datasets_for
+    spec = next(s for s in recipe.load(REPO / "recipes/parity/pair.yaml").runs
+                if s.init == "scratch")
+    spec = dataclasses.replace(spec, model=dataclasses.replace(
+        spec.model, arch="faster_rcnn", roi_heads="cascade"))
+    _, val_set = datasets_for(spec)
+    classes = len(val_set.cat_ids)
+    torch.manual_seed(0)
+    theirs = build_model(detectron2_cfg(spec, classes)).eval()
+    with torch.no_grad():
+        for k in range(3):
+            theirs.roi_heads.box_predictor[k].cls_score.weight.mul_(200)
+    ours = build_detector(spec.model, classes, spec.data).eval()
+    ours.load_state_dict(detector_from_detectron2(theirs.state_dict()))
+    use_input_sizes(ours, train=False)
+    compared = 0
+    for i in range(3):
+        image, _ = val_set.get(i)
+        with torch.no_grad():
+            mine = ours([image.float() / 255])[0]
+            their = theirs([{"image": image.flip(0), "height": image.shape[1],
+                             "width": image.shape[2]}])[0]["instances"]
+        n = min(len(mine["scores"]), len(their), 30)
+        assert n > 0
+        assert torch.allclose(mine["scores"][:n], their.scores[:n], atol=1e-4)
+        assert torch.equal(mine["labels"][:n], their.pred_classes[:n] + 1)
+        assert torch.allclose(mine["boxes"][:n], their.pred_boxes.tensor[:n], atol=1e-2)
+        compared += n
+    assert compared >= 30
 
 
 def _train(spec, run_dir, engine_module=None):

@@ -56,6 +56,10 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
     if m.norm == "GN" and m.norm_groups != 32:
         raise Untranslatable(f"model.norm_groups {m.norm_groups}: detectron2's GN has 32 groups; "
                              f"use norm_groups 32 or engine: torchvision")
+    if m.roi_heads == "cascade" and any(w != 1 for w in m.cascade_loss_weights):
+        raise Untranslatable(f"model.cascade_loss_weights {list(m.cascade_loss_weights)}: "
+                             f"detectron2's CascadeROIHeads weighs every stage 1; use [1, 1, 1] "
+                             f"or engine: torchvision")
     per_gpu = s.batch // spec.gpus
     if s.micro_batch and s.micro_batch != per_gpu:
         raise Untranslatable(f"solver.micro_batch={s.micro_batch} with {per_gpu} images per "
@@ -89,7 +93,8 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
                     "BATCH_SIZE_PER_IMAGE": m.rpn_batch_per_image,
                     "SMOOTH_L1_BETA": m.box_loss_beta if m.rpn_box_loss_beta is None
                     else m.rpn_box_loss_beta},
-            "ROI_HEADS": {"NAME": "StandardROIHeads", "IN_FEATURES": ["p2", "p3", "p4", "p5"],
+            "ROI_HEADS": {"NAME": "CascadeROIHeads" if m.roi_heads == "cascade"
+                          else "StandardROIHeads", "IN_FEATURES": ["p2", "p3", "p4", "p5"],
                           "NUM_CLASSES": num_classes,
                           "BATCH_SIZE_PER_IMAGE": m.roi_batch_per_image,
                           "SCORE_THRESH_TEST": m.score_thresh},
@@ -98,7 +103,11 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
                              "FC_DIM": m.box_head_fc_dim, "NORM": head_norm,
                              "POOLER_RESOLUTION": 7, "POOLER_TYPE": pooler,
                              "POOLER_SAMPLING_RATIO": m.roi_sampling_ratio,
-                             "SMOOTH_L1_BETA": m.box_loss_beta},
+                             "SMOOTH_L1_BETA": m.box_loss_beta,
+                             "CLS_AGNOSTIC_BBOX_REG": m.roi_heads == "cascade"},
+            "ROI_BOX_CASCADE_HEAD": {"IOUS": list(m.cascade_ious),
+                                     "BBOX_REG_WEIGHTS": [list(w) for w in
+                                                          m.cascade_bbox_reg_weights]},
             "ROI_MASK_HEAD": {"NAME": "MaskRCNNConvUpsampleHead",
                               "NUM_CONV": m.mask_head_convs, "CONV_DIM": m.mask_head_dim,
                               "NORM": head_norm, "POOLER_RESOLUTION": 14, "POOLER_TYPE": pooler,

@@ -50,6 +50,10 @@ from bench.rundir import RunDir
 LOSS_KEYS = {"total_loss": "loss", "loss_cls": "loss_classifier", "loss_box_reg": "loss_box_reg",
              "loss_mask": "loss_mask", "loss_keypoint": "loss_keypoint",
              "loss_rpn_cls": "loss_objectness", "loss_rpn_loc": "loss_rpn_box_reg"}
+# a cascade's per-stage box losses (CascadeROIHeads names them loss_cls_stage0 ...)
+LOSS_KEYS.update({f"{theirs}_stage{k}": f"{ours}_stage{k}" for k in range(8)
+                  for theirs, ours in (("loss_cls", "loss_classifier"),
+                                       ("loss_box_reg", "loss_box_reg"))})
 
 
 class NonFiniteLoss(FloatingPointError):

@@ -57,7 +57,11 @@ def to_detectron2(state: dict, source: str = "checkpoint") -> dict:
 
 _D2_BACKBONE = re.compile(r"^backbone\.bottom_up\.(.+)$")
 _D2_FPN = re.compile(r"^backbone\.fpn_(lateral|output)(\d)\.(norm\.)?(\w+)$")
-_D2_HEAD_CONV = re.compile(r"^roi_heads\.(box|mask)_head\.(?:conv|mask_fcn)(\d+)\.(norm\.)?(\w+)$")
+# (a cascade's box heads and predictors have their stage's index first: box_head.2.conv1)
+_D2_HEAD_CONV = re.compile(
+    r"^roi_heads\.(box|mask)_head\.((?:\d+\.)?)(?:conv|mask_fcn)(\d+)\.(norm\.)?(\w+)$")
+_D2_BOX_FC = re.compile(r"^roi_heads\.box_head\.((?:\d+\.)?)fc(\d+)\.(\w+)$")
+_CLS_SCORE = re.compile(r"^roi_heads\.box_predictor\.(?:\d+\.)?cls_score\.")
 _D2_RENAMED = {"proposal_generator.rpn_head.conv.": "rpn.head.conv.0.0.",
                "proposal_generator.rpn_head.objectness_logits.": "rpn.head.cls_logits.",
                "proposal_generator.rpn_head.anchor_deltas.": "rpn.head.bbox_pred.",
@@ -89,11 +93,11 @@ def _our_backbone_names(d2_backbone_keys):
 
 def torchvision_names(keys) -> dict:
     """{detectron2 key: the torchvision engine's key} for the parameters and buffers of a
-    detectron2 R-FPN Mask / Faster R-CNN (bench.engines.torchvision.model.build_detector
+    detectron2 R-FPN Mask / Faster R-CNN, with standard or cascade RoI heads (bench.engines.torchvision.model.build_detector
     builds the same tensors under these names)."""
     keys = list(keys)
     backbone = _our_backbone_names([k for k in keys if _D2_BACKBONE.match(k)])
-    box_convs = max((int(m.group(2)) for k in keys if (m := _D2_HEAD_CONV.match(k))
+    box_convs = max((int(m.group(3)) for k in keys if (m := _D2_HEAD_CONV.match(k))
                      and m.group(1) == "box"), default=0)
     out = {}
     for key in keys:
@@ -104,13 +108,13 @@ def torchvision_names(keys) -> dict:
             name = (f"backbone.fpn.{blocks}.{int(m.group(2)) - 2}."
                     f"{'1' if m.group(3) else '0'}.{m.group(4)}")
         elif (m := _D2_HEAD_CONV.match(key)):
-            name = (f"roi_heads.{m.group(1)}_head.{int(m.group(2)) - 1}."
-                    f"{'1' if m.group(3) else '0'}.{m.group(4)}")
-        elif key.startswith("roi_heads.box_head.fc1."):
+            name = (f"roi_heads.{m.group(1)}_head.{m.group(2)}{int(m.group(3)) - 1}."
+                    f"{'1' if m.group(4) else '0'}.{m.group(5)}")
+        elif (m := _D2_BOX_FC.match(key)):
+            if m.group(2) != "1":
+                raise ValueError(f"{key}: the torchvision engine's box head has one fc layer")
             # torchvision's FastRCNNConvFCHead: the convs, a Flatten, then the fc
-            name = f"roi_heads.box_head.{box_convs + 1}." + key[len("roi_heads.box_head.fc1."):]
-        elif key.startswith("roi_heads.box_head.fc"):
-            raise ValueError(f"{key}: the torchvision engine's box head has one fc layer")
+            name = f"roi_heads.box_head.{m.group(1)}{box_convs + 1}.{m.group(3)}"
         else:
             prefix = next((p for p in _D2_RENAMED if key.startswith(p)), None)
             if prefix is None:
@@ -131,7 +135,7 @@ def detector_from_detectron2(state: dict) -> dict:
         value = state[key]
         if name == "backbone.body.conv1.weight":
             value = value.flip(1)  # BGR -> RGB input channels
-        elif name.startswith("roi_heads.box_predictor.cls_score."):
+        elif _CLS_SCORE.match(name):
             value = torch.cat([value[-1:], value[:-1]])  # background: last -> first
         out[name] = value
     return out

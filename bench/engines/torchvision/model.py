@@ -18,6 +18,7 @@ from pycocotools import mask as mask_utils
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN, KeypointRCNN, MaskRCNN
+from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -28,7 +29,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FrozenBatchNorm2d, roi_align
+from torchvision.ops import FrozenBatchNorm2d, boxes as box_ops, roi_align
 from torchvision.ops.poolers import LevelMapper, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -331,6 +332,201 @@ def use_detectron2_losses(model, box_loss_beta: float, rpn_box_loss_beta: float 
     model.roi_heads.set_losses(box_loss_beta)
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the gradient scaled by `scale` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class CascadeBoxPredictor(BoxPredictor):
+    """A cascade stage's predictor, detectron2's FastRCNNOutputLayers with CLS_AGNOSTIC_BBOX_REG:
+    K+1 class scores and one box (4 deltas) per RoI whatever its class, same inits."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__(in_channels, num_classes)
+        self.bbox_pred = nn.Linear(in_channels, 4)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x):
+        x = x.flatten(start_dim=1)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class CascadeRoIHeads(Detectron2LossRoIHeads):
+    """Cascade R-CNN's RoI heads (Cai & Vasconcelos, CVPR 2018) as detectron2's
+    CascadeROIHeads computes them, on torchvision's RoIHeads (its stage-0 sampling, pooler,
+    mask and keypoint functions).
+
+    Stage k has its own box head and a class-agnostic predictor; its RoIs are the boxes stage
+    k-1 predicted (detached, clipped to the image; in training empty ones are dropped), each
+    labelled foreground when its IoU with a ground-truth box reaches the stage's threshold
+    (0.5, 0.6, 0.7), with no re-sampling: stage 0 samples 512 RoIs per image as the plain
+    heads do, the later stages take all of them. Box targets are encoded with the stage's
+    weights ((10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)), so the finer stages see
+    finer deltas. Each stage's losses are detectron2's box-head losses (loss_classifier_stageK,
+    loss_box_reg_stageK) times its weight (model.cascade_loss_weights; detectron2 has none,
+    i.e. all 1), and the pooled features enter every stage with their gradient scaled by
+    1 / stages (detectron2's _ScaleGradient), so the backbone gets the stages' mean.
+    Inference: the class scores are averaged over the stages (each on its own RoIs), the
+    boxes are the last stage's. The mask (and keypoint) head trains on stage 0's sampled
+    foreground RoIs and predicts on the final detections, as in detectron2."""
+
+    def set_cascade(self, heads, predictors, ious, reg_weights, loss_weights):
+        self.box_head = nn.ModuleList(heads)
+        self.box_predictor = nn.ModuleList(predictors)
+        self.stage_coders = [Fp32BoxCoder(tuple(w)) for w in reg_weights]
+        self.box_coder = self.stage_coders[0]  # stage 0's targets (select_training_samples)
+        self.stage_ious = tuple(ious)
+        self.stage_loss_weights = tuple(loss_weights)
+
+    def set_losses(self, box_loss_beta: float):
+        super().set_losses(box_loss_beta)
+        self.box_loss_beta = box_loss_beta
+        self._mask_loss = _with_names(tv_roi_heads.maskrcnn_loss,
+                                      project_masks_on_boxes=detectron2_mask_targets)
+
+    def _run_stage(self, features, boxes, image_shapes, k):
+        x = self.box_roi_pool(features, boxes, image_shapes)
+        if self.training:
+            x = _ScaleGradient.apply(x, 1.0 / len(self.box_head))
+        return self.box_predictor[k](self.box_head[k](x))
+
+    def _next_boxes(self, deltas, boxes, image_shapes, k):
+        """Stage k's predicted boxes, as stage k+1's RoIs."""
+        pred = self.stage_coders[k].decode_single(deltas.detach(), torch.cat(boxes))
+        out = []
+        for b, shape in zip(pred.split([len(b) for b in boxes]), image_shapes):
+            b = box_ops.clip_boxes_to_image(b, shape)
+            if self.training:  # detectron2's Boxes.nonempty: both sides above 0
+                b = b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])]
+            out.append(b)
+        return out
+
+    def _label(self, boxes, targets, k):
+        """Each RoI's class (0: background) and matched ground-truth box at stage k's IoU."""
+        matcher = det_utils.Matcher(self.stage_ious[k], self.stage_ious[k],
+                                    allow_low_quality_matches=False)
+        labels, gt_boxes = [], []
+        for b, t in zip(boxes, targets):
+            if len(t["boxes"]) == 0:
+                labels.append(torch.zeros(len(b), dtype=torch.int64, device=b.device))
+                gt_boxes.append(torch.zeros_like(b))
+                continue
+            idx = matcher(box_ops.box_iou(t["boxes"], b))
+            labels.append(torch.where(idx >= 0, t["labels"][idx.clamp(min=0)], 0))
+            gt_boxes.append(t["boxes"][idx.clamp(min=0)])
+        return labels, gt_boxes
+
+    def _stage_loss(self, class_logits, deltas, labels, targets_enc):
+        labels, targets_enc = torch.cat(labels), torch.cat(targets_enc)
+        pos = torch.where(labels > 0)[0]
+        box_loss = box_regression_loss(deltas[pos], targets_enc[pos],
+                                       self.box_loss_beta) / max(labels.numel(), 1)
+        return F.cross_entropy(class_logits, labels), box_loss
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        stages, losses, result, sampled = len(self.box_head), {}, [], None
+        if self.training:
+            if self.has_mask():
+                targets = [{**t, "masks": GtMasks(t["masks"], t.get("polygons"))}
+                           if "masks" in t else t for t in targets]
+            boxes, matched_idxs, labels, enc = self.select_training_samples(proposals, targets)
+            sampled = (boxes, matched_idxs, labels)
+            for k in range(stages):
+                if k > 0:
+                    labels, gt = self._label(boxes, targets, k)
+                    enc = self.stage_coders[k].encode(gt, boxes)
+                class_logits, deltas = self._run_stage(features, boxes, image_shapes, k)
+                cls, box = self._stage_loss(class_logits, deltas, labels, enc)
+                w = self.stage_loss_weights[k]
+                losses[f"loss_classifier_stage{k}"] = w * cls
+                losses[f"loss_box_reg_stage{k}"] = w * box
+                if k + 1 < stages:
+                    boxes = self._next_boxes(deltas, boxes, image_shapes, k)
+        else:
+            boxes, probs = proposals, 0
+            for k in range(stages):
+                if k > 0:
+                    boxes = self._next_boxes(deltas, boxes, image_shapes, k - 1)
+                class_logits, deltas = self._run_stage(features, boxes, image_shapes, k)
+                probs = probs + F.softmax(class_logits, -1)
+            final = self.stage_coders[-1].decode_single(deltas, torch.cat(boxes))
+            result = self._detections(final, probs / stages, [len(b) for b in boxes],
+                                      image_shapes)
+        losses.update(self._mask_and_keypoints(features, image_shapes, targets, result, sampled))
+        return result, losses
+
+    def _detections(self, boxes, scores, per_image, image_shapes):
+        """torchvision's postprocess_detections for one class-agnostic box per RoI: every
+        class above the score threshold keeps the RoI's box, NMS per class, top-k."""
+        out = []
+        for b, s, shape in zip(boxes.split(per_image), scores.split(per_image), image_shapes):
+            b = box_ops.clip_boxes_to_image(b, shape)
+            s = s[:, 1:]  # background is column 0
+            roi, cls = torch.where(s > self.score_thresh)
+            b, s, labels = b[roi], s[roi, cls], cls + 1
+            keep = box_ops.remove_small_boxes(b, min_size=1e-2)
+            b, s, labels = b[keep], s[keep], labels[keep]
+            keep = box_ops.batched_nms(b, s, labels, self.nms_thresh)[:self.detections_per_img]
+            out.append({"boxes": b[keep], "labels": labels[keep], "scores": s[keep]})
+        return out
+
+    def _mask_and_keypoints(self, features, image_shapes, targets, result, sampled):
+        """The mask and keypoint branches of torchvision's RoIHeads.forward: in training on
+        stage 0's sampled foreground RoIs, in inference on the detections."""
+        losses = {}
+        if self.training:
+            boxes, matched_idxs, labels = sampled
+            pos = [torch.where(l > 0)[0] for l in labels]
+            rois = [b[p] for b, p in zip(boxes, pos)]
+            pos_matched = [m[p] for m, p in zip(matched_idxs, pos)]
+        else:
+            rois = [r["boxes"] for r in result]
+        if self.has_mask():
+            x = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, rois,
+                                                                      image_shapes)))
+            if self.training:
+                losses["loss_mask"] = self._mask_loss(
+                    x, rois, [t["masks"] for t in targets], [t["labels"] for t in targets],
+                    pos_matched)
+            else:
+                for probs, r in zip(tv_roi_heads.maskrcnn_inference(
+                        x, [r["labels"] for r in result]), result):
+                    r["masks"] = probs
+        if self.has_keypoint():
+            x = self.keypoint_predictor(self.keypoint_head(self.keypoint_roi_pool(
+                features, rois, image_shapes)))
+            if self.training:
+                losses["loss_keypoint"] = tv_roi_heads.keypointrcnn_loss(
+                    x, rois, [t["keypoints"] for t in targets], pos_matched)
+            else:
+                points, scores = tv_roi_heads.keypointrcnn_inference(x, rois)
+                for p, s, r in zip(points, scores, result):
+                    r["keypoints"], r["keypoints_scores"] = p, s
+        return losses
+
+
+def make_cascade(model, m, num_classes: int, box_head):
+    """Give `model` (whose RoI heads use detectron2's losses) Cascade R-CNN's heads: one
+    box head like `box_head()` builds and one class-agnostic predictor per stage of the
+    ModelSpec `m`."""
+    heads = model.roi_heads
+    heads.__class__ = CascadeRoIHeads
+    stages = len(m.cascade_ious)
+    heads.set_cascade([box_head() for _ in range(stages)],
+                      [CascadeBoxPredictor(m.box_head_fc_dim, num_classes) for _ in range(stages)],
+                      m.cascade_ious, m.cascade_bbox_reg_weights, m.cascade_loss_weights)
+    heads.set_losses(m.box_loss_beta)
+
+
 class LastStage(nn.Module):
     """The detector's features without an FPN: the backbone's last stage alone (Faster
     R-CNN's conv5 for VGG), as torchvision's detectors take them (`body`, `out_channels`,
@@ -367,12 +563,18 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
         features = LastStage(backbone)
         levels = ["0"]
         anchors = Anchors((tuple(m.anchor_sizes),), ((0.5, 1.0, 2.0),))  # all on one map
-    box_head = FastRCNNConvFCHead((features.out_channels, 7, 7),
+    def make_box_head():
+        head = FastRCNNConvFCHead((features.out_channels, 7, 7),
                                   [m.box_head_conv_dim] * m.box_head_convs,
                                   [m.box_head_fc_dim] * m.box_head_fcs, norm_layer=norm)
-    msra_init_(box_head)  # detectron2's FastRCNNConvFCHead: MSRA convs, Xavier fc
-    for fc in (x for x in box_head.modules() if isinstance(x, nn.Linear)):
-        xavier_init_(fc)
+        msra_init_(head)  # detectron2's FastRCNNConvFCHead: MSRA convs, Xavier fc
+        for fc in (x for x in head.modules() if isinstance(x, nn.Linear)):
+            xavier_init_(fc)
+        return head
+
+    # (a cascade replaces this stage by its own heads; built anyway, so the RNG draws of
+    # every other part stay those of the plain model)
+    box_head = make_box_head()
     mean, std = pixel_normalization(m)
     common = dict(
         min_size=data.train_min_size, max_size=data.train_max_size,
@@ -407,6 +609,8 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
         model = MaskRCNN(features, mask_roi_pool=mask_pool, mask_head=mask_head,
                          mask_predictor=mask_predictor, **common)
     use_detectron2_losses(model, m.box_loss_beta, m.rpn_box_loss_beta)
+    if m.roi_heads == "cascade":
+        make_cascade(model, m, num_classes, make_box_head)
     model.transform = BatchedPasteTransform(data.train_min_size, data.train_max_size, mean, std)
     model.input_sizes = {True: (data.train_min_size, data.train_max_size),
                          False: (data.test_min_size, data.test_max_size)}
@@ -504,8 +708,10 @@ def load_backbone_weights(model: nn.Module, state: dict, log=print) -> dict:
         raise ValueError("pretrained checkpoint does not cover the backbone: missing "
                          f"{missing[:5]}, shape-mismatched {shape_mismatch[:5]}; it was built for "
                          "another backbone depth/width/norm")
-    if head:
-        box_head = model.roi_heads.box_head
+    box_heads = model.roi_heads.box_head
+    # a cascade has one box head per stage: each starts from the checkpoint's fc6 and fc7
+    for box_head in (box_heads if isinstance(box_heads, nn.ModuleList) else [box_heads]) \
+            if head else []:
         mine = box_head.state_dict()
         wrong = [k for k, v in head.items() if k not in mine or mine[k].shape != v.shape]
         if wrong:
