@@ -370,6 +370,15 @@ def test_voc_is_read_from_its_own_folders_and_converted_into_the_cache_once(tiny
     assert "\n" not in str(e.value)
 
 
+def test_a_conversion_someone_emptied_is_made_again(tiny, tmp_path):
+    splits = registry.VOC["shapes-voc-tiny"]
+    first = voc.ensure_converted(tiny.train_images, splits, tmp_path)
+    (first / "annotations" / "instances_val.json").unlink()
+    again = voc.ensure_converted(tiny.train_images, splits, tmp_path)
+    assert again == first and (again / "annotations" / "instances_val.json").read_bytes() == \
+        tiny.val_annotations.read_bytes()
+
+
 # ------------------------------------------------------------------------------ bad input
 
 @pytest.fixture
@@ -492,3 +501,4 @@ def test_a_voc_run_trains_evaluates_and_draws_its_voc_map(tmp_path):
                                          log=lambda m: None)
     assert tmp_path / "out" / "ap_vs_iterations.png" in written
     assert "VOC mAP scratch" in (tmp_path / "out" / "final_ap.md").read_text()
+

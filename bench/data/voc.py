@@ -190,7 +190,6 @@ def ensure_converted(root: Path, splits: VocSplits, out_dir: Path) -> Path:
     files = [target / "annotations" / f"instances_{s}.json" for s in ("train", "val")]
     if all(f.is_file() for f in files):
         return target
-    shutil.rmtree(target, ignore_errors=True)  # a conversion someone emptied: do it again
     # written into a temporary folder and renamed into place: a killed conversion never
     # looks complete, and two processes converting at once both end with the same files
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
@@ -202,6 +201,12 @@ def ensure_converted(root: Path, splits: VocSplits, out_dir: Path) -> Path:
             json.dumps(doc, sort_keys=True, separators=(",", ":")))
     try:
         os.replace(tmp, target)
-    except OSError:  # another process finished the same conversion first
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        if all(f.is_file() for f in files):  # another process finished the same one first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:  # a conversion someone emptied: set it aside, this one takes its place
+            stale = target.with_name(f"{target.name}.stale-{os.getpid()}")
+            os.replace(target, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(tmp, target)
     return target
