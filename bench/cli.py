@@ -35,6 +35,9 @@ def _common(ap):
                                                       "or ./runs)")
     ap.add_argument("--coco", default=None, metavar="PATH",
                     help="COCO 2017 root (default: $BENCH_COCO, else $DETECTRON2_DATASETS/coco)")
+    ap.add_argument("--voc", default=None, metavar="PATH",
+                    help="the folder holding PASCAL VOC's VOC2007/ and VOC2012/ (default: "
+                         "$BENCH_VOC, else $DETECTRON2_DATASETS)")
     ap.add_argument("--engine", choices=["torchvision", "detectron2"], default=None,
                     help="train with this engine whatever the recipes say (same as --set "
                          "engine=NAME; the run ids change with it)")
@@ -273,6 +276,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if getattr(args, "coco", None):  # for this process and the run workers it starts
         os.environ["BENCH_COCO"] = args.coco
+    if getattr(args, "voc", None):
+        os.environ["BENCH_VOC"] = args.voc
     from bench.data.coco import AnnotationError
     from bench.data.registry import DatasetMissing
     from bench.engines import EngineUnavailable

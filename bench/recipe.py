@@ -214,10 +214,14 @@ def _check_pair_rules(spec: RunSpec, where: str):
     if spec.model.backbone not in BACKBONES:
         raise SpecError(f"{where}: model.backbone {spec.model.backbone!r} is not registered; "
                         f"allowed: {', '.join(sorted(BACKBONES))}")
-    from bench.data.registry import DATASETS, KEYPOINT_DATASETS
+    from bench.data.registry import DATASETS, KEYPOINT_DATASETS, VOC
     if spec.data.dataset not in DATASETS:
         raise SpecError(f"{where}: data.dataset {spec.data.dataset!r} is unknown; allowed: "
                         f"{', '.join(DATASETS)}")
+    if spec.data.dataset in VOC and spec.model.arch != "faster_rcnn":
+        raise SpecError(f"{where}: model.arch {spec.model.arch} on data.dataset "
+                        f"{spec.data.dataset!r}; VOC's detection data has boxes only (no masks "
+                        f"or keypoints), use model.arch: faster_rcnn")
     if spec.model.arch == "keypoint_rcnn" and spec.data.dataset not in KEYPOINT_DATASETS:
         raise SpecError(f"{where}: model.arch keypoint_rcnn needs keypoint annotations, which "
                         f"data.dataset {spec.data.dataset!r} has none of; use one of "

@@ -35,7 +35,10 @@ COLUMNS = ["speed_key", "device", "engine", "arch", "backbone", "norm", "input",
 # What the synthetic step images look like for each dataset: (height, width), objects per
 # image, classes. COCO train2017: most images are 640x480 (landscape), 7.3 instances each.
 DATASET_SHAPES = {"coco": ((480, 640), 7, 80), "shapes": ((128, 128), 4, 8),
-                  "shapes-tiny": ((128, 128), 4, 8)}
+                  "shapes-tiny": ((128, 128), 4, 8),
+                  # VOC: most images 500 x 375 (landscape), 2.4 objects each, 20 classes
+                  "voc": ((375, 500), 2, 20), "shapes-voc": ((128, 128), 2, 8),
+                  "shapes-voc-tiny": ((128, 128), 2, 8)}
 
 
 # ModelSpec fields that change what a step computes but not what it costs

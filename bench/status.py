@@ -47,7 +47,8 @@ def row(spec, run_dir, now=None) -> dict:
         eta = _duration((total - it) * st["sec_per_iter"])
     seconds = st.get("train_seconds")
     return {"run": spec.run_id, "state": state, "iteration": f"{it}/{total}",
-            "box AP": _ap(last.get("bbox/AP")),
+            # a VOC run's box number is VOC's mAP (voc/AP50)
+            "box AP": _ap(last.get("bbox/AP", last.get("voc/AP50"))),
             # a keypoint run's second number is its keypoint AP (it has no mask)
             "mask AP": _ap(last.get("segm/AP", last.get("keypoints/AP"))),
             "ETA": eta, "GPU-h": "-" if seconds is None else f"{seconds * spec.gpus / 3600:.2f}",

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 # own recipes/<folder>/ never breaks `make test`.
 SHIPPED_RECIPE_DIRS = [REPO / "recipes" / d
                        for d in ("detectron2-zoo", "examples", "he2019", "mini", "mini-keypoints",
-                                 "mini-vgg", "parity")]
+                                 "mini-vgg", "mini-voc", "parity")]
 
 TINY_RECIPE = f"""
 study: tiny

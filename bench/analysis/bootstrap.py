@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from bench import per_image
+from bench import per_image, voc_eval
 from bench.rundir import RunDir
 
 
@@ -34,6 +34,10 @@ class Accumulator:
 
     def __init__(self, arrays: Dict[str, np.ndarray]):
         self.image_ids = arrays["image_ids"]
+        # COCO's 101-point AP, or VOC's ("voc-area", "voc-11point": bench.voc_eval), which
+        # the VOC task's results name
+        self.interpolation = str(arrays["interpolation"]) if "interpolation" in arrays \
+            else "coco-101"
         self.rec_thrs = arrays["rec_thrs"]
         self.gt_count = arrays["gt_count"].astype(np.float64)           # (K, I)
         self.per_cat = []
@@ -47,7 +51,8 @@ class Accumulator:
                                  (~matched & ~ignored).astype(np.float64)))
 
     def average_precision(self, weights: Optional[np.ndarray] = None) -> float:
-        """COCO's AP (stats[0], in percent) with `weights[i]` copies of image i."""
+        """COCO's AP (stats[0], in percent) with `weights[i]` copies of image i; for VOC's
+        results, VOC's mAP at their IoU threshold (0.5: `voc/AP50`)."""
         n_img = len(self.image_ids)
         w = np.ones(n_img) if weights is None else np.asarray(weights, dtype=np.float64)
         total, count = 0.0, 0
@@ -63,6 +68,13 @@ class Accumulator:
             tp_sum = np.cumsum(tp[:, keep] * wd[keep], axis=1)
             fp_sum = np.cumsum(fp[:, keep] * wd[keep], axis=1)
             if tp_sum.shape[1] == 0:
+                continue
+            if self.interpolation.startswith("voc-"):
+                for t in range(tp.shape[0]):
+                    recall, precision = voc_eval.curve(tp[t, keep] * wd[keep],
+                                                       fp[t, keep] * wd[keep], gt)
+                    total += voc_eval.average_precision(recall, precision,
+                                                        self.interpolation[4:])
                 continue
             recall = tp_sum / gt
             precision = tp_sum / (tp_sum + fp_sum + np.spacing(1))
@@ -115,7 +127,7 @@ def replicates(accumulators: List[Accumulator], n_samples: int = 1000,
 
 # -- intervals of a study's pairs ----------------------------------------------------------
 
-TASKS = {"bbox/AP": "bbox", "segm/AP": "segm", "keypoints/AP": "keypoints"}
+TASKS = {"bbox/AP": "bbox", "segm/AP": "segm", "keypoints/AP": "keypoints", "voc/AP50": "voc"}
 PAIR_KEYS = ["engine", "arch", "backbone", "norm", "schedule", "max_iter", "train_images"]
 
 

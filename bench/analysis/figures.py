@@ -20,7 +20,8 @@ from bench.analysis.table import MAIN_METRICS as METRICS  # noqa: E402 - one pan
 INIT_STYLE = {"scratch": dict(linestyle="-", color="#1f4e9c", label="random init"),
               "imagenet": dict(linestyle="--", color="#c0392b", label="pre-trained (fine-tune)")}
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
-METRIC_LABEL = {"bbox/AP": "bbox AP", "segm/AP": "mask AP", "keypoints/AP": "keypoint AP"}
+METRIC_LABEL = {"bbox/AP": "bbox AP", "segm/AP": "mask AP", "keypoints/AP": "keypoint AP",
+                "voc/AP50": "VOC mAP (AP50)"}
 
 
 def _size_label(n):

@@ -69,7 +69,8 @@ def write_index(results_root: Path, studies, recipes_root: Path) -> Path:
             parts.append("<h3>Runs</h3>" + _table(final, ["run_id", "engine", "init", "schedule",
                                                           "train_images", "seed", "state",
                                                           "iteration", "max_iter", "bbox/AP",
-                                                          "segm/AP", "keypoints/AP"]))
+                                                          "segm/AP", "keypoints/AP",
+                                                          "voc/AP50"]))
         for stem, caption in FIGURES:
             if (out / f"{stem}.png").is_file():
                 parts.append(f"<h3>{html.escape(caption)}</h3><p><img src='{study}/{stem}.png' "
@@ -82,6 +83,8 @@ def write_index(results_root: Path, studies, recipes_root: Path) -> Path:
                                     "segm/AP imagenet", "segm/AP scratch-imagenet",
                                     "keypoints/AP scratch", "keypoints/AP imagenet",
                                     "keypoints/AP scratch-imagenet",
+                                    "voc/AP50 scratch", "voc/AP50 imagenet",
+                                    "voc/AP50 scratch-imagenet",
                                     "state scratch", "state imagenet"])
                 + f"<p>All 12 COCO stats: <a href='{study}/pairs.csv'>pairs.csv</a>, "
                   f"<a href='{study}/final_ap.csv'>final_ap.csv</a>.</p>")

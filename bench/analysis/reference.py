@@ -4,7 +4,7 @@ A published row belongs to a run of ours when it names our study (`recipe` colum
 the run's init and iteration count (stated, or N x 90k where the reference says the paper's
 schedule was `Nx (inferred)`); its metric is renamed to our key (`bbox AP50` ->
 `bbox/AP50`). Rows read off a plot we could not see have no value and are left out; so are
-metrics with no key of ours (VOC mAP, test-challenge numbers).
+metrics with no key of ours (test-challenge numbers).
 """
 
 import re
@@ -19,7 +19,9 @@ COLUMNS = ["study", "init", "iterations", "metric", "published", "source"]
 # reports box AP
 METRICS = {"bbox AP": "bbox/AP", "bbox AP50": "bbox/AP50", "bbox AP75": "bbox/AP75",
            "mask AP": "segm/AP", "mask AP50": "segm/AP50", "mask AP75": "segm/AP75",
-           "AP (bbox per context)": "bbox/AP", "keypoint AP": "keypoints/AP"}
+           "AP (bbox per context)": "bbox/AP", "keypoint AP": "keypoints/AP",
+           # VOC's mAP: AP at IoU 0.5, area under the curve, on VOC2012 val (bench.voc_eval)
+           "VOC mAP (val2012)": "voc/AP50"}
 
 
 def _iterations(iterations, schedule):

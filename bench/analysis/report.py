@@ -17,7 +17,7 @@ def _fmt(v):
 
 
 def markdown_pairs(pairs, metrics=("bbox/AP", "segm/AP")):
-    head = "".join(f"{table.LABELS[m]} AP scratch | {table.LABELS[m]} AP pre-trained | "
+    head = "".join(f"{table.HEADINGS[m]} scratch | {table.HEADINGS[m]} pre-trained | "
                    f"Δ {table.LABELS[m]} | " for m in metrics)
     lines = [f"| schedule | iterations | train images | {head}state |",
              "|---" * (4 + 3 * len(metrics)) + "|"]

@@ -12,7 +12,7 @@ import json
 
 import pandas as pd
 
-from bench.analysis.table import LABELS
+from bench.analysis.table import HEADINGS, LABELS
 
 # The mini study's criterion (the paper's 5x vs 6x): the longest schedule ends within this
 # many box AP points of the next-longest one
@@ -36,7 +36,8 @@ def table(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> pd.DataFrame:
     and the change from the family's next-shorter schedule ("Δ <metric>", over the seeds both
     finished, so a seed added at one schedule only does not move it). `saturated` is given on
     each family's longest schedule, when that run has finished: whether its box AP changed by
-    at most SATURATED_WITHIN. Families of one schedule have nothing to compare: left out."""
+    at most SATURATED_WITHIN (VOC's mAP in a VOC study). Families of one schedule have
+    nothing to compare: left out."""
     if final.empty:
         return pd.DataFrame()
     runs = final.assign(family=final["pair"].map(family_key))
@@ -63,7 +64,8 @@ def table(final: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> pd.DataFrame:
                         (runs_at[runs_at["seed"].isin(shared)],
                          previous[previous["seed"].isin(shared)])
                     row[f"Δ {m}"] = now[m].mean() - before[m].mean()
-            box = row.get("Δ bbox/AP", float("nan"))
+            # box AP; a VOC study's box metric is VOC's mAP
+            box = row.get("Δ bbox/AP", row.get("Δ voc/AP50", float("nan")))
             row["saturated"] = (bool(abs(box) <= SATURATED_WITHIN)
                                 if max_iter == runs_at["planned"].iloc[0] and box == box
                                 else None)
@@ -87,7 +89,7 @@ def markdown(rows: pd.DataFrame, metrics=("bbox/AP", "segm/AP")) -> str:
              f"schedule (over the seeds both finished); the longest of each family counts as "
              f"saturated when its box AP changed by at most {SATURATED_WITHIN}.", "",
              "| train images | init | schedule | iterations | seeds | "
-             + "".join(f"{LABELS[m]} AP | Δ {LABELS[m]} | " for m in metrics) + "saturated |",
+             + "".join(f"{HEADINGS[m]} | Δ {LABELS[m]} | " for m in metrics) + "saturated |",
              "|---" * (6 + 2 * len(metrics)) + "|"]
     for _, r in rows.iterrows():
         n = "all" if r["train_images"] == -1 else str(int(r["train_images"]))

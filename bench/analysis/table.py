@@ -16,15 +16,19 @@ from bench.spec import PER_INIT_FIELDS  # spec.yaml's format: what a pair may di
 # the keypoint task's own recall stats (keypoints/AP .. keypoints/ARl)
 STAT_ORDER = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
               "ARl", "AR", "AR50", "AR75"]
-# The tasks an eval row may hold, and each one's main metric with its name in tables
-TASKS = ("bbox", "segm", "keypoints")
-MAIN_METRICS = tuple(f"{t}/AP" for t in TASKS)
-LABELS = {"bbox/AP": "box", "segm/AP": "mask", "keypoints/AP": "keypoint"}
+# The tasks an eval row may hold, and each one's main metric with its name in tables. A
+# VOC run's task is "voc" (bench.voc_eval), whose main metric is its mAP at IoU 0.5, the
+# number the paper and VOC report (`voc/AP` there is the mean over IoU 0.5:0.95).
+TASKS = ("bbox", "segm", "keypoints", "voc")
+MAIN_METRICS = ("bbox/AP", "segm/AP", "keypoints/AP", "voc/AP50")
+LABELS = {"bbox/AP": "box", "segm/AP": "mask", "keypoints/AP": "keypoint", "voc/AP50": "VOC mAP"}
+# column headings: "box AP", ...; VOC's mAP by its own name
+HEADINGS = {m: label if m == "voc/AP50" else f"{label} AP" for m, label in LABELS.items()}
 
 
 def main_metrics(df: pd.DataFrame):
     """The main metrics a study's runs report (a Faster R-CNN study has no mask AP, a
-    keypoint study has keypoint AP)."""
+    keypoint study has keypoint AP, a VOC study VOC's mAP only)."""
     return [m for m in MAIN_METRICS if m in df.columns and df[m].notna().any()]
 
 

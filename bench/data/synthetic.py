@@ -5,6 +5,8 @@
   with RLE masks, so the same loader and pycocotools evaluation serve both.
 * source ("shapes-cls"): a classification set with more classes than the target, our
   stand-in for ImageNet, in torchvision's ImageFolder layout `train/<class>/*.jpg`.
+* the people set (bench.data.people) and the target scenes exported in PASCAL VOC's own
+  layout (bench.data.shapes_voc) are written through the same cache machinery.
 
 A dataset directory is complete only when its MANIFEST.json exists and every file it
 lists has the recorded size and (for annotations) hash; generation writes into a temp
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.data import people, shapes
+from bench.data import people, shapes, shapes_voc
 from bench.hashing import file_sha256
 from bench.interrupt import default_signals_in_child
 from bench.paths import cache_root
@@ -71,6 +73,14 @@ def _rng(seed, split, index):
 
 def render_scene(cfg: TargetConfig, split_code: int, index: int):
     """One target image and its instances: list of (category name, visible mask)."""
+    img, labelled = render_layers(cfg, split_code, index)
+    return img, [(layer["name"], layer["visible"]) for layer in labelled]
+
+
+def render_layers(cfg: TargetConfig, split_code: int, index: int):
+    """One target image and its labelled objects, bottom to top: dicts with the category
+    `name`, the object's whole `mask` and its `visible` part (the VOC export marks the
+    mostly covered ones `difficult` by the two)."""
     from pycocotools import mask as mask_utils  # noqa: F401  (imported for workers early)
 
     rng = _rng(cfg.seed, split_code, index)
@@ -94,8 +104,7 @@ def render_scene(cfg: TargetConfig, split_code: int, index: int):
     # Drop objects that end up mostly hidden (they would be unfair, unlabelled targets)
     visible_layers = shapes.drop_hidden(layers, size)
     img = shapes.paint(rng, img, visible_layers)
-    instances = [(layer["name"], layer["visible"]) for layer in visible_layers if layer["labelled"]]
-    return shapes.finish(rng, img), instances
+    return shapes.finish(rng, img), [layer for layer in visible_layers if layer["labelled"]]
 
 
 def _target_chunk(args):
@@ -261,6 +270,8 @@ def ensure(cfg, root: Path = None, workers: int = None, log=print) -> Path:
     tmp.mkdir(parents=True)
     if isinstance(cfg, people.PeopleConfig):
         files = people.write(cfg, tmp, workers, _parallel, _chunks)
+    elif isinstance(cfg, shapes_voc.VocShapesConfig):
+        files = shapes_voc.write(cfg, tmp, workers, _parallel, _chunks)
     else:
         writer = _write_target if isinstance(cfg, TargetConfig) else _write_source
         files = writer(cfg, tmp, workers)

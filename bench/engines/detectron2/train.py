@@ -9,7 +9,7 @@ its `SimpleTrainer` (`AMPTrainer` when solver.amp is set) and evaluates with its
 to the run session both engines share (bench.engines.session: metrics.jsonl rows with the
 torchvision engine's keys, status.json, atomic last-K checkpoints, the checkpoints shorter
 schedules fork from, evaluations, stop requests). Under torchrun the runner's process group
-is detectron2's.
+is detectron2's. A VOC dataset is scored by VOC's metric on its predictions (VocEvaluator).
 
 Resume: model, optimizer, gradient scaler, the open log window and the iteration come back;
 the data stream goes on after the images already seen; the LR is this spec's at that
@@ -28,7 +28,7 @@ from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test
     build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer, hooks
-from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler, build_optimizer
 from detectron2.utils import comm
@@ -36,6 +36,7 @@ from detectron2.utils.env import seed_all_rng
 from torch.nn.parallel import DistributedDataParallel
 
 from bench import checkpoint, distributed, engines, interrupt, per_image
+from bench.data.registry import voc_metric
 from bench.engines.detectron2 import data as d2data
 from bench.engines.detectron2.config import Untranslatable, flatten, translate
 from bench.engines.detectron2.weights import to_detectron2
@@ -131,6 +132,49 @@ class Evaluator(COCOEvaluator):
         self.per_image[iou_type] = per_image.from_cocoeval(coco_eval)
         return {n: float(v) * 100 if v >= 0 else float("nan")
                 for n, v in zip(stat_names(iou_type), coco_eval.stats)}
+
+
+class VocEvaluator(DatasetEvaluator):
+    """PASCAL VOC's metric (bench.voc_eval, the torchvision engine's too) on detectron2's
+    predictions, as `voc/AP50` (the paper's VOC mAP), `voc/AP`, `voc/AP75`, with the per-image
+    results of the IoU-0.5 matches. Not detectron2's PascalVOCDetectionEvaluator: it reads
+    the XML files of one year folder by VOC's string ids (our val set is the converted COCO
+    file), rounds scores to 3 decimals and keeps no per-image results; on the same
+    detections the two agree (tests/test_voc.py)."""
+
+    def __init__(self, dataset_name, metric, distributed=True):
+        from bench.data.coco import load_coco
+        self._meta = MetadataCatalog.get(dataset_name)
+        self._coco = load_coco(self._meta.json_file)
+        self._metric, self._distributed = metric, distributed
+        self.reset()
+
+    def reset(self):
+        self._predictions = []
+        self.detections = 0
+        self.per_image = {}
+
+    def process(self, inputs, outputs):
+        from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+        # detectron2 numbers the classes 0..K-1; the file's category ids are 1..K
+        dataset_id = {v: k for k, v in self._meta.thing_dataset_id_to_contiguous_id.items()}
+        for inp, out in zip(inputs, outputs):
+            for r in instances_to_coco_json(out["instances"].to("cpu"), inp["image_id"]):
+                r["category_id"] = dataset_id[r["category_id"]]
+                self._predictions.append(r)
+
+    def evaluate(self):
+        predictions = self._predictions
+        if self._distributed:
+            comm.synchronize()
+            predictions = list(itertools.chain(*comm.gather(predictions, dst=0)))
+            if not comm.is_main_process():
+                return {}
+        from bench.voc_eval import voc_stats
+        self.detections, self.per_image = len(predictions), {}
+        stats = voc_stats(self._coco, predictions, sorted(self._coco.imgs), self._metric,
+                          self.per_image)
+        return {"voc": {name.split("/", 1)[1]: v for name, v in stats.items()}}
 
 
 def _seek_lr(scheduler, optimizer, iteration):
@@ -256,11 +300,15 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         cfg, val_name, mapper=WorkerSafeMapper(DatasetMapper(cfg, is_train=False)))
     tasks = ("bbox",) + (("segm",) if cfg.MODEL.MASK_ON else ()) + \
         (("keypoints",) if cfg.MODEL.KEYPOINT_ON else ())
-    evaluator = Evaluator(val_name, tasks=tasks,
-                          distributed=world.size > 1, output_dir=None,
-                          # pycocotools' COCOeval, as the torchvision engine: detectron2's
-                          # C++ one keeps its per-image results out of Python
-                          use_fast_impl=False)
+    if voc_metric(spec.data.dataset):  # a VOC dataset is scored by VOC's metric
+        evaluator = VocEvaluator(val_name, voc_metric(spec.data.dataset),
+                                 distributed=world.size > 1)
+    else:
+        evaluator = Evaluator(val_name, tasks=tasks,
+                              distributed=world.size > 1, output_dir=None,
+                              # pycocotools' COCOeval, as the torchvision engine: detectron2's
+                              # C++ one keeps its per-image results out of Python
+                              use_fast_impl=False)
 
     def evaluate():
         t0 = time.time()

@@ -144,11 +144,12 @@ def coco_stats(coco_gt, results, iou_type, image_ids=None, backend="pycocotools"
 
 
 def evaluate(model, dataset, device, masks=True, backend="pycocotools",
-             world=distributed.World(), per_image_out=None, keypoints=False):
-    """COCO stats of `model` on `dataset` (box, and mask or keypoint (OKS) as asked); under
-    DDP each process predicts every world.size-th image and rank 0 scores them all (the
-    others get None). A dict `per_image_out` receives the per-image results of each task
-    (on rank 0)."""
+             world=distributed.World(), per_image_out=None, keypoints=False, voc=None):
+    """COCO stats of `model` on `dataset` (box, and mask or keypoint (OKS) as asked), or with
+    `voc` ("area" or "11point") PASCAL VOC's box stats instead (bench.voc_eval: `voc/AP50`,
+    the paper's VOC mAP, `voc/AP`, `voc/AP75`); under DDP each process predicts every
+    world.size-th image and rank 0 scores them all (the others get None). A dict
+    `per_image_out` receives the per-image results of each task (on rank 0)."""
     t0 = time.time()
     boxes, segms, kps = predict(model, dataset, device,
                                 indices=range(world.rank, len(dataset), world.size))
@@ -156,6 +157,10 @@ def evaluate(model, dataset, device, masks=True, backend="pycocotools",
     kps = distributed.gather(kps, world)
     if not world.main:
         return None
+    if voc:  # VOC's own metric, not COCOeval: the numbers the paper reports for VOC
+        from bench.voc_eval import voc_stats
+        stats = voc_stats(dataset.coco, boxes, dataset.ids, voc, per_image_out)
+        return {**stats, "eval_time": time.time() - t0, "detections": len(boxes)}
     stats = coco_stats(dataset.coco, boxes, "bbox", dataset.ids, backend, per_image_out)
     if masks:
         stats.update(coco_stats(dataset.coco, segms, "segm", dataset.ids, backend,

@@ -210,7 +210,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         kept = {}
         stats = evaluate(net, val_set, device, masks=spec.model.arch == "mask_rcnn",
                          keypoints=spec.model.arch == "keypoint_rcnn",
-                         backend=spec.eval.backend, world=world, per_image_out=kept)
+                         backend=spec.eval.backend, world=world, per_image_out=kept,
+                         voc=registry.voc_metric(spec.data.dataset))
         return stats, kept
 
     session.open(len(train_set), engine_state, evaluate_now)
