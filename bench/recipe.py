@@ -232,6 +232,10 @@ def _check_pair_rules(spec: RunSpec, where: str):
                         f"{list(spec.eval.tta_min_sizes)} gives no test scale; list the shorter "
                         f"sides to test at (detectron2: [400, 500, ..., 1200]) or set eval.tta: "
                         f"false")
+    if spec.eval.tta and spec.model.arch == "keypoint_rcnn":
+        raise SpecError(f"{where}: eval.tta with model.arch keypoint_rcnn: test-time "
+                        f"augmentation merges boxes and masks only (keypoints have none, nor "
+                        f"in detectron2); set eval.tta: false")
     if spec.eval.tta and spec.eval.tta_max_size <= 0:
         raise SpecError(f"{where}: eval.tta_max_size={spec.eval.tta_max_size} must be greater "
                         f"than 0 (detectron2: 4000)")

@@ -400,6 +400,59 @@ def test_the_same_cascade_weights_give_both_engines_the_same_detections():
     assert compared >= 30
 
 
+@pytest.mark.slow
+@needs_d2
+@pytest.mark.parametrize("heads", ["standard", "cascade"])
+def test_the_same_weights_give_both_engines_the_same_test_time_augmented_detections(heads):
+    # detectron2's GeneralizedRCNNWithTTA against ours (bench/engines/torchvision/tta.py) at
+    # the image's own size and flipped: the flip's mapping back, the merge NMS and the
+    # averaged masks. (Other scales resample pixels, which the engines do differently:
+    # PIL on uint8 there, torch on floats here.)
+    from detectron2.modeling import GeneralizedRCNNWithTTA, build_model
+    from bench.engines.detectron2.train import detectron2_cfg
+    from bench.engines.detectron2.weights import detector_from_detectron2
+    from bench.engines.torchvision import tta
+    from bench.engines.torchvision.model import build_detector
+    from bench.engines.torchvision.train import datasets_for
+    spec = next(s for s in recipe.load(REPO / "recipes/parity/pair.yaml").runs
+                if s.init == "scratch")
+    spec = dataclasses.replace(
+        spec, model=dataclasses.replace(spec.model, roi_heads=heads),
+        eval=dataclasses.replace(spec.eval, tta=True, tta_min_sizes=(128,), tta_flip=True))
+    _, val_set = datasets_for(spec)
+    classes = len(val_set.cat_ids)
+    cfg = detectron2_cfg(spec, classes)
+    torch.manual_seed(0)
+    theirs = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in theirs.roi_heads.box_predictor.modules():
+            if getattr(p, "cls_score", None) is not None:
+                p.cls_score.weight.mul_(200)  # sharp scores: no ties in the random model
+        theirs.roi_heads.mask_head.predictor.weight.mul_(1000)  # and masks far from 0.5
+    ours = build_detector(spec.model, classes, spec.data).eval()
+    ours.load_state_dict(detector_from_detectron2(theirs.state_dict()))
+    augmented = GeneralizedRCNNWithTTA(cfg, theirs)
+    compared = 0
+    for i in range(3):
+        image, _ = val_set.get(i)
+        with torch.no_grad():
+            mine = tta.detect(ours, image.float() / 255, (128,), 4000, True)
+            their = augmented([{"image": image.flip(0), "height": image.shape[1],
+                                "width": image.shape[2]}])[0]["instances"]
+        n = min(len(mine["scores"]), len(their), 20)
+        assert n > 0
+        assert torch.allclose(mine["scores"][:n], their.scores[:n], atol=1e-4)
+        assert torch.equal(mine["labels"][:n], their.pred_classes[:n] + 1)
+        assert torch.allclose(mine["boxes"][:n], their.pred_boxes.tensor[:n], atol=1e-2)
+        a, b = mine["masks"][:n, 0] > 0.5, their.pred_masks[:n]
+        union = (a | b).sum((1, 2))
+        overlap = torch.where(union > 0, (a & b).sum((1, 2)) / union.clamp(min=1), 1.0)
+        assert overlap.min() > 0.9, overlap  # (both empty: the same mask)
+        assert union.sum() > 0
+        compared += n
+    assert compared >= 20
+
+
 def _train(spec, run_dir, engine_module=None):
     from bench.engines import get
     (engine_module or get(spec.engine)).run(spec, run_dir, log=lambda msg: None)

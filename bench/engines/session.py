@@ -46,11 +46,12 @@ class MetricsLog:
             self.board.close()
 
 
-def evaluated(rd, iteration: int, world, device) -> bool:
-    """Whether metrics.jsonl holds the eval row of `iteration` (rank 0 reads; all agree).
-    An eval iteration's checkpoint is saved before the evaluation, so a resume from it
-    evaluates first when the row is missing."""
-    found = world.main and any(r.get("type") == "eval" and r.get("iteration") == iteration
+def evaluated(rd, iteration: int, world, device, kind: str = "eval") -> bool:
+    """Whether metrics.jsonl holds the `kind` row ("eval", or "eval_tta": the test-time
+    augmented evaluation) of `iteration` (rank 0 reads; all agree). An eval iteration's
+    checkpoint is saved before the evaluation, so a resume from it evaluates first when the
+    row is missing."""
+    found = world.main and any(r.get("type") == kind and r.get("iteration") == iteration
                                for r in rd.read_metrics())
     return distributed.mean(torch.tensor([float(found)], device=device), world).item() > 0
 
@@ -78,12 +79,23 @@ class RunSession:
         self.n, self.losses = logged["n"], dict(logged["losses"])
         self.time = self.data_time = 0.0
         self.timed = 0  # steps timed in this session's window (time is not carried over)
-        self.pending_eval = (state is not None and schedule.is_eval_iteration(spec, start)
-                             and not evaluated(rd, start, world, device))
+        # the evaluations of the resumed iteration its checkpoint was saved before
+        self.pending_eval = [kind for kind in self.evaluations(start)
+                             if state is not None and not evaluated(rd, start, world, device,
+                                                                    kind)]
         # shorter schedules of this run's family start from its checkpoints at their first
         # LR drop: save those too, and keep them
         self.fork_points = set(fork.requested(rd.path))
         self.log_row = None
+
+    def evaluations(self, done: int):
+        """The rows iteration `done` evaluates: "eval" at each eval iteration, and at the
+        last one "eval_tta" too when the spec asks for test-time augmentation (detectron2
+        also tests with augmentation once, after training)."""
+        if not schedule.is_eval_iteration(self.spec, done):
+            return []
+        return ["eval"] + (["eval_tta"] if self.spec.eval.tta
+                           and done == self.spec.solver.max_iter else [])
 
     def nothing_left(self) -> bool:
         """True (status done) when the checkpoint resumed from is the last and evaluated."""
@@ -103,8 +115,8 @@ class RunSession:
                                                 train_images, self.world.main, self.log)
         if self.pending_eval:
             self.log(f"evaluating iteration {self.start}: its checkpoint was saved, its "
-                     f"evaluation was not")
-            self.evaluate_at(self.start)
+                     f"evaluation ({', '.join(self.pending_eval)}) was not")
+            self.evaluate_at(self.start, self.pending_eval)
 
     def save(self, iteration: int):
         if not self.world.main:
@@ -115,14 +127,23 @@ class RunSession:
             "run_id": self.spec.run_id}, keep=self.spec.checkpoint.keep,
             protect=self.fork_points)
 
-    def evaluate_at(self, done: int):
-        out = self.evaluate()
-        if self.world.main:
+    def evaluate_at(self, done: int, kinds=None):
+        for kind in self.evaluations(done) if kinds is None else kinds:
+            augmented = kind == "eval_tta"
+            out = self.evaluate(tta=True) if augmented else self.evaluate()
+            if not self.world.main:
+                continue
             stats, kept = out
-            per_image.save(self.rd.per_image_file(done), kept)  # before the row announcing it
-            self.log_row({"type": "eval", "iteration": done,
+            extra = {}
+            if augmented:  # what the numbers were made with (a row of its own kind)
+                e = self.spec.eval
+                extra = {"tta": {"min_sizes": list(e.tta_min_sizes),
+                                 "max_size": e.tta_max_size, "flip": e.tta_flip}}
+            else:  # the bootstrap's per-image results: plain evaluations only
+                per_image.save(self.rd.per_image_file(done), kept)  # before the row
+            self.log_row({"type": kind, "iteration": done,
                           "images_seen": done * self.spec.solver.batch, "wall": time.time(),
-                          **{k: _clean(v) for k, v in stats.items()}})
+                          **{k: _clean(v) for k, v in stats.items()}, **extra})
 
     def step(self, done: int, seconds: float, data_seconds, losses, lr, stop: bool):
         """After the SGD step that completed iteration `done`: `seconds` it took with its data, `data_seconds` of them waiting
@@ -155,7 +176,7 @@ class RunSession:
             self.timed = 0
 
         # an eval iteration's checkpoint first: a failed evaluation loses no training
-        evaluates = schedule.is_eval_iteration(self.spec, done)
+        evaluates = bool(self.evaluations(done))
         if (done % self.spec.checkpoint.period == 0 or done == solver.max_iter
                 or done in self.fork_points or stop or evaluates):
             self.save(done)

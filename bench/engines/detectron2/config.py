@@ -142,7 +142,10 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
                    "AMP": {"ENABLED": s.amp != "off"}},
         "TEST": {"EVAL_PERIOD": spec.eval.period,
                  "DETECTIONS_PER_IMAGE": m.detections_per_image,
-                 "PRECISE_BN": {"ENABLED": False}},
+                 "PRECISE_BN": {"ENABLED": False},
+                 # test-time augmentation (GeneralizedRCNNWithTTA), run once after training
+                 "AUG": {"ENABLED": spec.eval.tta, "MIN_SIZES": list(spec.eval.tta_min_sizes),
+                         "MAX_SIZE": spec.eval.tta_max_size, "FLIP": spec.eval.tta_flip}},
         "SEED": spec.seed,
     }
     if output_dir is not None:

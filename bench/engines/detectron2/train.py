@@ -29,7 +29,7 @@ from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset
-from detectron2.modeling import build_model
+from detectron2.modeling import GeneralizedRCNNWithTTA, build_model
 from detectron2.solver import build_lr_scheduler, build_optimizer
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
@@ -310,12 +310,14 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
                               # C++ one keeps its per-image results out of Python
                               use_fast_impl=False)
 
-    def evaluate():
+    def evaluate(tta=False):
         t0 = time.time()
         # plain BN's running statistics drift apart per process (buffers are not broadcast
         # while training): evaluate everywhere with rank 0's, the saved ones
         distributed.broadcast_buffers(net, world)
-        results = inference_on_dataset(model, test_loader, evaluator)
+        # test-time augmentation: detectron2's own wrapper, as its train_net's test_with_TTA
+        runner = GeneralizedRCNNWithTTA(cfg, net) if tta else model
+        results = inference_on_dataset(runner, test_loader, evaluator)
         if not world.main:
             return None
         stats = {f"{task}/{k}": v for task in sorted(results) for k, v in results[task].items()}

@@ -68,6 +68,26 @@ def predict(model, dataset, device, batch_size=8, indices=None):
     return boxes_out, segms_out, kps_out
 
 
+@torch.no_grad()
+def predict_tta(model, dataset, device, tta, indices=None):
+    """predict's results with detectron2's test-time augmentation (`tta`: the EvalSpec's
+    min sizes, max size and flip; bench.engines.torchvision.tta), one image at a time."""
+    from bench.engines.torchvision import tta as augment
+    was_training = model.training
+    model.eval()
+    boxes_out, segms_out, kps_out = [], [], []
+    try:
+        for i in (range(len(dataset)) if indices is None else indices):
+            image, target = dataset.get(i)
+            out = augment.detect(model, image.to(device, torch.float32) / 255,
+                                 tta.tta_min_sizes, tta.tta_max_size, tta.tta_flip)
+            _append_results(dataset, target["image_id"], out, boxes_out, segms_out, kps_out)
+    finally:
+        model.train(was_training)
+        use_input_sizes(model, train=was_training)
+    return boxes_out, segms_out, kps_out
+
+
 def _append_results(dataset, image_id, out, boxes_out, segms_out, kps_out):
     """One image's detections in COCO's result format (xywh boxes, RLE masks)."""
     boxes = out["boxes"].cpu().numpy()
@@ -144,15 +164,20 @@ def coco_stats(coco_gt, results, iou_type, image_ids=None, backend="pycocotools"
 
 
 def evaluate(model, dataset, device, masks=True, backend="pycocotools",
-             world=distributed.World(), per_image_out=None, keypoints=False, voc=None):
+             world=distributed.World(), per_image_out=None, keypoints=False, voc=None,
+             tta=None):
     """COCO stats of `model` on `dataset` (box, and mask or keypoint (OKS) as asked), or with
     `voc` ("area" or "11point") PASCAL VOC's box stats instead (bench.voc_eval: `voc/AP50`,
     the paper's VOC mAP, `voc/AP`, `voc/AP75`); under DDP each process predicts every
     world.size-th image and rank 0 scores them all (the others get None). A dict
-    `per_image_out` receives the per-image results of each task (on rank 0)."""
+    `per_image_out` receives the per-image results of each task (on rank 0). With `tta`
+    (an EvalSpec asking for it) the detections are test-time augmented (predict_tta)."""
     t0 = time.time()
-    boxes, segms, kps = predict(model, dataset, device,
-                                indices=range(world.rank, len(dataset), world.size))
+    shard = range(world.rank, len(dataset), world.size)
+    if tta is not None:
+        boxes, segms, kps = predict_tta(model, dataset, device, tta, indices=shard)
+    else:
+        boxes, segms, kps = predict(model, dataset, device, indices=shard)
     boxes, segms = distributed.gather(boxes, world), distributed.gather(segms, world)
     kps = distributed.gather(kps, world)
     if not world.main:

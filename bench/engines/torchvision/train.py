@@ -203,7 +203,7 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
                 "scheduler": scheduler.state_dict(),
                 "grad_scaler": stepper.scaler.state_dict() if stepper.scaler else None}
 
-    def evaluate_now():
+    def evaluate_now(tta=False):
         # plain BN's running statistics drift apart per process (buffers are not
         # broadcast while training): evaluate everywhere with rank 0's, the saved ones
         distributed.broadcast_buffers(net, world)
@@ -211,7 +211,8 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         stats = evaluate(net, val_set, device, masks=spec.model.arch == "mask_rcnn",
                          keypoints=spec.model.arch == "keypoint_rcnn",
                          backend=spec.eval.backend, world=world, per_image_out=kept,
-                         voc=registry.voc_metric(spec.data.dataset))
+                         voc=registry.voc_metric(spec.data.dataset),
+                         tta=spec.eval if tta else None)
         return stats, kept
 
     session.open(len(train_set), engine_state, evaluate_now)
