@@ -68,6 +68,12 @@ class ModelSpec:
     backbone: str = "resnet"            # a name registered in bench.backbones
     depth: int = 50
     width: int = 64                     # stem width; stage widths double from it
+    # ResNeXt: bottlenecks whose 3x3 conv has `groups` groups of width_per_group channels
+    # in res2, doubling per stage (detectron2's RESNETS.NUM_GROUPS, WIDTH_PER_GROUP; the
+    # paper's X152 is depth 152, groups 32, width_per_group 8). 1 group: a ResNet, whose
+    # bottleneck is `width` wide (width_per_group then stays at detectron2's default 64).
+    groups: int = 1
+    width_per_group: int = 64
     norm: Norm = "GN"                   # in backbone, FPN and heads (the paper's switch);
                                         # FrozenBN: the backbone only (head_norm)
     norm_groups: int = 32               # GN groups (paper: 32)
