@@ -233,10 +233,7 @@ def run_name(spec: RunSpec) -> str:
     m = spec.model
     images = "all" if spec.data.train_images is None else str(spec.data.train_images)
     engine = "" if spec.engine == "torchvision" else f"-{spec.engine}"
-    # a ResNeXt is named as papers name it (resnext152-32x8d; bench/analysis/table.py too)
-    backbone = (f"resnext{m.depth}-{m.groups}x{m.width_per_group}d"
-                if m.backbone == "resnet" and m.groups > 1 else f"{m.backbone}{m.depth}")
-    return (f"{m.arch}-{backbone}-{m.norm}-{spec.init}-{spec.solver.schedule}"
+    return (f"{m.arch}-{m.backbone_name}-{m.norm}-{spec.init}-{spec.solver.schedule}"
             f"-{images}img-seed{spec.seed}{engine}")
 
 

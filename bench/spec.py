@@ -136,6 +136,14 @@ class ModelSpec:
     score_thresh: float = 0.05
 
     @property
+    def backbone_name(self) -> str:
+        """resnet50, vgg16, or resnext152-32x8d for grouped bottlenecks: how run names, plans
+        and speed rows show the backbone (bench/analysis/table.py reads spec.yaml alike)."""
+        if self.backbone == "resnet" and self.groups > 1:
+            return f"resnext{self.depth}-{self.groups}x{self.width_per_group}d"
+        return f"{self.backbone}{self.depth}"
+
+    @property
     def head_norm(self) -> str:
         """The norm of the FPN and the heads. FrozenBN, the classic fine-tuning baseline
         (detectron2's Base-RCNN-FPN), freezes the pre-trained backbone's statistics; the

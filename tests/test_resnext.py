@@ -151,6 +151,11 @@ def test_existing_run_ids_are_unchanged_and_a_resnext_is_named_as_one(tmp_path):
     text = nine_iteration_pair("x", "  model: {depth: 152, groups: 32, width_per_group: 8}")
     names = {s.name for s in recipe.load(write_recipe(tmp_path, text)).runs}
     assert all("-resnext152-32x8d-" in n for n in names)
+    # and the plan, the speed table and the analysis (from spec.yaml alone) show it so
+    from bench.analysis.table import backbone_label
+    assert x152.model.backbone_name == backbone_label(x152.to_dict()["model"]) == \
+        "resnext152-32x8d"
+    assert backbone_label({"backbone": "resnet", "depth": 101}) == "resnet101"  # older specs
 
 
 # -- a checkpoint of another width: one line, before training --------------------------

@@ -35,8 +35,8 @@ ID_COLUMNS = ["run_id", "pair", "study", "engine", "arch", "backbone", "norm", "
 
 
 def backbone_label(m: dict) -> str:
-    """resnet101, vgg16, or resnext152-32x8d for a grouped ResNet (as bench.recipe.run_name
-    names it; specs written before model.groups existed have none: a ResNet)."""
+    """resnet101, vgg16, or resnext152-32x8d for a grouped ResNet, as ModelSpec.backbone_name
+    (specs written before model.groups existed have none: a ResNet)."""
     if m["backbone"] == "resnet" and m.get("groups", 1) > 1:
         return f"resnext{m['depth']}-{m['groups']}x{m['width_per_group']}d"
     return f"{m['backbone']}{m['depth']}"
