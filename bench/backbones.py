@@ -3,7 +3,8 @@
 A builder takes the run's ModelSpec and returns a `Backbone`: the feature body (whose
 named children produce the C2..C5 maps) and their channel counts. The detection engines
 put the FPN on top; `bench pretrain` puts a classifier on top. Weight names follow
-torchvision's ResNet (conv1, bn1, layer1..layer4), so its ImageNet checkpoints load as is.
+torchvision's ResNet (conv1, bn1, layer1..layer4), so its ImageNet checkpoints, ResNeXts
+included (`resnet` with model.groups > 1), load as is.
 A builder initializes its body for training from scratch with the MSRA fill (`msra_init_`);
 `build_backbone` redraws it when the spec's `model.conv_init` asks for another.
 """

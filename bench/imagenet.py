@@ -7,7 +7,9 @@ state_dict, or one of Detectron's Caffe2 ImageNet `.pkl` models
 (converted by bench.caffe2). Paths may start with `cache:` (the data cache) or be
 `torchvision:NAME[/WEIGHTS]`: torchvision's ImageNet weights from torch's hub cache,
 downloaded there first when the network allows (never during training: `bench run` loads
-every checkpoint before it starts) and unless BENCH_OFFLINE=1.
+every checkpoint before it starts) and unless BENCH_OFFLINE=1. A ResNet or ResNeXt checkpoint
+whose tensor shapes say it is another depth, stem width or group layout than the run's is
+refused here, naming the model keys that fit it.
 """
 
 import os
