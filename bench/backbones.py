@@ -3,7 +3,8 @@
 A builder takes the run's ModelSpec and returns a `Backbone`: the feature body (whose
 named children produce the C2..C5 maps) and their channel counts. The detection engines
 put the FPN on top; `bench pretrain` puts a classifier on top. Weight names follow
-torchvision's ResNet (conv1, bn1, layer1..layer4), so its ImageNet checkpoints load as is.
+torchvision's ResNet (conv1, bn1, layer1..layer4), so its ImageNet checkpoints, ResNeXts
+included (`resnet` with model.groups > 1), load as is.
 A builder initializes its body for training from scratch with the MSRA fill (`msra_init_`);
 `build_backbone` redraws it when the spec's `model.conv_init` asks for another.
 """
@@ -67,11 +68,16 @@ class ResNet(nn.Module):
     Written here only because torchvision's class hard-codes the widths; its blocks are reused.
     Bottlenecks stride in the 3x3 conv (detectron2's STRIDE_IN_1X1=False, as in the GN
     configs) or, with `stride_in_1x1`, in the first 1x1 as MSRA's Caffe2 ResNets do.
+    With `groups` > 1 the bottlenecks are ResNeXt's: the 3x3 conv of stage i has
+    groups x width_per_group x 2^i channels in `groups` groups (detectron2's NUM_GROUPS x
+    WIDTH_PER_GROUP, whatever the stem width), the stage still outputs 4 x width x 2^i.
     """
 
-    def __init__(self, depth=50, width=64, norm=None, stride_in_1x1=False):
+    def __init__(self, depth=50, width=64, norm=None, stride_in_1x1=False, groups=1,
+                 width_per_group=64):
         super().__init__()
         self.stride_in_1x1 = stride_in_1x1
+        self.groups, self.width_per_group = groups, width_per_group
         block, layers = RESNET_DEPTHS[depth]
         norm = norm or nn.BatchNorm2d
         self.inplanes = width
@@ -81,20 +87,29 @@ class ResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         for i, blocks in enumerate(layers):
             setattr(self, f"layer{i + 1}",
-                    self._make_layer(block, width * 2 ** i, blocks, 1 if i == 0 else 2, norm))
+                    self._make_layer(block, width * 2 ** i, blocks, 1 if i == 0 else 2, norm,
+                                     width_per_group * 2 ** i))
         self.out_channels = [width * 2 ** i * block.expansion for i in range(4)]
 
-    def _make_layer(self, block, planes, blocks, stride, norm):
+    def _make_layer(self, block, planes, blocks, stride, norm, group_width):
+        grouped = {}
+        if self.groups > 1:
+            # torchvision sizes the 3x3 conv as int(planes * base_width / 64) * groups, i.e.
+            # relative to its fixed 64-wide stem; this base_width gives `group_width` channels
+            # per group at any stem width (the half keeps float rounding from truncating one
+            # channel short, e.g. at width 48)
+            grouped = dict(groups=self.groups, base_width=64 * (group_width + 0.5) / planes)
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
                 norm(planes * block.expansion))
-        out = [block(self.inplanes, planes, stride, downsample, norm_layer=norm)]
+        out = [block(self.inplanes, planes, stride, downsample, norm_layer=norm, **grouped)]
         if self.stride_in_1x1 and block is Bottleneck and stride != 1:
             out[0].conv1.stride, out[0].conv2.stride = (stride, stride), (1, 1)
         self.inplanes = planes * block.expansion
-        out += [block(self.inplanes, planes, norm_layer=norm) for _ in range(1, blocks)]
+        out += [block(self.inplanes, planes, norm_layer=norm, **grouped)
+                for _ in range(1, blocks)]
         return nn.Sequential(*out)
 
     def forward(self, x):
@@ -104,16 +119,66 @@ class ResNet(nn.Module):
 
 @register_backbone("resnet")
 def resnet(model_spec) -> Backbone:
-    if model_spec.depth not in RESNET_DEPTHS:
-        raise ValueError(f"model.depth={model_spec.depth} is not a ResNet depth; allowed: "
+    """ResNet, or ResNeXt with `model.groups` > 1 (one builder, as detectron2 has one)."""
+    m = model_spec
+    if m.depth not in RESNET_DEPTHS:
+        raise ValueError(f"model.depth={m.depth} is not a ResNet depth; allowed: "
                          f"{', '.join(map(str, RESNET_DEPTHS))}")
-    if model_spec.stride_in_1x1 and model_spec.depth < 50:
+    if m.stride_in_1x1 and m.depth < 50:
         raise ValueError(f"model.stride_in_1x1 needs bottleneck blocks (depth >= 50), not "
-                         f"depth {model_spec.depth}")
-    net = ResNet(model_spec.depth, model_spec.width,
-                 norm_layer(model_spec.norm, model_spec.norm_groups), model_spec.stride_in_1x1)
+                         f"depth {m.depth}")
+    if m.groups < 1 or m.width_per_group < 1:
+        raise ValueError(f"model.groups {m.groups} and model.width_per_group "
+                         f"{m.width_per_group} must be positive")
+    if m.groups > 1 and m.depth < 50:
+        raise ValueError(f"model.groups={m.groups} needs bottleneck blocks (ResNeXt: depth 50, "
+                         f"101 or 152), not depth {m.depth}'s basic blocks")
+    if m.groups == 1 and m.width_per_group != 64:
+        # a plain ResNet's bottleneck is model.width wide; the field would be silently ignored
+        raise ValueError(f"model.width_per_group={m.width_per_group} sizes grouped (ResNeXt) "
+                         f"bottlenecks only; set model.groups > 1 (e.g. 32 with "
+                         f"width_per_group 8 for X-101-32x8d), or drop width_per_group")
+    net = ResNet(m.depth, m.width, norm_layer(m.norm, m.norm_groups), m.stride_in_1x1,
+                 m.groups, m.width_per_group)
     backbone_init_(net)  # MSRA; build_backbone applies another model.conv_init
     return Backbone(net, ["layer1", "layer2", "layer3", "layer4"], net.out_channels)
+
+
+def resnet_name(depth: int, groups: int = 1, width_per_group: int = 64, width: int = 64) -> str:
+    """How papers and model zoos name the network: ResNet-101, ResNeXt-152 32x8d."""
+    name = (f"ResNeXt-{depth} {groups}x{width_per_group}d" if groups > 1 else
+            f"ResNet-{depth}")
+    return name + (f" (stem {width} wide)" if width != 64 else "")
+
+
+def resnet_layout(state: dict) -> dict:
+    """What a ResNet state dict in torchvision's names was built as, read from its tensor
+    shapes: {"width", "blocks", "depth", "bottleneck", "groups", "width_per_group",
+    "bottleneck_width"}; keys that cannot be read (a stage missing) are left out, so that
+    the loader's key report names what is missing instead."""
+    out = {}
+    if "conv1.weight" in state:
+        out["width"] = state["conv1.weight"].shape[0]
+    blocks = []
+    for stage in range(1, 5):
+        ids = {int(k.split(".")[1]) for k in state if k.startswith(f"layer{stage}.")
+               and k.split(".")[1].isdigit()}
+        blocks.append(len(ids))
+    if all(blocks):
+        out["blocks"] = blocks
+        out["depth"] = next((d for d, (_, b) in RESNET_DEPTHS.items() if b == blocks
+                             and (d >= 50) == ("layer1.0.conv3.weight" in state)), None)
+    conv2 = state.get("layer1.0.conv2.weight")
+    if "layer1.0.conv3.weight" in state and conv2 is not None:
+        # a grouped 3x3 conv's weight is (out, in / groups, 3, 3), and in == out here
+        out["bottleneck"] = True
+        out["bottleneck_width"] = conv2.shape[0]
+        out["groups"] = conv2.shape[0] // conv2.shape[1]
+        out["width_per_group"] = conv2.shape[1] if out["groups"] > 1 else 64
+    elif "layer1.0.conv1.weight" in state:
+        out["bottleneck"] = False
+        out["groups"], out["width_per_group"] = 1, 64
+    return out
 
 
 # depth -> 3x3 convs in each of the five blocks (torchvision's VGG configurations A, B, D, E)

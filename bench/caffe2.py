@@ -8,6 +8,14 @@ on BGR images in 0-255 minus a mean, with no division (pixel std 1): Detectron s
 reversed here; the recipe sets `model.pixel_std: [1, 1, 1]` and one of those means (checked
 on load) and, for MSRA's files, `model.stride_in_1x1: true` (reported if not).
 
+FAIR's ResNeXts (`X-101-32x8d.pkl`, `X-101-64x4d.pkl`, `X-152-32x8d-IN5k.pkl`, all BN) have
+the same blob names, with a grouped 3x3 conv in branch2b; they stride in the 3x3 (Detectron's
+X configs: STRIDE_1X1 False) and Detectron feeds them as the others (std 1). detectron2
+re-hosts X-101-32x8d unfused (BN statistics kept) and feeds that copy ImageNet's std
+(its X_101_32x8d configs: PIXEL_STD [57.375, 57.120, 58.395]), so a grouped file with BN
+statistics is expected with that std instead (inferred from the configs; unverified
+against the file itself).
+
 Three kinds of normalization blobs, told apart by their names:
 * `gn`: FAIR's GN scale and bias (`*_gn_s`, `*_gn_b`);
 * `affine-bn`: Detectron's MSRA files, BN folded into a per-channel scale and bias
@@ -45,6 +53,7 @@ _NORM = {"2a": "bn1", "2b": "bn2", "2c": "bn3"}
 # (the he2019 recipes) or detectron2's for the same files (the detectron2-zoo recipes)
 EXPECTED_MEANS = ((122.7717, 115.9465, 102.9801), (123.675, 116.28, 103.53))
 EXPECTED_STD = (1.0, 1.0, 1.0)
+IMAGENET_STD = (58.395, 57.12, 57.375)  # detectron2's re-hosted FAIR/X-101-32x8d.pkl, RGB
 
 
 class NotACaffe2Checkpoint(ValueError):
@@ -114,6 +123,22 @@ def norm_style(blobs, path="the checkpoint") -> str:
     return "bn" if kinds & {"bn_rm", "bn_running_mean"} else "affine-bn"
 
 
+def groups(blobs) -> int:
+    """The first block's 3x3 conv weight is (out, in / groups, 3, 3) and its input is
+    branch2a's output: 1 for a ResNet, 32 for X-152-32x8d; 1 when the blobs do not say."""
+    a, b = blobs.get("res2_0_branch2a_w"), blobs.get("res2_0_branch2b_w")
+    if a is None or b is None or np.ndim(b) != 4:
+        return 1
+    return max(1, a.shape[0] // b.shape[1])
+
+
+def describe(blobs) -> str:
+    """'ResNet' or 'ResNeXt 32x8d', for the load log."""
+    g = groups(blobs)
+    return "ResNet" if g == 1 else \
+        f"ResNeXt {g}x{blobs['res2_0_branch2b_w'].shape[1]}d"
+
+
 def convert(blobs: dict, model_spec, path="the checkpoint", eps: float = 1e-5):
     """Our backbone state_dict from Caffe2 blobs, plus the blob names left unused.
 
@@ -122,18 +147,25 @@ def convert(blobs: dict, model_spec, path="the checkpoint", eps: float = 1e-5):
     """
     style = norm_style(blobs, path)
     norm = model_spec.norm
+    grouped = groups(blobs) > 1
     if style == "gn" and norm != "GN" or style != "gn" and norm not in ("BN", "SyncBN", "FrozenBN"):
-        have = "GroupNorm (FAIR)" if style == "gn" else "BN (MSRA)"
-        want = ("a GN checkpoint such as R-50-GN.pkl" if norm == "GN" else
+        have = "GroupNorm (FAIR)" if style == "gn" else "BN (FAIR)" if grouped else "BN (MSRA)"
+        gn = ("a GN checkpoint of this ResNeXt (none is public: FAIR's ResNeXts are BN; "
+              "`bench pretrain` makes one on the embedded data) or model.norm: FrozenBN"
+              if grouped else "a GN checkpoint such as R-50-GN.pkl")
+        want = (gn if norm == "GN" else
                 "a BN checkpoint such as R-50.pkl" if style == "gn" and norm != "none" else
                 "model.norm: " + ("GN" if style == "gn" else "FrozenBN, BN or SyncBN"))
         raise NotACaffe2Checkpoint(f"{path}: its backbone uses {have} but model.norm is {norm}; "
                                    f"use {want}")
     if style == "affine-bn" and norm != "FrozenBN":
+        unfused = ("ImageNetPretrained/FAIR/X-101-32x8d.pkl" if grouped else
+                   "ImageNetPretrained/MSRA/R-50.pkl")
         raise NotACaffe2Checkpoint(
-            f"{path} holds BN folded into a scale and a bias (Detectron's MSRA file), which is "
-            f"right only for frozen BN; model.norm is {norm}: use model.norm: FrozenBN, or "
-            f"detectron2's unfused ImageNetPretrained/MSRA/R-50.pkl (with BN statistics)")
+            f"{path} holds BN folded into a scale and a bias (Detectron's "
+            f"{'FAIR' if grouped else 'MSRA'} file), which is right only for frozen BN; "
+            f"model.norm is {norm}: use model.norm: FrozenBN, or detectron2's unfused "
+            f"{unfused} (with BN statistics)")
     state, unused = {}, []
 
     def put_norm(prefix, kind, value):
@@ -168,8 +200,19 @@ def convert(blobs: dict, model_spec, path="the checkpoint", eps: float = 1e-5):
 
 
 def check_conventions(path, blobs, model_spec, log=print):
-    """The input normalization must be Caffe2's; the stride position should be the file's."""
-    if tuple(model_spec.pixel_std) != EXPECTED_STD or \
+    """The input normalization must be the file's; the stride position should be."""
+    style, grouped = norm_style(blobs, path), groups(blobs) > 1
+    if grouped and style == "bn":  # detectron2's re-hosted FAIR/X-101-32x8d.pkl
+        if tuple(model_spec.pixel_std) != IMAGENET_STD or \
+                tuple(model_spec.pixel_mean) != EXPECTED_MEANS[1]:
+            raise NotACaffe2Checkpoint(
+                f"{path} is a ResNeXt with BN statistics (detectron2's re-hosted "
+                f"FAIR/X-101-32x8d.pkl), which detectron2 feeds 0-255 images minus ImageNet's "
+                f"mean divided by its std; this run has model.pixel_mean "
+                f"{list(model_spec.pixel_mean)} and pixel_std {list(model_spec.pixel_std)}: "
+                f"set pixel_mean: {list(EXPECTED_MEANS[1])} and pixel_std: "
+                f"{list(IMAGENET_STD)} (the defaults) for the imagenet init")
+    elif tuple(model_spec.pixel_std) != EXPECTED_STD or \
             tuple(model_spec.pixel_mean) not in EXPECTED_MEANS:
         raise NotACaffe2Checkpoint(
             f"{path} was trained on 0-255 images minus the mean, std 1; this run normalizes "
@@ -177,9 +220,11 @@ def check_conventions(path, blobs, model_spec, log=print):
             f"{list(model_spec.pixel_std)}: set model.pixel_std: [1, 1, 1] and pixel_mean: "
             f"{list(EXPECTED_MEANS[0])} (Detectron's) or {list(EXPECTED_MEANS[1])} "
             f"(detectron2's) for the imagenet init")
-    msra = norm_style(blobs, path) != "gn"
+    # MSRA's ResNets stride in the 1x1; FAIR's GN ResNets and its ResNeXts in the 3x3
+    msra = style != "gn" and not grouped
     if msra != model_spec.stride_in_1x1:
-        log(f"note: {path} is a {'MSRA' if msra else 'FAIR'} ResNet, trained with the stride in "
+        kind = "MSRA ResNet" if msra else "FAIR ResNeXt" if grouped else "FAIR ResNet"
+        log(f"note: {path} is a {kind}, trained with the stride in "
             f"the {'1x1' if msra else '3x3'} conv, but model.stride_in_1x1 is "
             f"{model_spec.stride_in_1x1} (detectron2's catalog: MSRA models use "
             f"STRIDE_IN_1X1 True); the weights load either way")

@@ -31,7 +31,7 @@ def rows(studies, root, gpu="H100", full=False):
             hours = speed.gpu_hours(s, measured) if measured else None
             rows.append({
                 "study": study.name, "run_id": s.run_id, "arch": s.model.arch,
-                "backbone": f"{s.model.backbone}{s.model.depth}", "norm": s.model.norm,
+                "backbone": s.model.backbone_name, "norm": s.model.norm,
                 "init": s.init, "schedule": s.solver.schedule, "iterations": s.solver.max_iter,
                 "lr_drops": list(s.solver.steps), "lr": s.solver.lr, "batch": s.solver.batch,
                 "train_images": s.data.train_images or "all", "dataset": s.data.dataset,

@@ -68,6 +68,12 @@ class ModelSpec:
     backbone: str = "resnet"            # a name registered in bench.backbones
     depth: int = 50
     width: int = 64                     # stem width; stage widths double from it
+    # ResNeXt: bottlenecks whose 3x3 conv has `groups` groups of width_per_group channels
+    # in res2, doubling per stage (detectron2's RESNETS.NUM_GROUPS, WIDTH_PER_GROUP; the
+    # paper's X152 is depth 152, groups 32, width_per_group 8). 1 group: a ResNet, whose
+    # bottleneck is `width` wide (width_per_group then stays at detectron2's default 64).
+    groups: int = 1
+    width_per_group: int = 64
     norm: Norm = "GN"                   # in backbone, FPN and heads (the paper's switch);
                                         # FrozenBN: the backbone only (head_norm)
     norm_groups: int = 32               # GN groups (paper: 32)
@@ -140,6 +146,14 @@ class ModelSpec:
     mask_target: Literal["polygon", "bitmask"] = "polygon"
     detections_per_image: int = 100
     score_thresh: float = 0.05
+
+    @property
+    def backbone_name(self) -> str:
+        """resnet50, vgg16, or resnext152-32x8d for grouped bottlenecks: how run names, plans
+        and speed rows show the backbone (bench/analysis/table.py reads spec.yaml alike)."""
+        if self.backbone == "resnet" and self.groups > 1:
+            return f"resnext{self.depth}-{self.groups}x{self.width_per_group}d"
+        return f"{self.backbone}{self.depth}"
 
     @property
     def head_norm(self) -> str:

@@ -144,16 +144,21 @@ def test_with_detectron2_every_translation_is_its_config_and_builds_the_publishe
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("norm", ["GN", "SyncBN", "FrozenBN"])
-def test_with_detectron2_both_engines_build_the_same_number_of_parameters(norm):
+@pytest.mark.parametrize("norm, model", [("GN", {}), ("SyncBN", {}), ("FrozenBN", {}),
+                                         ("GN", {"groups": 8, "width_per_group": 4}),
+                                         ("FrozenBN", {"groups": 4, "width_per_group": 16,
+                                                       "width": 32})],
+                         ids=["GN", "SyncBN", "FrozenBN", "X50-8x4d-GN", "X50-4x16d-w32"])
+def test_with_detectron2_both_engines_build_the_same_number_of_parameters(norm, model):
     """The same spec is the same network in both engines, FrozenBN's norm-free FPN and
-    heads (biased convs) included."""
+    heads (biased convs) included, and a ResNeXt's grouped bottlenecks (detectron2's
+    NUM_GROUPS x WIDTH_PER_GROUP; tests/test_resnext.py: X152 itself)."""
     pytest.importorskip("detectron2", reason="detectron2 is not installed (an optional engine)")
     from detectron2.modeling import build_model
     from bench.engines.torchvision.model import build_detector
     spec = next(s for s in recipe.load(REPO / "recipes/detectron2-zoo/r50_gn_3x.yaml").runs
                 if s.init == "imagenet")
-    spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, norm=norm))
+    spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, norm=norm, **model))
     theirs = build_model(_merged_cfg(spec))
     ours = build_detector(spec.model, 80, spec.data)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())

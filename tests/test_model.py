@@ -202,7 +202,9 @@ def test_torchvision_weights_come_from_torchs_cache_and_say_how_to_get_them(tmp_
     state = torchvision.models.resnet18().state_dict()
     target.parent.mkdir(parents=True)
     torch.save(state, target)
-    loaded = load_imagenet_backbone("torchvision:resnet18", replace(SCRATCH.model, norm="SyncBN"))
+    # (into the network it is: a ResNet-18 of another width is refused, tests/test_resnext.py)
+    loaded = load_imagenet_backbone("torchvision:resnet18",
+                                    replace(SCRATCH.model, norm="SyncBN", depth=18, width=64))
     assert torch.equal(loaded["layer4.1.conv2.weight"], state["layer4.1.conv2.weight"])
     with pytest.raises(ValueError, match="not torchvision ImageNet weights"):
         load_imagenet_backbone("torchvision:resnet18/NOPE", SCRATCH.model)

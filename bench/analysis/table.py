@@ -38,6 +38,14 @@ ID_COLUMNS = ["run_id", "pair", "study", "engine", "arch", "backbone", "norm", "
               "train_images", "images_used", "seed", "batch", "max_iter", "lr_drops", "state"]
 
 
+def backbone_label(m: dict) -> str:
+    """resnet101, vgg16, or resnext152-32x8d for a grouped ResNet, as ModelSpec.backbone_name
+    (specs written before model.groups existed have none: a ResNet)."""
+    if m["backbone"] == "resnet" and m.get("groups", 1) > 1:
+        return f"resnext{m['depth']}-{m['groups']}x{m['width_per_group']}d"
+    return f"{m['backbone']}{m['depth']}"
+
+
 def run_info(rd: RunDir) -> dict:
     doc = rd.read_spec_doc()
     spec = doc["spec"]
@@ -50,7 +58,7 @@ def run_info(rd: RunDir) -> dict:
                        if f"model.{k}" not in PER_INIT_FIELDS}
     return {"run_id": doc["run_id"], "study": spec["study"], "engine": spec["engine"],
             "pair": json.dumps(shared, sort_keys=True),
-            "arch": m["arch"], "backbone": f"{m['backbone']}{m['depth']}", "norm": m["norm"],
+            "arch": m["arch"], "backbone": backbone_label(m), "norm": m["norm"],
             "init": spec["init"], "schedule": s["schedule"],
             "train_images": d["train_images"] if d["train_images"] is not None else -1,
             "seed": spec["seed"], "batch": s["batch"], "max_iter": s["max_iter"],

@@ -50,6 +50,10 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
         raise Untranslatable(f"model.width {m.width} at depth {m.depth}: detectron2's R18/R34 "
                              f"are 64 wide (RES2_OUT_CHANNELS 64); use width 64 or "
                              f"engine: torchvision")
+    if m.groups > 1 and m.depth < 50:
+        raise Untranslatable(f"model.groups {m.groups} at depth {m.depth}: detectron2's R18/R34 "
+                             f"have basic blocks, which are not grouped; use depth 50, 101 "
+                             f"or 152")
     if not 0 <= m.freeze_at <= 5:
         raise Untranslatable(f"model.freeze_at {m.freeze_at}: detectron2's ResNet has a stem and "
                              f"4 stages; allowed 0..5")
@@ -77,8 +81,11 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
             "PIXEL_MEAN": list(reversed(m.pixel_mean)),
             "PIXEL_STD": list(reversed(m.pixel_std)),
             "BACKBONE": {"NAME": "build_resnet_fpn_backbone", "FREEZE_AT": m.freeze_at},
+            # detectron2's res2 bottleneck is NUM_GROUPS x WIDTH_PER_GROUP wide: ours is
+            # `width` for a ResNet, groups x width_per_group for a ResNeXt
             "RESNETS": {"DEPTH": m.depth, "NORM": norm, "STRIDE_IN_1X1": m.stride_in_1x1,
-                        "STEM_OUT_CHANNELS": m.width, "WIDTH_PER_GROUP": m.width,
+                        "STEM_OUT_CHANNELS": m.width, "NUM_GROUPS": m.groups,
+                        "WIDTH_PER_GROUP": m.width if m.groups == 1 else m.width_per_group,
                         "RES2_OUT_CHANNELS": 4 * m.width if m.depth >= 50 else m.width,
                         "OUT_FEATURES": ["res2", "res3", "res4", "res5"]},
             "FPN": {"IN_FEATURES": ["res2", "res3", "res4", "res5"], "NORM": head_norm,
