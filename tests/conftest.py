@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The recipe folders the suite ships: tests that plan "every recipe" plan these, so a user's
 # own recipes/<folder>/ never breaks `make test`.
 SHIPPED_RECIPE_DIRS = [REPO / "recipes" / d
-                       for d in ("detectron2-zoo", "examples", "he2019", "mini", "mini-keypoints",
+                       for d in ("detectron2-zoo", "examples", "he2019", "mini", "mini-cascade", "mini-keypoints",
                                  "mini-vgg", "mini-voc", "parity")]
 
 TINY_RECIPE = f"""

@@ -105,7 +105,7 @@ def test_our_zoo_recipes_translate_to_detectron2s_published_configs(ours, publis
 def test_every_he2019_run_translates_and_keeps_its_schedule():
     studies = recipe.load_all([REPO / "recipes/he2019"])
     runs = [s for st in studies for s in st.runs if s.model.backbone != "vgg"]
-    assert len(runs) == 80  # and the 4 VGG-16 runs, which it refuses (tests/test_vgg.py)
+    assert len(runs) == 100  # and the 4 VGG-16 runs, which it refuses (tests/test_vgg.py)
     for spec in runs:
         cfg = flatten(translate(spec, weights="imagenet.pkl"))
         assert cfg["SOLVER.MAX_ITER"] == spec.solver.max_iter

@@ -137,7 +137,27 @@ def write_study_results(runs_dir: Path, out: Path, published=None, log=print):
         (out / "saturation.md").write_text(saturation.markdown(curve, metrics))
         written += [out / "saturation.csv", out / "saturation.md"]
 
-    compared = reference.beside(final, published if published is not None else reference.load())
+    # test-time augmented evaluations (eval.tta): their own tables, never in the curves
+    augmented = table.load_runs(runs_dir, "eval_tta")
+    final_tta = table.final_metrics(augmented) if not augmented.empty else augmented
+    for name in ("final_ap_test_aug.csv", "pairs_test_aug.csv", "final_ap_test_aug.md"):
+        (out / name).unlink(missing_ok=True)
+    ours = final
+    if not final_tta.empty:
+        tta_stats = [c for c in final_tta.columns if table.is_stat(c)]
+        ids = [c for c in table.ID_COLUMNS if c != "pair"] + ["iteration"]
+        final_tta[ids + tta_stats].to_csv(out / "final_ap_test_aug.csv", index=False,
+                                          float_format="%.3f")
+        pairs_tta = table.paired(final_tta, metrics=tta_stats)
+        pairs_table(pairs_tta).to_csv(out / "pairs_test_aug.csv", index=False,
+                                      float_format="%.3f")
+        (out / "final_ap_test_aug.md").write_text(markdown_pairs(pairs_tta, metrics))
+        written += [out / n for n in ("final_ap_test_aug.csv", "pairs_test_aug.csv",
+                                      "final_ap_test_aug.md")]
+        marked = {c: f"{c}{reference.TEST_AUG}" for c in tta_stats}
+        ours = final.merge(final_tta[["run_id"] + tta_stats].rename(columns=marked),
+                           on="run_id", how="left")
+    compared = reference.beside(ours, published if published is not None else reference.load())
     stale = [out / f for f in ("vs_published.csv", "vs_published.md", "ours_vs_published.png",
                                "ours_vs_published.pdf")]
     for path in stale:  # a study that lost its published counterpart keeps no old comparison

@@ -98,6 +98,7 @@ def resolve(name: str, generate: bool = True) -> DatasetFiles:
                                  f"({' and '.join(folders)}, as VOCdevkit unpacks them), or "
                                  f"run recipes/mini-voc on the embedded VOC stand-in")
         return _voc_files(name, root)
+    if name in COCO_ANNOTATIONS:
         prefix = COCO_ANNOTATIONS[name]
         root = coco_root()
         ann = root / "annotations" / f"{prefix}_train2017.json"
