@@ -453,6 +453,24 @@ def test_the_same_weights_give_both_engines_the_same_test_time_augmented_detecti
     assert compared >= 20
 
 
+@pytest.mark.slow
+@needs_d2
+def test_a_detectron2_cascade_run_writes_its_test_time_augmented_row_after_the_last_eval(
+        tmp_path):
+    spec = next(s for s in d2_study(tmp_path).runs if s.init == "scratch")
+    spec = dataclasses.replace(
+        spec, model=dataclasses.replace(spec.model, roi_heads="cascade"),
+        eval=dataclasses.replace(spec.eval, tta=True, tta_min_sizes=(80, 96), tta_max_size=200),
+        solver=dataclasses.replace(spec.solver, max_iter=20, steps=(12, 16)))
+    rd = _train(spec, tmp_path / "run")
+    rows = rd.read_metrics()
+    assert [(r["type"], r["iteration"]) for r in rows if r["type"] != "train"] == \
+        [("eval", 20), ("eval_tta", 20)]
+    train = next(r for r in rows if r["type"] == "train")
+    assert "loss_classifier_stage2" in train and "loss_box_reg_stage0" in train
+    assert next(r for r in rows if r["type"] == "eval_tta")["tta"]["min_sizes"] == [80, 96]
+
+
 def _train(spec, run_dir, engine_module=None):
     from bench.engines import get
     (engine_module or get(spec.engine)).run(spec, run_dir, log=lambda msg: None)
