@@ -30,7 +30,7 @@ def rows(studies, root, gpu="H100", full=False):
             parent, fork_at = parents.get(s.run_id, (None, 0))
             hours = speed.gpu_hours(s, measured) if measured else None
             rows.append({
-                "study": study.name, "run_id": s.run_id, "arch": s.model.arch,
+                "study": study.name, "run_id": s.run_id, "arch": s.model.detector_name,
                 "backbone": s.model.backbone_name, "norm": s.model.norm,
                 "init": s.init, "schedule": s.solver.schedule, "iterations": s.solver.max_iter,
                 "lr_drops": list(s.solver.steps), "lr": s.solver.lr, "batch": s.solver.batch,

@@ -276,8 +276,7 @@ def run_name(spec: RunSpec) -> str:
     m = spec.model
     images = "all" if spec.data.train_images is None else str(spec.data.train_images)
     engine = "" if spec.engine == "torchvision" else f"-{spec.engine}"
-    arch = m.arch if m.roi_heads == "standard" else f"{m.roi_heads}_{m.arch}"
-    return (f"{arch}-{m.backbone_name}-{m.norm}-{spec.init}-{spec.solver.schedule}"
+    return (f"{m.detector_name}-{m.backbone_name}-{m.norm}-{spec.init}-{spec.solver.schedule}"
             f"-{images}img-seed{spec.seed}{engine}")
 
 

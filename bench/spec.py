@@ -156,6 +156,12 @@ class ModelSpec:
         return f"{self.backbone}{self.depth}"
 
     @property
+    def detector_name(self) -> str:
+        """mask_rcnn, or cascade_mask_rcnn with Cascade R-CNN's heads: how run names and
+        plans show the detector (bench/analysis/table.py reads spec.yaml alike)."""
+        return self.arch if self.roi_heads == "standard" else f"{self.roi_heads}_{self.arch}"
+
+    @property
     def head_norm(self) -> str:
         """The norm of the FPN and the heads. FrozenBN, the classic fine-tuning baseline
         (detectron2's Base-RCNN-FPN), freezes the pre-trained backbone's statistics; the

@@ -58,7 +58,10 @@ def run_info(rd: RunDir) -> dict:
                        if f"model.{k}" not in PER_INIT_FIELDS}
     return {"run_id": doc["run_id"], "study": spec["study"], "engine": spec["engine"],
             "pair": json.dumps(shared, sort_keys=True),
-            "arch": m["arch"], "backbone": backbone_label(m), "norm": m["norm"],
+            # a cascade is another detector in every table (run dirs before it have no key)
+            "arch": m["arch"] if m.get("roi_heads", "standard") == "standard"
+            else f"{m['roi_heads']}_{m['arch']}",
+            "backbone": backbone_label(m), "norm": m["norm"],
             "init": spec["init"], "schedule": s["schedule"],
             "train_images": d["train_images"] if d["train_images"] is not None else -1,
             "seed": spec["seed"], "batch": s["batch"], "max_iter": s["max_iter"],
