@@ -98,6 +98,10 @@ def cmd_run(args):
     studies = _studies(args)
     specs = plan.select([s for study in studies for s in study.runs], args.only)
     root = Path(args.runs_root) if args.runs_root else runs_root()
+    if args.skip_unavailable:
+        specs, lines = preflight.available(studies, specs, root)
+        for line in lines:
+            print(line, file=sys.stderr, flush=True)
     device = _device(args.device)
     slot_names = runner.default_slots(device, args.threads, args.per_gpu, args.slots)
     if args.slurm:  # one Slurm job per unfinished run; followed unless --no-wait
@@ -177,6 +181,10 @@ def _local_run_options(p):
                    help="runs sharing one GPU (small models such as the mini study's)")
     p.add_argument("--workers", type=_count(0), default=0, help="data loader processes per run")
     p.add_argument("--only", default=None, help="only runs whose id contains this text")
+    p.add_argument("--skip-unavailable", action="store_true",
+                   help="leave out (one line each) the runs whose dataset or ImageNet "
+                        "checkpoint is not on this machine, instead of stopping "
+                        "(make reproduce-he2019: the paper's COCO, VOC and ResNeXt-152 runs)")
     p.add_argument("--no-fork", action="store_true",
                    help="train every run from iteration 0 (default: a shorter schedule starts "
                         "from the longest run's checkpoint at its first LR drop; the recipe "

@@ -186,7 +186,7 @@ def measure(spec, device="cpu", warmup=5, iters=20, log=print) -> dict:
     sec = statistics.median(times)
     m, d = spec.model, spec.data
     row = {"speed_key": speed_key(spec), "device": device_name(device), "engine": spec.engine,
-           "arch": m.arch, "backbone": m.backbone_name + (f"-w{m.width}" if m.width != 64
+           "arch": m.detector_name, "backbone": m.backbone_name + (f"-w{m.width}" if m.width != 64
                                                           else "")
            + (f"-freeze{m.freeze_at}" if m.freeze_at else ""),
            "norm": m.norm, "input": f"{d.train_min_size}/{d.train_max_size}",

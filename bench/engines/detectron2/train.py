@@ -316,7 +316,10 @@ def train(spec, run_dir, device="cpu", workers=0, log=print):
         # while training): evaluate everywhere with rank 0's, the saved ones
         distributed.broadcast_buffers(net, world)
         # test-time augmentation: detectron2's own wrapper, as its train_net's test_with_TTA
-        runner = GeneralizedRCNNWithTTA(cfg, net) if tta else model
+        # one augmented image per forward pass: batched, the passes' different sizes would
+        # be padded together and GroupNorm would normalize over the padding (the torchvision
+        # engine runs each pass alone, as its plain evaluation does)
+        runner = GeneralizedRCNNWithTTA(cfg, net, batch_size=1) if tta else model
         results = inference_on_dataset(runner, test_loader, evaluator)
         if not world.main:
             return None

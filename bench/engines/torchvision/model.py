@@ -416,7 +416,7 @@ class CascadeRoIHeads(Detectron2LossRoIHeads):
                                     allow_low_quality_matches=False)
         labels, gt_boxes = [], []
         for b, t in zip(boxes, targets):
-            if len(t["boxes"]) == 0:
+            if len(t["boxes"]) == 0 or len(b) == 0:  # (torchvision's Matcher refuses no RoIs)
                 labels.append(torch.zeros(len(b), dtype=torch.int64, device=b.device))
                 gt_boxes.append(torch.zeros_like(b))
                 continue
