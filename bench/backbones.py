@@ -242,6 +242,9 @@ def vgg(model_spec) -> Backbone:
     if model_spec.fpn:
         raise ValueError("model.backbone vgg has no stride-32 stage for an FPN (conv5 is at "
                          "stride 16, as in Faster R-CNN); set model.fpn: false")
+    if model_spec.groups != 1 or model_spec.width_per_group != 64:
+        raise ValueError("model.groups / width_per_group are ResNeXt's (backbone resnet); VGG "
+                         "has plain convs: leave them at 1 / 64")
     net = VGG(model_spec.depth, model_spec.width, norm_layer(model_spec.norm,
                                                              model_spec.norm_groups))
     backbone_init_(net)  # MSRA, as the paper's VGG-16 from scratch; biases 0

@@ -184,3 +184,4 @@ def test_a_vgg_cascade_starts_every_stages_fc6_fc7_from_the_checkpoint():
     for stage in model.roi_heads.box_head:
         assert all((p == 0.5).all() for p in stage.parameters())
     assert isinstance(model.roi_heads.box_head, nn.ModuleList)
+

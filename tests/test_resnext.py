@@ -278,3 +278,10 @@ def test_bench_pretrain_trains_a_resnext_that_loads_into_its_detector(tmp_path, 
     with pytest.raises(ValueError, match="was trained with groups=4.*model.groups=1"):
         load_imagenet_backbone("cache:pretrained/x.pth",
                                dataclasses.replace(spec, groups=1, width_per_group=64))
+
+
+def test_grouped_convs_on_a_vgg_are_refused_in_one_line():
+    vgg = recipe.load(REPO / "recipes/mini-vgg/study.yaml").runs[0]
+    spec = dataclasses.replace(vgg, model=dataclasses.replace(vgg.model, groups=32))
+    with pytest.raises(ValueError, match="model.groups / width_per_group are ResNeXt's"):
+        build_detector(spec.model, 3, spec.data)

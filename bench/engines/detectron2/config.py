@@ -60,6 +60,9 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
     if m.norm == "GN" and m.norm_groups != 32:
         raise Untranslatable(f"model.norm_groups {m.norm_groups}: detectron2's GN has 32 groups; "
                              f"use norm_groups 32 or engine: torchvision")
+    if m.roi_heads == "cascade" and len(m.cascade_ious) > 8:  # (train.LOSS_KEYS logs 8)
+        raise Untranslatable(f"model.cascade_ious: {len(m.cascade_ious)} stages; the detectron2 "
+                             f"engine logs at most 8; use engine: torchvision")
     if m.roi_heads == "cascade" and any(w != 1 for w in m.cascade_loss_weights):
         raise Untranslatable(f"model.cascade_loss_weights {list(m.cascade_loss_weights)}: "
                              f"detectron2's CascadeROIHeads weighs every stage 1; use [1, 1, 1] "
