@@ -358,31 +358,62 @@ def test_the_same_weights_and_images_give_both_engines_the_same_losses_and_gradi
         assert diff < 1e-2, (key, diff.item())  # 3e-3 at most measured
 
 
+def _same_random_detectors(spec, classes):
+    """detectron2's model of `spec` and ours with its weights, in eval mode. The random
+    model's class scores are made sharp (cls_score x 200) and its masks far from 0.5 (mask
+    logits x 1000), so detections are not ties whose order is arbitrary."""
+    from detectron2.modeling import build_model
+    from bench.engines.detectron2.train import detectron2_cfg
+    from bench.engines.detectron2.weights import detector_from_detectron2
+    from bench.engines.torchvision.model import build_detector
+    cfg = detectron2_cfg(spec, classes)
+    torch.manual_seed(0)
+    theirs = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in theirs.roi_heads.box_predictor.modules():
+            if getattr(p, "cls_score", None) is not None:
+                p.cls_score.weight.mul_(200)
+        if cfg.MODEL.MASK_ON:
+            theirs.roi_heads.mask_head.predictor.weight.mul_(1000)
+    ours = build_detector(spec.model, classes, spec.data).eval()
+    ours.load_state_dict(detector_from_detectron2(theirs.state_dict()))
+    return cfg, theirs, ours
+
+
+def _same_detections(mine, their, most):
+    """How many of the top detections agree (at least one, at most `most`): scores, classes,
+    boxes and, where both have masks, the binary masks."""
+    n = min(len(mine["scores"]), len(their), most)
+    assert n > 0
+    assert torch.allclose(mine["scores"][:n], their.scores[:n], atol=1e-4)
+    assert torch.equal(mine["labels"][:n], their.pred_classes[:n] + 1)
+    assert torch.allclose(mine["boxes"][:n], their.pred_boxes.tensor[:n], atol=1e-2)
+    if "masks" in mine:
+        a, b = mine["masks"][:n, 0] > 0.5, their.pred_masks[:n]
+        union = (a | b).sum((1, 2))
+        overlap = torch.where(union > 0, (a & b).sum((1, 2)) / union.clamp(min=1), 1.0)
+        assert overlap.min() > 0.9, overlap  # (both empty: the same mask)
+    return n
+
+
+def _parity_spec(heads, arch="mask_rcnn", **eval_fields):
+    spec = next(s for s in recipe.load(REPO / "recipes/parity/pair.yaml").runs
+                if s.init == "scratch")
+    return dataclasses.replace(
+        spec, model=dataclasses.replace(spec.model, arch=arch, roi_heads=heads),
+        eval=dataclasses.replace(spec.eval, **eval_fields))
+
+
 @pytest.mark.slow
 @needs_d2
 def test_the_same_cascade_weights_give_both_engines_the_same_detections():
     # Inference of Cascade R-CNN: three stages of RoIs, scores averaged over the stages,
-    # the last stage's class-agnostic boxes, NMS per class. The class scores are made
-    # sharp (cls_score x 200) so the random model's detections are not a tie of equal
-    # scores whose order is arbitrary.
-    from detectron2.modeling import build_model
-    from bench.engines.detectron2.train import detectron2_cfg
-    from bench.engines.detectron2.weights import detector_from_detectron2
-    from bench.engines.torchvision.model import build_detector, use_input_sizes
+    # the last stage's class-agnostic boxes, NMS per class.
+    from bench.engines.torchvision.model import use_input_sizes
     from bench.engines.torchvision.train import datasets_for
-    spec = next(s for s in recipe.load(REPO / "recipes/parity/pair.yaml").runs
-                if s.init == "scratch")
-    spec = dataclasses.replace(spec, model=dataclasses.replace(
-        spec.model, arch="faster_rcnn", roi_heads="cascade"))
+    spec = _parity_spec("cascade", arch="faster_rcnn")
     _, val_set = datasets_for(spec)
-    classes = len(val_set.cat_ids)
-    torch.manual_seed(0)
-    theirs = build_model(detectron2_cfg(spec, classes)).eval()
-    with torch.no_grad():
-        for k in range(3):
-            theirs.roi_heads.box_predictor[k].cls_score.weight.mul_(200)
-    ours = build_detector(spec.model, classes, spec.data).eval()
-    ours.load_state_dict(detector_from_detectron2(theirs.state_dict()))
+    _, theirs, ours = _same_random_detectors(spec, len(val_set.cat_ids))
     use_input_sizes(ours, train=False)
     compared = 0
     for i in range(3):
@@ -391,12 +422,7 @@ def test_the_same_cascade_weights_give_both_engines_the_same_detections():
             mine = ours([image.float() / 255])[0]
             their = theirs([{"image": image.flip(0), "height": image.shape[1],
                              "width": image.shape[2]}])[0]["instances"]
-        n = min(len(mine["scores"]), len(their), 30)
-        assert n > 0
-        assert torch.allclose(mine["scores"][:n], their.scores[:n], atol=1e-4)
-        assert torch.equal(mine["labels"][:n], their.pred_classes[:n] + 1)
-        assert torch.allclose(mine["boxes"][:n], their.pred_boxes.tensor[:n], atol=1e-2)
-        compared += n
+        compared += _same_detections(mine, their, 30)
     assert compared >= 30
 
 
@@ -408,30 +434,13 @@ def test_the_same_weights_give_both_engines_the_same_test_time_augmented_detecti
     # the image's own size and flipped: the flip's mapping back, the merge NMS and the
     # averaged masks. (Other scales resample pixels, which the engines do differently:
     # PIL on uint8 there, torch on floats here.)
-    from detectron2.modeling import GeneralizedRCNNWithTTA, build_model
-    from bench.engines.detectron2.train import detectron2_cfg
-    from bench.engines.detectron2.weights import detector_from_detectron2
+    from detectron2.modeling import GeneralizedRCNNWithTTA
     from bench.engines.torchvision import tta
-    from bench.engines.torchvision.model import build_detector
     from bench.engines.torchvision.train import datasets_for
-    spec = next(s for s in recipe.load(REPO / "recipes/parity/pair.yaml").runs
-                if s.init == "scratch")
-    spec = dataclasses.replace(
-        spec, model=dataclasses.replace(spec.model, roi_heads=heads),
-        eval=dataclasses.replace(spec.eval, tta=True, tta_min_sizes=(128,), tta_flip=True))
+    spec = _parity_spec(heads, tta=True, tta_min_sizes=(128,), tta_flip=True)
     _, val_set = datasets_for(spec)
-    classes = len(val_set.cat_ids)
-    cfg = detectron2_cfg(spec, classes)
-    torch.manual_seed(0)
-    theirs = build_model(cfg).eval()
-    with torch.no_grad():
-        for p in theirs.roi_heads.box_predictor.modules():
-            if getattr(p, "cls_score", None) is not None:
-                p.cls_score.weight.mul_(200)  # sharp scores: no ties in the random model
-        theirs.roi_heads.mask_head.predictor.weight.mul_(1000)  # and masks far from 0.5
-    ours = build_detector(spec.model, classes, spec.data).eval()
-    ours.load_state_dict(detector_from_detectron2(theirs.state_dict()))
-    augmented = GeneralizedRCNNWithTTA(cfg, theirs)
+    cfg, theirs, ours = _same_random_detectors(spec, len(val_set.cat_ids))
+    augmented = GeneralizedRCNNWithTTA(cfg, theirs, batch_size=1)
     compared = 0
     for i in range(3):
         image, _ = val_set.get(i)
@@ -439,17 +448,7 @@ def test_the_same_weights_give_both_engines_the_same_test_time_augmented_detecti
             mine = tta.detect(ours, image.float() / 255, (128,), 4000, True)
             their = augmented([{"image": image.flip(0), "height": image.shape[1],
                                 "width": image.shape[2]}])[0]["instances"]
-        n = min(len(mine["scores"]), len(their), 20)
-        assert n > 0
-        assert torch.allclose(mine["scores"][:n], their.scores[:n], atol=1e-4)
-        assert torch.equal(mine["labels"][:n], their.pred_classes[:n] + 1)
-        assert torch.allclose(mine["boxes"][:n], their.pred_boxes.tensor[:n], atol=1e-2)
-        a, b = mine["masks"][:n, 0] > 0.5, their.pred_masks[:n]
-        union = (a | b).sum((1, 2))
-        overlap = torch.where(union > 0, (a & b).sum((1, 2)) / union.clamp(min=1), 1.0)
-        assert overlap.min() > 0.9, overlap  # (both empty: the same mask)
-        assert union.sum() > 0
-        compared += n
+        compared += _same_detections(mine, their, 20)
     assert compared >= 20
 
 
