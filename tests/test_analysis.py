@@ -357,3 +357,7 @@ def test_the_saturation_table_says_whether_the_longest_schedule_still_improved(t
     md = saturation.markdown(rows)
     assert "| all | imagenet | 3x | 270 | 2 | 31.5 | -1.4 | 30.5 | -1.4 | yes |" in md
     assert "| all | scratch | 3x | 270 | 1 | 18.0 | -2.0 | 17.0 | -2.0 | no |" in md
+    assert "when its box AP changed" in md
+    # a VOC study has no COCO box AP: its saturation test is read on VOC's mAP, and says so
+    voc = rows.rename(columns={"bbox/AP": "voc/AP50", "Δ bbox/AP": "Δ voc/AP50"})
+    assert "when its VOC mAP changed" in saturation.markdown(voc, metrics=("voc/AP50",))
