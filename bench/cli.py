@@ -161,6 +161,20 @@ def cmd_figures(args):
     report.redraw(Path(args.results), args.study, Path(args.recipes), collect_from)
 
 
+def cmd_compare(args):
+    """Two copies of a study's runs, run by run: identical, or inside each other's interval."""
+    from bench.analysis import agreement
+    for root in (args.first, args.second):
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"{root}: no such folder; give a runs root (e.g. "
+                                    f"runs/mini) or a study's results/<study>/runs")
+    rows = agreement.compare(Path(args.first), Path(args.second))
+    print(agreement.summary(rows, args.first, args.second))
+    if args.csv:
+        rows.to_csv(args.csv, index=False, float_format="%.4f")
+    return 0 if agreement.agree(rows) else 1
+
+
 def _count(least: int):
     """An argparse type: an integer of at least `least` (argparse names the option)."""
     def parse(text):
@@ -266,6 +280,14 @@ def main(argv=None):
     p = sub.add_parser("status", help="state of every run of a study")
     _common(p)
     p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("compare", help="do two copies of a study's runs agree? (a rerun against "
+                                       "the committed runs: row by row, and final AP against "
+                                       "the first copy's interval over val images)")
+    p.add_argument("first", help="run dirs of the first copy (e.g. results/mini/runs)")
+    p.add_argument("second", help="run dirs of the second (e.g. a rerun's runs root)")
+    p.add_argument("--csv", default=None, help="also write the table, one row per run")
+    p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("figures", help="every figure and table under results/, from the run "
                                        "files committed there")

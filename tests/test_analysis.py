@@ -315,7 +315,7 @@ def test_the_analysis_reads_run_dirs_only_importing_no_recipe_engine_or_torch():
     import subprocess
     import sys
     code = ("import sys, bench.analysis.report, bench.analysis.collect, bench.analysis.html, "
-            "bench.analysis.bootstrap; print(sorted(m for m in sys.modules if m.startswith("
+            "bench.analysis.bootstrap, bench.analysis.agreement; print(sorted(m for m in sys.modules if m.startswith("
             "('bench.recipe', 'bench.engines', 'bench.cli', 'bench.plugins', 'torch'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
