@@ -38,7 +38,11 @@ DATASET_SHAPES = {"coco": ((480, 640), 7, 80), "shapes": ((128, 128), 4, 8),
                   "shapes-tiny": ((128, 128), 4, 8),
                   # VOC: most images 500 x 375 (landscape), 2.4 objects each, 20 classes
                   "voc": ((375, 500), 2, 20), "shapes-voc": ((128, 128), 2, 8),
-                  "shapes-voc-tiny": ((128, 128), 2, 8)}
+                  "shapes-voc-tiny": ((128, 128), 2, 8),
+                  # COCO person keypoints: 262k people in the 64k train2017 images that have any
+                  "coco-keypoints": ((480, 640), 4, 1),
+                  # the embedded stand-in: 4,001 people in its 2,000 train images
+                  "people": ((128, 128), 2, 1), "people-tiny": ((128, 128), 2, 1)}
 
 
 # ModelSpec fields that change what a step computes but not what it costs
@@ -128,6 +132,12 @@ def _synthetic_batch(spec, n, generator, device):
                                generator=generator)
         target = {"boxes": boxes.to(device), "labels": labels.to(device),
                   "masks": masks.to(device)}
+        if spec.model.arch == "keypoint_rcnn":  # every keypoint labelled, inside its box
+            k = spec.model.num_keypoints
+            at = torch.rand(objects, k, 2, generator=generator)
+            xy_k = boxes[:, None, :2] + at * (boxes[:, None, 2:] - boxes[:, None, :2])
+            target["keypoints"] = torch.cat([xy_k, torch.full((objects, k, 1), 2.0)], 2) \
+                .to(device)
         if _polygon_targets(spec):  # the box outlines as polygons, as COCO's annotations
             target["polygons"] = [[np.array([x0, y0, x1, y0, x1, y1, x0, y1], dtype=np.float64)]
                                   for x0, y0, x1, y1 in boxes.int().tolist()]

@@ -127,6 +127,31 @@ def test_a_keypoint_model_trains_a_step_on_the_people_set(tiny):
     sum(losses.values()).backward()
 
 
+def test_bench_speed_times_a_keypoint_model_on_people_with_labelled_keypoints():
+    # what `bench plan` needs for the keypoint recipes' GPU-hours: a measurable train step
+    from bench import speed
+    spec = MINI.runs[0]
+    images, targets = speed._synthetic_batch(spec, 2, torch.Generator().manual_seed(0), "cpu")
+    for t in targets:
+        kps, boxes = t["keypoints"], t["boxes"]
+        assert kps.shape == (len(boxes), 17, 3) and (kps[..., 2] == 2).all()
+        assert ((kps[..., :2] >= boxes[:, None, :2]) & (kps[..., :2] <= boxes[:, None, 2:])).all()
+    row = speed.measure(spec, "cpu", warmup=0, iters=1, log=lambda *_: None)
+    assert row["arch"] == "keypoint_rcnn" and float(row["sec_per_iter"]) > 0
+
+
+@pytest.mark.slow
+def test_detectron2_times_a_keypoint_step_on_the_same_synthetic_people():
+    pytest.importorskip("detectron2")
+    from bench import engines, speed
+    spec = MINI.runs[0]
+    cpu = torch.device("cpu")
+    batches = [speed._synthetic_batch(spec, 2, torch.Generator().manual_seed(0), cpu)]
+    step, micro = engines.get("detectron2").train_step(spec, cpu, 2, batches)
+    step(0)  # its keypoint head trains on gt_keypoints scaled with the resized image
+    assert micro == 2
+
+
 def test_detectron2_gets_the_same_keypoint_head():
     cfg = flatten(translate(PAPER.runs[0], num_classes=1))
     assert cfg["MODEL.KEYPOINT_ON"] is True and cfg["MODEL.MASK_ON"] is False

@@ -39,7 +39,7 @@ class Engine(_Engine):
         self.require()
         from detectron2.modeling import build_model
         from detectron2.solver import build_optimizer
-        from detectron2.structures import BitMasks, Boxes, Instances
+        from detectron2.structures import BitMasks, Boxes, Instances, Keypoints
         from detectron2.utils.events import EventStorage
 
         from bench.engines.detectron2.train import detectron2_cfg
@@ -66,6 +66,8 @@ class Engine(_Engine):
             masks = torch.nn.functional.interpolate(target["masks"][None].float(), (nh, nw))[0]
             inst = Instances((nh, nw), gt_boxes=Boxes(target["boxes"] * scale),
                              gt_classes=target["labels"] - 1, gt_masks=BitMasks(masks > 0))
+            if "keypoints" in target:  # (x, y, visibility), x and y scaled with the image
+                inst.gt_keypoints = Keypoints(target["keypoints"] * torch.tensor([scale, scale, 1]))
             return {"image": image, "instances": inst, "height": h, "width": w}
 
         inputs = [[resized(i, t) for i, t in zip(*batch)] for batch in batches]
