@@ -168,7 +168,11 @@ def cmd_compare(args):
         if not Path(root).is_dir():
             raise FileNotFoundError(f"{root}: no such folder; give a runs root (e.g. "
                                     f"runs/mini) or a study's results/<study>/runs")
-    rows = agreement.compare(Path(args.first), Path(args.second))
+    try:
+        rows = agreement.compare(Path(args.first), Path(args.second))
+    except agreement.CompareError as e:
+        print(f"bench compare: {e}", file=sys.stderr)
+        return 2
     print(agreement.summary(rows, args.first, args.second))
     if args.csv:
         rows.to_csv(args.csv, index=False, float_format="%.4f")

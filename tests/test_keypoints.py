@@ -141,13 +141,17 @@ def test_bench_speed_times_a_keypoint_model_on_people_with_labelled_keypoints():
 
 
 @pytest.mark.slow
-def test_detectron2_times_a_keypoint_step_on_the_same_synthetic_people():
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_detectron2_times_a_keypoint_step_on_the_same_synthetic_people(device):
+    # on a GPU `bench speed` times detectron2's twin of every model, keypoint models included
     pytest.importorskip("detectron2")
     from bench import engines, speed
     spec = MINI.runs[0]
-    cpu = torch.device("cpu")
-    batches = [speed._synthetic_batch(spec, 2, torch.Generator().manual_seed(0), cpu)]
-    step, micro = engines.get("detectron2").train_step(spec, cpu, 2, batches)
+    where = torch.device(device)
+    batches = [speed._synthetic_batch(spec, 2, torch.Generator().manual_seed(0), where)]
+    step, micro = engines.get("detectron2").train_step(spec, where, 2, batches)
     step(0)  # its keypoint head trains on gt_keypoints scaled with the resized image
     assert micro == 2
 

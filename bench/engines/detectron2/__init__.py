@@ -67,7 +67,9 @@ class Engine(_Engine):
             inst = Instances((nh, nw), gt_boxes=Boxes(target["boxes"] * scale),
                              gt_classes=target["labels"] - 1, gt_masks=BitMasks(masks > 0))
             if "keypoints" in target:  # (x, y, visibility), x and y scaled with the image
-                inst.gt_keypoints = Keypoints(target["keypoints"] * torch.tensor([scale, scale, 1]))
+                kps = target["keypoints"].clone()
+                kps[..., :2] *= scale
+                inst.gt_keypoints = Keypoints(kps)
             return {"image": image, "instances": inst, "height": h, "width": w}
 
         inputs = [[resized(i, t) for i, t in zip(*batch)] for batch in batches]
