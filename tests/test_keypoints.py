@@ -127,6 +127,7 @@ def test_a_keypoint_model_trains_a_step_on_the_people_set(tiny):
     sum(losses.values()).backward()
 
 
+@pytest.mark.slow
 def test_bench_speed_times_a_keypoint_model_on_people_with_labelled_keypoints():
     # what `bench plan` needs for the keypoint recipes' GPU-hours: a measurable train step
     from bench import speed
