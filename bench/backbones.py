@@ -48,6 +48,9 @@ def build_backbone(model_spec) -> Backbone:
     except KeyError:
         raise ValueError(f"unknown backbone {model_spec.backbone!r}; registered: "
                          f"{', '.join(sorted(BACKBONES))}") from None
+    if model_spec.conv5_stride != 16 and model_spec.backbone != "vgg":
+        raise ValueError(f"model.conv5_stride={model_spec.conv5_stride} is VGG's (backbone vgg); "
+                         f"backbone {model_spec.backbone!r} keeps its own strides: drop the key")
     backbone = builder(model_spec)
     if model_spec.conv_init != "msra":
         # here, not in each builder, so that no builder (a plugin's) can drop the field;
@@ -190,13 +193,14 @@ class VGG(nn.Module):
     """VGG's convolutional body as Faster R-CNN uses it: five blocks of 3x3 convs, each
     followed by its norm (none in the paper's VGG-16 study) and a ReLU, and a 2x2 max-pool
     after each of the first four blocks only, so conv5 comes out at stride 16, the feature
-    map of the original Faster R-CNN and of Detectron's VGG16 body. Block widths double from
+    map of the original Faster R-CNN and of Detectron's VGG16 body (`conv5_stride` 8: no pool
+    after conv4, for a miniature's small images; the same weights). Block widths double from
     `width` up to 8x (torchvision's 64 .. 512).
 
     Written here because torchvision's VGG is one flat `features` Sequential, whose blocks
     cannot be returned or frozen by name; `torchvision_names` maps its keys onto ours."""
 
-    def __init__(self, depth=16, width=64, norm=None):
+    def __init__(self, depth=16, width=64, norm=None, conv5_stride=16):
         super().__init__()
         cin, self.out_channels = 3, []
         for b, convs in enumerate(VGG_DEPTHS[depth]):
@@ -207,7 +211,7 @@ class VGG(nn.Module):
                 layers += [norm(cout)] if norm is not None else []
                 layers.append(nn.ReLU(inplace=True))
                 cin = cout
-            if b < 4:
+            if b < 3 or (b == 3 and conv5_stride == 16):  # no pool4: conv5 at stride 8
                 layers.append(nn.MaxPool2d(2, 2))
             setattr(self, f"conv{b + 1}", nn.Sequential(*layers))
             self.out_channels.append(cout)
@@ -245,8 +249,12 @@ def vgg(model_spec) -> Backbone:
     if model_spec.groups != 1 or model_spec.width_per_group != 64:
         raise ValueError("model.groups / width_per_group are ResNeXt's (backbone resnet); VGG "
                          "has plain convs: leave them at 1 / 64")
+    if model_spec.conv5_stride not in (8, 16):
+        raise ValueError(f"model.conv5_stride={model_spec.conv5_stride}: VGG's conv5 is at stride "
+                         f"16 (Faster R-CNN) or 8 (no pool after conv4)")
     net = VGG(model_spec.depth, model_spec.width, norm_layer(model_spec.norm,
-                                                             model_spec.norm_groups))
+                                                             model_spec.norm_groups),
+              model_spec.conv5_stride)
     backbone_init_(net)  # MSRA, as the paper's VGG-16 from scratch; biases 0
     # conv1 is the stem (model.freeze_at 1 freezes it, 2 conv1 and conv2, as Detectron's VGG16)
     return Backbone(net, ["conv2", "conv3", "conv4", "conv5"], net.out_channels[1:])

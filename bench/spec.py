@@ -89,6 +89,10 @@ class ModelSpec:
     # FPN on C2..C5 (the paper's R-FPN models), or false: the RPN and the RoI heads on the
     # last stage's map alone (its VGG-16 Faster R-CNN, on conv5), every anchor size there
     fpn: bool = True
+    # VGG only: conv5's stride, 16 as in Faster R-CNN (a pool after each of conv1..conv4), or
+    # 8 without the pool after conv4 (a miniature's small images: objects as many conv5
+    # cells wide as COCO's at 800 px and stride 16)
+    conv5_stride: int = 16
     fpn_channels: int = 256
     anchor_sizes: Tuple[int, ...] = (32, 64, 128, 256, 512)   # one per FPN level P2..P6
     rpn_pre_nms_train: int = 2000       # per FPN level (detectron2 PRE_NMS_TOPK_TRAIN)

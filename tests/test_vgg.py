@@ -103,6 +103,22 @@ def test_the_mini_vgg_trains_a_step_with_one_feature_map_and_every_anchor_on_it(
     assert model.backbone.body["conv1"][0].weight.grad.abs().sum() > 0
 
 
+def test_a_vgg_without_pool4_puts_conv5_at_stride_8_with_the_same_weights():
+    # a miniature's 128-px images: conv5 16 x 16 instead of 8 x 8, the same tensors to load
+    sixteen, eight = VGG(16, 16, None), VGG(16, 16, None, conv5_stride=8)
+    assert sixteen.state_dict().keys() == eight.state_dict().keys()
+    x = torch.zeros(1, 3, 128, 128)
+    assert sixteen(x).shape == (1, 128, 8, 8) and eight(x).shape == (1, 128, 16, 16)
+    model = build_detector(_small(conv5_stride=8).model, 8, MINI.runs[0].data).eval()
+    with torch.no_grad():
+        assert model.backbone(x)["0"].shape[-2:] == (16, 16)
+    with pytest.raises(ValueError, match="conv5_stride=4: VGG's conv5 is at stride 16"):
+        build_backbone(_small(conv5_stride=4).model)
+    resnet = recipe.load(REPO / "recipes/mini/study.yaml").runs[0].model
+    with pytest.raises(ValueError, match="conv5_stride=8 is VGG's .*drop the key"):
+        build_backbone(dataclasses.replace(resnet, conv5_stride=8))
+
+
 def test_vgg_checkpoints_and_resnet_recipes_refuse_each_other_in_one_line(tmp_path):
     vgg_file, resnet_file, bn_file = (tmp_path / n for n in ("vgg.pth", "r.pth", "bn.pth"))
     torch.save({"features.0.weight": torch.zeros(16, 3, 3, 3)}, vgg_file)
