@@ -101,6 +101,8 @@ def output_meta(model_spec, p):
         meta["box_head_fc_dim"] = vgg_fc_dim(model_spec)
     if model_spec.conv_init != "msra":  # (absent at the default: older checkpoints stay valid)
         meta["conv_init"] = model_spec.conv_init
+    if model_spec.conv5_stride != 16:  # a VGG without pool4 learns other filters
+        meta["conv5_stride"] = model_spec.conv5_stride
     if model_spec.groups != 1:  # a ResNeXt (absent for a ResNet: older checkpoints stay valid)
         meta.update(groups=model_spec.groups, width_per_group=model_spec.width_per_group)
     return meta
@@ -117,7 +119,8 @@ def is_done(path: str, model_spec, p) -> bool:
     want = output_meta(model_spec, p)
     return (all(meta.get(k) == v for k, v in want.items())
             and meta.get("conv_init", "msra") == model_spec.conv_init
-            and meta.get("groups", 1) == model_spec.groups)
+            and meta.get("groups", 1) == model_spec.groups
+            and meta.get("conv5_stride", 16) == model_spec.conv5_stride)
 
 
 def set_aside(path: str):

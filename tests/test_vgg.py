@@ -119,6 +119,22 @@ def test_a_vgg_without_pool4_puts_conv5_at_stride_8_with_the_same_weights():
         build_backbone(dataclasses.replace(resnet, conv5_stride=8))
 
 
+def test_a_vgg_pretrained_with_pool4_is_not_reused_for_one_without(tmp_path, monkeypatch):
+    # the pooling changes what the filters learn: `bench pretrain` makes the stride-8 body its
+    # own checkpoint (older stride-16 ones, which record no stride, stay valid)
+    from bench import pretrain
+    monkeypatch.setenv("BENCH_DATA", str(tmp_path))
+    p = MINI.pretrain
+    eight, sixteen = _small(conv5_stride=8).model, _small(conv5_stride=16).model
+    path = "cache:pretrained/vgg-test.pth"
+    file = pretrain.resolve_cache_path(path)
+    file.parent.mkdir(parents=True)
+    for made, other in ((eight, sixteen), (sixteen, eight)):
+        torch.save({"meta": pretrain.output_meta(made, p)}, file)
+        assert pretrain.is_done(path, made, p) and not pretrain.is_done(path, other, p)
+    assert "conv5_stride" not in pretrain.output_meta(sixteen, p)
+
+
 def test_vgg_checkpoints_and_resnet_recipes_refuse_each_other_in_one_line(tmp_path):
     vgg_file, resnet_file, bn_file = (tmp_path / n for n in ("vgg.pth", "r.pth", "bn.pth"))
     torch.save({"features.0.weight": torch.zeros(16, 3, 3, 3)}, vgg_file)
