@@ -244,8 +244,9 @@ def vgg(model_spec) -> Backbone:
         raise ValueError(f"model.depth={model_spec.depth} is not a VGG depth; allowed: "
                          f"{', '.join(map(str, VGG_DEPTHS))}")
     if model_spec.fpn:
-        raise ValueError("model.backbone vgg has no stride-32 stage for an FPN (conv5 is at "
-                         "stride 16, as in Faster R-CNN); set model.fpn: false")
+        raise ValueError(f"model.backbone vgg has no stride-32 stage for an FPN (conv5 is at "
+                         f"stride {model_spec.conv5_stride}: Faster R-CNN's single map); set "
+                         f"model.fpn: false")
     if model_spec.groups != 1 or model_spec.width_per_group != 64:
         raise ValueError("model.groups / width_per_group are ResNeXt's (backbone resnet); VGG "
                          "has plain convs: leave them at 1 / 64")

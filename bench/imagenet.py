@@ -68,10 +68,11 @@ def load_imagenet_backbone(path: str, model_spec, log=print) -> dict:
                          f"delete it and rerun `bench pretrain`") from None
     if isinstance(obj, dict) and "backbone" in obj:
         meta = obj.get("meta", {})
-        # (`bench pretrain` records groups and width_per_group only for a ResNeXt: absent,
-        # they are a ResNet's)
-        meta = {"groups": 1, "width_per_group": 64, **meta}
-        for key in ("backbone", "depth", "width", "groups", "width_per_group", "norm"):
+        # (`bench pretrain` records groups and width_per_group only for a ResNeXt, and
+        # conv5_stride only for a VGG without pool4: absent, they are the defaults)
+        meta = {"groups": 1, "width_per_group": 64, "conv5_stride": 16, **meta}
+        for key in ("backbone", "depth", "width", "groups", "width_per_group", "norm",
+                    "conv5_stride"):
             if key not in meta:
                 continue
             same = (norm_family(meta[key]) == norm_family(model_spec.norm) if key == "norm"

@@ -63,6 +63,18 @@ def test_tidy_table_drops_duplicate_iterations_and_keeps_failed_runs(tmp_path):
     assert pairs["bbox/AP scratch-imagenet"].item() == 2.0 - 3.0
 
 
+def test_a_run_dir_written_before_a_spec_field_existed_still_pairs_with_a_new_one(tmp_path):
+    # the new one writes the field at its default; the old one has no such key
+    scratch, imagenet = STUDY.pairs[0]
+    fake_run(tmp_path, scratch, [(54, 1.0)])
+    old = fake_run(tmp_path, imagenet, [(54, 3.0)])
+    doc = yaml.safe_load(old.spec_file.read_text())
+    del doc["spec"]["model"]["conv5_stride"]
+    old.spec_file.write_text(yaml.safe_dump(doc))
+    pairs = table.paired(table.final_metrics(table.load_runs(tmp_path)))
+    assert len(pairs) == 1 and pairs["bbox/AP scratch-imagenet"].item() == 1.0 - 3.0
+
+
 def test_run_without_any_row_is_still_listed(tmp_path):
     scratch, _ = STUDY.pairs[0]
     fake_run(tmp_path, scratch, [], state="queued")

@@ -114,9 +114,14 @@ def test_a_vgg_without_pool4_puts_conv5_at_stride_8_with_the_same_weights():
         assert model.backbone(x)["0"].shape[-2:] == (16, 16)
     with pytest.raises(ValueError, match="conv5_stride=4: VGG's conv5 is at stride 16"):
         build_backbone(_small(conv5_stride=4).model)
-    resnet = recipe.load(REPO / "recipes/mini/study.yaml").runs[0].model
+    resnet = recipe.load(REPO / "recipes/mini/study.yaml").runs[0]
     with pytest.raises(ValueError, match="conv5_stride=8 is VGG's .*drop the key"):
-        build_backbone(dataclasses.replace(resnet, conv5_stride=8))
+        build_backbone(dataclasses.replace(resnet.model, conv5_stride=8))
+    with pytest.raises(Untranslatable, match="conv5_stride 8: a VGG setting"):  # either engine
+        translate(dataclasses.replace(resnet, model=dataclasses.replace(
+            resnet.model, conv5_stride=8, depth=50, width=64)))
+    # the paper's VGG-16 keeps Faster R-CNN's stride 16
+    assert all(s.model.conv5_stride == 16 for s in PAPER.runs)
 
 
 def test_a_vgg_pretrained_with_pool4_is_not_reused_for_one_without(tmp_path, monkeypatch):
@@ -133,6 +138,12 @@ def test_a_vgg_pretrained_with_pool4_is_not_reused_for_one_without(tmp_path, mon
         torch.save({"meta": pretrain.output_meta(made, p)}, file)
         assert pretrain.is_done(path, made, p) and not pretrain.is_done(path, other, p)
     assert "conv5_stride" not in pretrain.output_meta(sixteen, p)
+    # nor does a run load it: the tensors have the same shapes, the filters do not fit
+    body = VGG(16, 16, None).state_dict()
+    torch.save({"backbone": body, "meta": pretrain.output_meta(sixteen, p)}, file)
+    assert load_imagenet_backbone(path, sixteen).keys() == body.keys()
+    with pytest.raises(ValueError, match="conv5_stride=16, but this run has model.conv5_stride=8"):
+        load_imagenet_backbone(path, eight)
 
 
 def test_vgg_checkpoints_and_resnet_recipes_refuse_each_other_in_one_line(tmp_path):
@@ -159,7 +170,7 @@ def test_vgg_checkpoints_and_resnet_recipes_refuse_each_other_in_one_line(tmp_pa
 
 def test_vgg_needs_fpn_false_and_the_detectron2_engine_says_it_has_no_vgg(tmp_path):
     body = (REPO / "recipes/mini-vgg/study.yaml").read_text().replace("fpn: false", "fpn: true")
-    with pytest.raises(SpecError, match="conv5 is at stride 16.*set model.fpn: false"):
+    with pytest.raises(SpecError, match="conv5 is at stride 8.*set model.fpn: false"):
         recipe.load(write_recipe(tmp_path, body))
     with pytest.raises(Untranslatable, match="detectron2 has no VGG backbone") as e:
         translate(PAPER.runs[0])

@@ -10,7 +10,23 @@ from pathlib import Path
 import pandas as pd
 
 from bench.rundir import RunDir  # the run-dir format; analysis never imports an engine
-from bench.spec import PER_INIT_FIELDS  # spec.yaml's format: what a pair may differ in
+from bench.spec import PER_INIT_FIELDS, RunSpec  # spec.yaml's format: what a pair may differ in
+
+# Every field's default as spec.yaml writes it (tuples as lists). A field added to the spec
+# later is written by new runs at its default and absent from older run dirs: dropped at its
+# default, both say the same thing, and a pair or a family does not split on the code version
+_DEFAULTS = json.loads(json.dumps(RunSpec().to_dict()))
+
+
+def _without_defaults(spec: dict) -> dict:
+    out = {}
+    for key, value in spec.items():
+        default = _DEFAULTS.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            out[key] = {k: v for k, v in value.items() if k not in default or v != default[k]}
+        elif key not in _DEFAULTS or value != default:
+            out[key] = value
+    return out
 
 # COCOeval's 12 stats in its order (the engines write them as bbox/AP .. segm/ARl), then
 # the keypoint task's own recall stats (keypoints/AP .. keypoints/ARl)
@@ -56,6 +72,7 @@ def run_info(rd: RunDir) -> dict:
     shared = {k: v for k, v in spec.items() if k not in ("init", "pretrained", "name", "study")}
     shared["model"] = {k: v for k, v in m.items()
                        if f"model.{k}" not in PER_INIT_FIELDS}
+    shared = _without_defaults(shared)
     return {"run_id": doc["run_id"], "study": spec["study"], "engine": spec["engine"],
             "pair": json.dumps(shared, sort_keys=True),
             # a cascade is another detector in every table (run dirs before it have no key)

@@ -39,6 +39,9 @@ def translate(spec, num_classes: int = 80, train_dataset: str = "", test_dataset
     if m.backbone != "resnet":
         raise Untranslatable(f"model.backbone {m.backbone!r}: the detectron2 engine builds "
                              f"detectron2's ResNet-FPN only; use engine: torchvision")
+    if m.conv5_stride != 16:
+        raise Untranslatable(f"model.conv5_stride {m.conv5_stride}: a VGG setting (detectron2's "
+                             f"ResNet keeps its strides); drop the key")
     if not m.fpn:
         raise Untranslatable("model.fpn false: the detectron2 engine builds ResNet-FPN only "
                              "(its C4 models put res5 in the RoI head, not on the feature "
