@@ -169,7 +169,7 @@ def cmd_compare(args):
             raise FileNotFoundError(f"{root}: no such folder; give a runs root (e.g. "
                                     f"runs/mini) or a study's results/<study>/runs")
     try:
-        rows = agreement.compare(Path(args.first), Path(args.second))
+        rows = agreement.compare(Path(args.first), Path(args.second), only=args.only)
     except agreement.CompareError as e:
         print(f"bench compare: {e}", file=sys.stderr)
         return 2
@@ -291,6 +291,8 @@ def main(argv=None):
     p.add_argument("first", help="run dirs of the first copy (e.g. results/mini/runs)")
     p.add_argument("second", help="run dirs of the second (e.g. a rerun's runs root)")
     p.add_argument("--csv", default=None, help="also write the table, one row per run")
+    p.add_argument("--only", default=None, help="only runs whose id contains this text (a "
+                                                "rerun of part of a study)")
     p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("figures", help="every figure and table under results/, from the run "

@@ -112,6 +112,8 @@ def test_a_run_missing_from_the_rerun_or_unfinished_there_fails_the_check(tmp_pa
     rows = agreement.compare(tmp_path / "a", tmp_path / "c").set_index("run_id")
     assert rows.loc["imagenet-seed0", "first_difference"] == f"only under {tmp_path / 'a'}"
     assert not agreement.agree(rows.reset_index())
+    # a rerun of part of the study is checked on that part
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "c"), "--only", "scratch"]) == 0
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "nowhere")]) == 2
     assert "nowhere: no such folder" in capsys.readouterr().err
 

@@ -126,13 +126,17 @@ def _flag(value):
     return None if value is None or value != value else bool(value)
 
 
-def compare(first: Path, second: Path, n_samples: int = 1000) -> pd.DataFrame:
+def compare(first: Path, second: Path, n_samples: int = 1000, only: str = None) -> pd.DataFrame:
     """One row per run id found under either root: whether its two copies are equal in every
     learning field and per-image result ("identical"), the first row that differs, and per
     main metric its final value in each copy, the difference and whether the second copy's
     value lies inside the first copy's 95% interval over val images ("<metric> within"; None
-    where it could not be judged, "<metric> why" says why)."""
+    where it could not be judged, "<metric> why" says why). `only`: the run ids containing
+    this text (a rerun of part of a study, as `bench run --only`)."""
     dirs_a, dirs_b = run_dirs(first), run_dirs(second)
+    if only:
+        dirs_a = {k: v for k, v in dirs_a.items() if only in k}
+        dirs_b = {k: v for k, v in dirs_b.items() if only in k}
     runs_a = bootstrap.Runs(dirs_a)
     records = []
     for run_id in sorted(set(dirs_a) | set(dirs_b)):
