@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torchvision
+from torchvision.models.detection.image_list import ImageList
 
 from bench import recipe
 from bench.backbones import VGG, build_backbone, from_torchvision_vgg
@@ -111,7 +112,19 @@ def test_a_vgg_without_pool4_puts_conv5_at_stride_8_with_the_same_weights():
     assert sixteen(x).shape == (1, 128, 8, 8) and eight(x).shape == (1, 128, 16, 16)
     model = build_detector(_small(conv5_stride=8).model, 8, MINI.runs[0].data).eval()
     with torch.no_grad():
-        assert model.backbone(x)["0"].shape[-2:] == (16, 16)
+        features = list(model.backbone(x).values())
+        assert features[0].shape[-2:] == (16, 16)
+        # the RPN's anchors and the RoI pooler follow the map: every size on an 8-px grid
+        anchors = model.rpn.anchor_generator(ImageList(x, [(128, 128)]), features)[0]
+        centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+        assert len(anchors) == 16 * 16 * model.rpn.anchor_generator.num_anchors_per_location()[0]
+        assert torch.allclose(centres, (centres / 8).round() * 8, atol=1e-4)
+        assert sorted(centres[:, 0].round().unique().tolist()) == [8.0 * i for i in range(16)]
+        box = torch.tensor([[8.0, 16.0, 56.0, 40.0]])
+        conv5 = torch.rand_like(features[0])
+        pooled = model.roi_heads.box_roi_pool({"0": conv5}, [box], [(128, 128)])
+        assert torch.equal(pooled, torchvision.ops.roi_align(
+            conv5, [box], (7, 7), spatial_scale=1 / 8, sampling_ratio=0, aligned=True))
     with pytest.raises(ValueError, match="conv5_stride=4: VGG's conv5 is at stride 16"):
         build_backbone(_small(conv5_stride=4).model)
     resnet = recipe.load(REPO / "recipes/mini/study.yaml").runs[0]
