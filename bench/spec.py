@@ -153,11 +153,13 @@ class ModelSpec:
 
     @property
     def backbone_name(self) -> str:
-        """resnet50, vgg16, or resnext152-32x8d for grouped bottlenecks: how run names, plans
-        and speed rows show the backbone (bench/analysis/table.py reads spec.yaml alike)."""
+        """resnet50, vgg16, vgg16-c5s8 for a VGG without pool4 (conv5 at stride 8), or
+        resnext152-32x8d for grouped bottlenecks: how run names, plans and speed rows show the
+        backbone (bench/analysis/table.py reads spec.yaml alike)."""
         if self.backbone == "resnet" and self.groups > 1:
             return f"resnext{self.depth}-{self.groups}x{self.width_per_group}d"
-        return f"{self.backbone}{self.depth}"
+        stride = f"-c5s{self.conv5_stride}" if self.conv5_stride != 16 else ""
+        return f"{self.backbone}{self.depth}{stride}"
 
     @property
     def detector_name(self) -> str:

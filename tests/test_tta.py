@@ -80,7 +80,7 @@ def test_a_test_time_augmentation_without_scales_is_one_line(tmp_path, extra, me
 
 def test_keypoints_have_no_test_time_augmentation(tmp_path):
     body = (REPO / "recipes/mini-keypoints/study.yaml").read_text().replace(
-        "    period: 540", "    period: 540\n    tta: true").replace(
+        "  eval:\n", "  eval:\n    tta: true\n").replace(
         "base: ../mini/_model.yaml", f"base: {REPO}/recipes/mini/_model.yaml")
     with pytest.raises(SpecError, match="eval.tta with model.arch keypoint_rcnn"):
         recipe.load(write_recipe(tmp_path, body))

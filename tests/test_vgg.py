@@ -22,7 +22,7 @@ PAPER = recipe.load(REPO / "recipes/he2019/vgg16_nobn.yaml")
 
 
 def _small(**model):
-    """The mini VGG's spec, narrower still (fast to build)."""
+    """The mini VGG's spec with some model fields changed."""
     spec = MINI.runs[0]
     return dataclasses.replace(spec, model=dataclasses.replace(spec.model, **model))
 
@@ -66,12 +66,12 @@ def test_torchvisions_vgg16_weights_compute_the_same_conv5_in_our_body(batch_nor
 
 
 def test_a_pretrained_vgg_fills_the_body_and_the_box_heads_fc6_and_fc7():
-    spec = _small()
+    spec = _small(width=16)  # 16 .. 128 channels, as the VGG built below
     model = build_detector(spec.model, 8, spec.data)
     head = model.roi_heads.box_head
     fcs = [x for x in head.modules() if isinstance(x, torch.nn.Linear)]
     assert [tuple(f.weight.shape) for f in fcs] == [(256, 128 * 49), (256, 256)]
-    # a torchvision-layout VGG of the mini's widths, every tensor a distinct value
+    # a torchvision-layout VGG of this spec's widths (16 .. 128), every tensor a distinct value
     body = VGG(16, 16, None)
     tv = {}
     for theirs, ours in VGG.torchvision_names(16, False).items():
@@ -133,6 +133,15 @@ def test_a_vgg_without_pool4_puts_conv5_at_stride_8_with_the_same_weights():
     with pytest.raises(Untranslatable, match="conv5_stride 8: a VGG setting"):  # either engine
         translate(dataclasses.replace(resnet, model=dataclasses.replace(
             resnet.model, conv5_stride=8, depth=50, width=64)))
+    # runs, plans and tables tell the two apart (a stride-16 VGG keeps its old name)
+    from bench.analysis.table import backbone_label
+    eight_spec = _small(conv5_stride=8)
+    assert eight_spec.model.backbone_name == backbone_label(eight_spec.to_dict()["model"]) \
+        == "vgg16-c5s8"
+    assert recipe.run_name(eight_spec).startswith("faster_rcnn-vgg16-c5s8-none-")
+    assert backbone_label({"backbone": "vgg", "depth": 16}) == "vgg16"
+    assert _small(conv5_stride=16).model.backbone_name == "vgg16"
+    assert all(s.name.startswith("faster_rcnn-vgg16-none-") for s in PAPER.runs)
     # the paper's VGG-16 keeps Faster R-CNN's stride 16
     assert all(s.model.conv5_stride == 16 for s in PAPER.runs)
 
@@ -152,7 +161,7 @@ def test_a_vgg_pretrained_with_pool4_is_not_reused_for_one_without(tmp_path, mon
         assert pretrain.is_done(path, made, p) and not pretrain.is_done(path, other, p)
     assert "conv5_stride" not in pretrain.output_meta(sixteen, p)
     # nor does a run load it: the tensors have the same shapes, the filters do not fit
-    body = VGG(16, 16, None).state_dict()
+    body = VGG(16, sixteen.width, None).state_dict()
     torch.save({"backbone": body, "meta": pretrain.output_meta(sixteen, p)}, file)
     assert load_imagenet_backbone(path, sixteen).keys() == body.keys()
     with pytest.raises(ValueError, match="conv5_stride=16, but this run has model.conv5_stride=8"):

@@ -55,11 +55,12 @@ ID_COLUMNS = ["run_id", "pair", "study", "engine", "arch", "backbone", "norm", "
 
 
 def backbone_label(m: dict) -> str:
-    """resnet101, vgg16, or resnext152-32x8d for a grouped ResNet, as ModelSpec.backbone_name
-    (specs written before model.groups existed have none: a ResNet)."""
+    """resnet101, vgg16, vgg16-c5s8 or resnext152-32x8d, as ModelSpec.backbone_name (specs
+    written before model.groups or model.conv5_stride existed have none: the default)."""
     if m["backbone"] == "resnet" and m.get("groups", 1) > 1:
         return f"resnext{m['depth']}-{m['groups']}x{m['width_per_group']}d"
-    return f"{m['backbone']}{m['depth']}"
+    stride = m.get("conv5_stride", 16)
+    return f"{m['backbone']}{m['depth']}" + (f"-c5s{stride}" if stride != 16 else "")
 
 
 def run_info(rd: RunDir) -> dict:
