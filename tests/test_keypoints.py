@@ -103,7 +103,7 @@ def test_the_keypoint_head_is_detectron2s_8_convs_deconv_and_2x_upsampling():
     model = build_detector(spec.model, 1, spec.data)
     heads = model.roi_heads
     convs = [x for x in heads.keypoint_head.modules() if isinstance(x, torch.nn.Conv2d)]
-    assert [c.out_channels for c in convs] == [32] * 8 and all(c.kernel_size == (3, 3)
+    assert [c.out_channels for c in convs] == [64] * 8 and all(c.kernel_size == (3, 3)
                                                               for c in convs)
     assert not any(isinstance(x, torch.nn.GroupNorm) for x in heads.keypoint_head.modules())
     assert any(isinstance(x, torch.nn.GroupNorm) for x in heads.box_head.modules())
