@@ -62,6 +62,17 @@ class SpecError(ValueError):
     """A recipe or spec value is wrong; the message names the file, the key and the fix."""
 
 
+def backbone_label(model: dict) -> str:
+    """resnet50, vgg16, vgg16-c5s8 for a VGG without pool4 (conv5 at stride 8), or
+    resnext152-32x8d for grouped bottlenecks, from a model section (ModelSpec's fields, or
+    spec.yaml's: specs written before model.groups or model.conv5_stride existed have none,
+    which means the default)."""
+    if model["backbone"] == "resnet" and model.get("groups", 1) > 1:
+        return f"resnext{model['depth']}-{model['groups']}x{model['width_per_group']}d"
+    stride = model.get("conv5_stride", 16)
+    return f"{model['backbone']}{model['depth']}" + (f"-c5s{stride}" if stride != 16 else "")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     arch: Literal["mask_rcnn", "faster_rcnn", "keypoint_rcnn"] = "mask_rcnn"
@@ -153,13 +164,8 @@ class ModelSpec:
 
     @property
     def backbone_name(self) -> str:
-        """resnet50, vgg16, vgg16-c5s8 for a VGG without pool4 (conv5 at stride 8), or
-        resnext152-32x8d for grouped bottlenecks: how run names, plans and speed rows show the
-        backbone (bench/analysis/table.py reads spec.yaml alike)."""
-        if self.backbone == "resnet" and self.groups > 1:
-            return f"resnext{self.depth}-{self.groups}x{self.width_per_group}d"
-        stride = f"-c5s{self.conv5_stride}" if self.conv5_stride != 16 else ""
-        return f"{self.backbone}{self.depth}{stride}"
+        """How run names, plans and speed rows show the backbone (backbone_label)."""
+        return backbone_label(dataclasses.asdict(self))
 
     @property
     def detector_name(self) -> str:

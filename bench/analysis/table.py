@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 
 from bench.rundir import RunDir  # the run-dir format; analysis never imports an engine
-from bench.spec import PER_INIT_FIELDS, RunSpec  # spec.yaml's format: what a pair may differ in
+# spec.yaml's format: what a pair may differ in, every field's default, the backbone's name
+from bench.spec import PER_INIT_FIELDS, RunSpec, backbone_label
 
 # Every field's default as spec.yaml writes it (tuples as lists). A field added to the spec
 # later is written by new runs at its default and absent from older run dirs: dropped at its
@@ -52,15 +53,6 @@ def is_stat(column: str) -> bool:
     return "/" in column and column.split("/")[0] in TASKS
 ID_COLUMNS = ["run_id", "pair", "study", "engine", "arch", "backbone", "norm", "init", "schedule",
               "train_images", "images_used", "seed", "batch", "max_iter", "lr_drops", "state"]
-
-
-def backbone_label(m: dict) -> str:
-    """resnet101, vgg16, vgg16-c5s8 or resnext152-32x8d, as ModelSpec.backbone_name (specs
-    written before model.groups or model.conv5_stride existed have none: the default)."""
-    if m["backbone"] == "resnet" and m.get("groups", 1) > 1:
-        return f"resnext{m['depth']}-{m['groups']}x{m['width_per_group']}d"
-    stride = m.get("conv5_stride", 16)
-    return f"{m['backbone']}{m['depth']}" + (f"-c5s{stride}" if stride != 16 else "")
 
 
 def run_info(rd: RunDir) -> dict:
