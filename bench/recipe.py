@@ -163,8 +163,9 @@ def load_doc(path, overrides=None) -> dict:
 POSITIVE = ("solver.batch", "solver.ref_batch", "solver.unit_iters", "solver.base_lr", "gpus",
             "checkpoint.period", "checkpoint.keep", "model.width", "model.norm_groups",
             "model.fpn_channels", "model.box_head_fcs", "model.num_keypoints",
-            "model.keypoint_head_convs", "model.keypoint_head_dim", "data.train_min_size",
-            "data.train_max_size", "data.test_min_size", "data.test_max_size")
+            "model.keypoint_head_convs", "model.keypoint_head_dim",
+            "model.keypoint_pooler_resolution", "data.train_min_size", "data.train_max_size",
+            "data.test_min_size", "data.test_max_size")
 NON_NEGATIVE = ("eval.period", "solver.warmup_iters", "model.freeze_at", "solver.micro_batch",
                 "solver.bias_lr_factor", "solver.weight_decay_bias", "model.box_loss_beta",
                 "model.rpn_box_loss_beta")

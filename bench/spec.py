@@ -142,6 +142,8 @@ class ModelSpec:
     num_keypoints: int = 17
     keypoint_head_convs: int = 8
     keypoint_head_dim: int = 512
+    # the keypoint RoIs' side (detectron2's ROI_KEYPOINT_HEAD.POOLER_RESOLUTION); heatmaps are 4x it
+    keypoint_pooler_resolution: int = 14
     # RoI pooling as detectron2's FPN configs (POOLER_TYPE ROIAlignV2, POOLER_SAMPLING_RATIO 0):
     # the half-pixel-aligned RoIAlign, adaptive sampling; 7x7 for boxes, 14x14 for masks
     roi_align_aligned: bool = True

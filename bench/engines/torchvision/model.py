@@ -594,7 +594,8 @@ def build_detector(m, num_classes: int, data) -> nn.Module:
         model = FasterRCNN(features, **common)
     elif m.arch == "keypoint_rcnn":
         model = KeypointRCNN(
-            features, keypoint_roi_pool=RoIPooler(levels, 14, m.roi_sampling_ratio,
+            features, keypoint_roi_pool=RoIPooler(levels, m.keypoint_pooler_resolution,
+                                                  m.roi_sampling_ratio,
                                                   m.roi_align_aligned),
             keypoint_head=KeypointRCNNHeads(features.out_channels,
                                             [m.keypoint_head_dim] * m.keypoint_head_convs),
