@@ -109,9 +109,18 @@ def test_the_keypoint_head_is_detectron2s_8_convs_deconv_and_2x_upsampling():
     assert any(isinstance(x, torch.nn.GroupNorm) for x in heads.box_head.modules())
     deconv = heads.keypoint_predictor.kps_score_lowres
     assert (deconv.kernel_size, deconv.stride, deconv.out_channels) == ((4, 4), (2, 2), 17)
-    assert heads.keypoint_roi_pool.output_size == (14, 14)
-    with torch.no_grad():  # 14x14 RoIs -> 56x56 heatmaps
-        out = heads.keypoint_predictor(heads.keypoint_head(torch.zeros(2, 32, 14, 14)))
+    # the paper's 14x14 RoIs give 56x56 heatmaps; the miniature's 7x7 RoIs (its people are
+    # 40-110 px tall) give 28x28, the deconvolution and upsampling each doubling the side
+    assert PAPER.runs[0].model.keypoint_pooler_resolution == 14
+    assert heads.keypoint_roi_pool.output_size == (7, 7)
+    with torch.no_grad():
+        out = heads.keypoint_predictor(heads.keypoint_head(torch.zeros(2, 32, 7, 7)))
+    assert out.shape == (2, 17, 28, 28)
+    paper_sized = build_detector(dataclasses.replace(spec.model, keypoint_pooler_resolution=14),
+                                 1, spec.data).roi_heads
+    assert paper_sized.keypoint_roi_pool.output_size == (14, 14)
+    with torch.no_grad():
+        out = paper_sized.keypoint_predictor(paper_sized.keypoint_head(torch.zeros(2, 32, 14, 14)))
     assert out.shape == (2, 17, 56, 56)
 
 
@@ -122,8 +131,8 @@ def test_a_keypoint_model_trains_a_step_on_the_people_set(tiny):
     items = [ds.get(i) for i in range(2)]
     losses = model([img.float() / 255 for img, _ in items], [t for _, t in items])
     assert "loss_keypoint" in losses and "loss_mask" not in losses
-    # at init the heatmap loss is about a uniform guess over the 56 x 56 cells
-    assert abs(losses["loss_keypoint"].item() - np.log(56 * 56)) < 1.5
+    # at init the heatmap loss is about a uniform guess over the 28 x 28 cells
+    assert abs(losses["loss_keypoint"].item() - np.log(28 * 28)) < 1.5
     sum(losses.values()).backward()
 
 
@@ -171,6 +180,13 @@ def test_detectron2_gets_the_same_keypoint_head():
     assert cfg["MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS"] == [512] * 8
     assert cfg["MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS"] == 17
     assert cfg["MODEL.ROI_KEYPOINT_HEAD.POOLER_RESOLUTION"] == 14
+    # the miniature's head (its R10 has no detectron2 twin) on the paper's model
+    mini = MINI.runs[0].model
+    small = flatten(translate(dataclasses.replace(PAPER.runs[0], model=dataclasses.replace(
+        PAPER.runs[0].model, keypoint_pooler_resolution=mini.keypoint_pooler_resolution,
+        keypoint_head_dim=mini.keypoint_head_dim)), num_classes=1))
+    assert (small["MODEL.ROI_KEYPOINT_HEAD.POOLER_RESOLUTION"],
+            small["MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS"]) == (7, [64] * 8)
     assert cfg["MODEL.ROI_KEYPOINT_HEAD.NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS"] is True
     assert cfg["MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE"] == 1
     pytest.importorskip("detectron2")
