@@ -136,13 +136,13 @@ class ModelSpec:
     mask_head_convs: int = 4
     mask_head_dim: int = 256
     # Keypoint R-CNN's head, detectron2's KRCNNConvDeconvUpsampleHead (= torchvision's
-    # KeypointRCNNHeads + Predictor): 8 3x3 convs of 512 on 14x14 RoIs, no norm (neither
-    # Detectron nor detectron2 has a GN keypoint head), a 4x4 stride-2 deconvolution and a 2x
-    # bilinear upsampling to 56x56 heatmaps, one per keypoint
+    # KeypointRCNNHeads + Predictor): 8 3x3 convs of 512 on RoIs of keypoint_pooler_resolution
+    # (14x14, detectron2's ROI_KEYPOINT_HEAD.POOLER_RESOLUTION), no norm (neither Detectron nor
+    # detectron2 has a GN keypoint head), a 4x4 stride-2 deconvolution and a 2x bilinear
+    # upsampling to heatmaps 4x the RoI's side (56x56), one per keypoint
     num_keypoints: int = 17
     keypoint_head_convs: int = 8
     keypoint_head_dim: int = 512
-    # the keypoint RoIs' side (detectron2's ROI_KEYPOINT_HEAD.POOLER_RESOLUTION); heatmaps are 4x it
     keypoint_pooler_resolution: int = 14
     # RoI pooling as detectron2's FPN configs (POOLER_TYPE ROIAlignV2, POOLER_SAMPLING_RATIO 0):
     # the half-pixel-aligned RoIAlign, adaptive sampling; 7x7 for boxes, 14x14 for masks

@@ -101,6 +101,8 @@ def test_a_binary_file_is_not_a_recipe(tmp_path):
     ("colour: red", "unknown key 'colour'; allowed: study, description, base"),
     ("run: {solver: {batch: 0}}", "solver.batch=0 must be greater than 0"),
     ("run: {checkpoint: {period: 0}}", "checkpoint.period=0 must be greater than 0"),
+    ("run: {model: {keypoint_pooler_resolution: 0}}",
+     "model.keypoint_pooler_resolution=0 must be greater than 0"),
     ("vary: {train_images: [-5]}", "data.train_images=-5 must be a positive number"),
     ("run: {model: {depth: 11}}", "the model cannot be built: model.depth=11 is not a ResNet depth"),
     ("run: {model: {norm_groups: 24}}", "the model cannot be built"),
